@@ -1,0 +1,330 @@
+"""The command line: submit datasets, watch, export and manage runs. A thin layer over ``pipeline``."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+from tqdm import tqdm
+
+from pipeline import runs, store
+from pipeline.collector import Collector
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.export import FORMATS, export_run
+from pipeline.logs import setup_logging
+from pipeline.queue import connect
+from pipeline.redaction import redact
+from pipeline.settings import Settings, load_settings
+from pipeline.workers import run_worker
+
+
+class Context:
+    """Settings, Redis and the database, opened only when a command needs them."""
+
+    def __init__(self) -> None:
+        self.settings: Settings = load_settings()
+        self._redis: redis.Redis | None = None
+        self._engine = None
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = connect(self.settings)
+        return self._redis
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = store.make_engine(self.settings.resolved_database_url)
+        return self._engine
+
+
+def fails_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Known failures become one line on stderr and exit code 2; no traceback for bad input."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as exc:
+            _die(str(exc))
+        except redis.ConnectionError as exc:
+            _die(f"cannot reach Redis ({exc}); check REDIS_URL")
+        except SQLAlchemyError as exc:
+            _die(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}; check DATABASE_URL")
+
+    return wrapper
+
+
+def _die(message: str) -> None:
+    click.echo(f"error: {redact(message)}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Batch LLM pipeline: one LLM call per dataset row, answers in SQL."""
+    ctx.obj = Context()
+    setup_logging(ctx.obj.settings, "cli")
+
+
+def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("dataset", type=click.Path(path_type=Path)),
+        click.option("--template", "-t", help="Jinja2 prompt template, e.g. 'Classify: {{ review }}'."),
+        click.option("--template-file", type=click.Path(path_type=Path), help="Read the template from a file."),
+        click.option("--provider", "-p", default="fake", show_default=True,
+                     help="fake, openai, anthropic or compatible (an OpenAI-compatible server)."),
+        click.option("--model", "-m", help="Model name (default: fake for the fake provider)."),
+        click.option("--system", "system_prompt", help="System prompt."),
+        click.option("--temperature", type=float),
+        click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--param", "params", multiple=True, help="Extra provider parameter KEY=JSON (repeatable)."),
+        click.option("--json-schema", type=click.Path(path_type=Path), help="Validate answers as JSON."),
+        click.option("--fallback", "fallbacks", multiple=True, help="PROVIDER:MODEL used if the primary fails."),
+        click.option("--id-column", help="Column holding a unique row id (default: row position)."),
+        click.option("--chunk-size", type=click.IntRange(1), help="Rows per job."),
+        click.option("--max-cost", type=click.FloatRange(0), help="Stop the run before spending more USD."),
+        click.option("--no-cache", is_flag=True, help="Call the provider even for answers already cached."),
+        click.option("--rpm", type=click.IntRange(1), help="Requests/minute shared by all workers."),
+        click.option("--tpm", type=click.IntRange(1), help="Tokens/minute shared by all workers."),
+        click.option("--name", help="A name for the run."),
+        click.option("--idempotency-key", help="Same key, same run (e.g. the nightly date)."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_request(dataset: Path, template: str | None, template_file: Path | None, provider: str,
+                  model: str | None, params: tuple[str, ...], json_schema: Path | None, no_cache: bool,
+                  **fields: Any) -> runs.RunRequest:
+    if (template is None) == (template_file is None):
+        raise ConfigError("give exactly one of --template or --template-file")
+    if template_file is not None:
+        try:
+            template = template_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{template_file}: cannot read template ({exc.strerror})") from None
+    if model is None:
+        if provider != "fake":
+            raise ConfigError(f"--model is required for provider {provider}")
+        model = "fake"
+    return runs.RunRequest(dataset=dataset, template=template or "", provider=provider, model=model,
+                           params=_parse_params(params), json_schema=_read_schema(json_schema),
+                           use_cache=not no_cache, **fields)
+
+
+def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def _read_schema(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON schema ({exc})") from None
+
+
+def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.SubmitReport:
+    with tqdm(desc="reading", unit=" rows", disable=quiet or None, file=sys.stderr) as bar:
+        report = runs.submit(ctx.redis, ctx.settings, request, progress=bar.update)
+    return report
+
+
+def print_submit(report: runs.SubmitReport, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.__dict__))
+        return
+    state = "existing run" if report.existing else "run"
+    click.echo(f"{state} {report.run_id}: {report.rows} rows in {report.chunks} chunks, "
+               f"{report.jobs_enqueued} jobs enqueued")
+
+
+@cli.command()
+@run_options
+@click.pass_obj
+@fails_cleanly
+def submit(ctx: Context, as_json: bool, **options: Any) -> None:
+    """Validate DATASET and enqueue one job per chunk. Prints the run id."""
+    report = do_submit(ctx, build_request(**options), quiet=as_json)
+    print_submit(report, as_json)
+
+
+@cli.command()
+@run_options
+@click.pass_obj
+@fails_cleanly
+def run(ctx: Context, as_json: bool, **options: Any) -> None:
+    """Submit, work and collect in this one process (small jobs, demos), then print the summary."""
+    report = do_submit(ctx, build_request(**options), quiet=as_json)
+    if not as_json:
+        print_submit(report, as_json)
+    run_worker(ctx.settings, burst=True, with_scheduler=False)
+    Collector(ctx.settings, ctx.redis, ctx.engine).run(burst=True)
+    print_status(runs.run_status(ctx.redis, ctx.engine, report.run_id), as_json)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="Show a live progress bar until the run ends.")
+@click.pass_obj
+@fails_cleanly
+def status(ctx: Context, run_id: str, as_json: bool, watch: bool) -> None:
+    """Rows done / failed / pending, tokens, cost and elapsed time of a run."""
+    if watch:
+        watch_run(ctx, run_id)
+    print_status(runs.run_status(ctx.redis, ctx.engine, run_id), as_json)
+
+
+def watch_run(ctx: Context, run_id: str, interval: float = 1.0) -> None:
+    info = runs.run_status(ctx.redis, ctx.engine, run_id)
+    with tqdm(total=info["rows_total"], unit=" rows", file=sys.stderr, desc=run_id) as bar:
+        while True:
+            done = info["rows_succeeded"] + info["rows_failed"]
+            bar.update(done - bar.n)
+            bar.set_postfix(failed=info["rows_failed"], spend=f"${info['cost_usd']:.4f}", status=info["status"])
+            if info["status"] in store.FINAL_STATUSES:
+                return
+            time.sleep(interval)
+            info = runs.run_status(ctx.redis, ctx.engine, run_id)
+
+
+def print_status(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+        return
+    click.echo(f"run {info['run_id']}  {info['status']}  ({info['provider']}:{info['model']}, {info['dataset']})")
+    click.echo(f"  rows       {info['rows_total']} total: {info['rows_succeeded']} succeeded, "
+               f"{info['rows_failed']} failed, {info['rows_pending']} pending"
+               + (f" ({info['rows_in_handoff']} answered, not yet written)" if info["rows_in_handoff"] else ""))
+    click.echo(f"  cached     {info['rows_cached']} rows; attempts {info['attempts']}, "
+               f"429s {info['rate_limited']}, timeouts {info['timeouts']}")
+    click.echo(f"  tokens     {info['input_tokens']} in, {info['output_tokens']} out")
+    budget = f" of ${info['max_cost']:.4f}" if info["max_cost"] is not None else ""
+    click.echo(f"  cost       ${info['cost_usd']:.6f}{budget}")
+    latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
+    click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.pass_obj
+@fails_cleanly
+def export(ctx: Context, run_id: str, fmt: str, output: Path) -> None:
+    """Write the input columns joined with the answers."""
+    count = export_run(ctx.engine, run_id, fmt, output)
+    click.echo(f"wrote {count} rows to {output}")
+
+
+@cli.command("runs")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@fails_cleanly
+def list_runs(ctx: Context, limit: int, as_json: bool) -> None:
+    """Recent runs."""
+    with ctx.engine.connect() as conn:
+        rows = store.list_runs(conn, limit)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows], default=str))
+        return
+    click.echo(f"{'run':18} {'status':17} {'rows':>7} {'ok':>7} {'failed':>7} {'cost $':>10}  created")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        click.echo(f"{r['run_id']:18} {r['status']:17} {r['rows_total']:>7} {r['rows_succeeded']:>7} "
+                   f"{r['rows_failed']:>7} {r['cost']:>10.4f}  {created}  {r['name'] or ''}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.pass_obj
+@fails_cleanly
+def cancel(ctx: Context, run_id: str) -> None:
+    """Stop a run: queued chunks are dropped, running chunks stop before their next row."""
+    n = runs.cancel(ctx.redis, ctx.settings, run_id)
+    click.echo(f"run {run_id} cancelled ({n} queued jobs removed); answers already paid for are kept")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--max-cost", type=click.FloatRange(0), help="A new budget for the run.")
+@click.pass_obj
+@fails_cleanly
+def resume(ctx: Context, run_id: str, max_cost: float | None) -> None:
+    """Enqueue every row of the run that has no result yet."""
+    n = runs.resume(ctx.redis, ctx.settings, run_id, max_cost=max_cost)
+    click.echo(f"run {run_id} resumed: {n} jobs enqueued")
+
+
+@cli.command("retry-failed")
+@click.argument("run_id")
+@click.pass_obj
+@fails_cleanly
+def retry_failed(ctx: Context, run_id: str) -> None:
+    """Enqueue only the failed rows of a run again."""
+    n = runs.retry_failed(ctx.redis, ctx.settings, ctx.engine, run_id)
+    click.echo(f"run {run_id}: {n} jobs enqueued for failed rows")
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="Drain the result stream, then exit.")
+@click.pass_obj
+@fails_cleanly
+def collect(ctx: Context, burst: bool) -> None:
+    """Run the collector: write results to SQL (the only SQL writer)."""
+    setup_logging(ctx.settings, "collector")
+    written = Collector(ctx.settings, ctx.redis, ctx.engine).run(burst=burst)
+    click.echo(f"collector wrote {written} results")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait.")
+@click.option("--max-failed", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Highest fraction of failed rows that still counts as success.")
+@click.pass_obj
+@fails_cleanly
+def wait(ctx: Context, run_id: str, timeout: float, max_failed: float) -> None:
+    """Wait for a run to end. Exit 0 if it completed within the failure threshold, 1 if not, 3 on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = runs.run_status(ctx.redis, ctx.engine, run_id)
+        if info["status"] in store.FINAL_STATUSES:
+            break
+        if time.monotonic() >= deadline:
+            click.echo(f"run {run_id}: still {info['status']} after {timeout} s", err=True)
+            sys.exit(3)
+        time.sleep(1.0)
+    print_status(info, as_json=False)
+    failed_ratio = info["rows_failed"] / info["rows_total"] if info["rows_total"] else 0.0
+    if info["status"] != store.COMPLETED or failed_ratio > max_failed:
+        click.echo(f"run {run_id}: {info['status']}, {failed_ratio:.1%} of rows failed", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""RQ job entry points: thin functions that RQ imports by name in the worker."""

@@ -1,0 +1,128 @@
+"""The RQ job: answer the rows of one chunk, many calls in flight, and hand each result to the collector."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from rq import get_current_job
+
+from pipeline import handoff, runs
+from pipeline.answer import RowAnswerer, Target
+from pipeline.budget import RunBudget
+from pipeline.cache import ResponseCache
+from pipeline.errors import BudgetExceeded
+from pipeline.pricing import PriceTable
+from pipeline.providers import build_provider
+from pipeline.queue import async_client, connect
+from pipeline.ratelimit import SharedRateLimiter
+from pipeline.records import Row, RunConfig
+from pipeline.retry import RetryPolicy
+from pipeline.settings import Settings, load_settings
+
+log = logging.getLogger("pipeline.job")
+
+
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings) -> None:
+    """The worker process hands its settings over before it forks, so each job needs no re-read."""
+    global _settings
+    _settings = settings
+
+
+def worker_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = load_settings()
+    return _settings
+
+
+def process_chunk(payload: dict[str, Any]) -> dict[str, Any]:
+    settings = worker_settings()
+    job = get_current_job()
+    connection = job.connection if job is not None else connect(settings)
+    return asyncio.run(ChunkRunner(settings, connection, payload).run())
+
+
+class ChunkRunner:
+    def __init__(self, settings: Settings, connection: redis.Redis, payload: dict[str, Any]) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.run_id: str = payload["run_id"]
+        self.chunk: str = payload["chunk"]
+        self.rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
+        self.stopped: str | None = None
+
+    async def run(self) -> dict[str, Any]:
+        config = runs.load_config(self.connection, self.run_id)
+        client = async_client(self.settings, self.connection)
+        try:
+            todo = await self._rows_without_result(client)
+            answerer, targets = self._answerer(config, client)
+            try:
+                answered = await self._answer_all(client, answerer, todo)
+            finally:
+                for target in targets:
+                    await target.provider.aclose()
+        finally:
+            await client.aclose()
+        summary = {"run_id": self.run_id, "chunk": self.chunk, "rows": len(self.rows),
+                   "skipped_done": len(self.rows) - len(todo), "answered": answered, "stopped": self.stopped}
+        log.info("chunk finished", extra={"run_id": self.run_id, "summary": summary})
+        return summary
+
+    async def _rows_without_result(self, client: aioredis.Redis) -> list[Row]:
+        """Rows whose result an earlier attempt of this chunk already handed over are not paid for again."""
+        if not self.rows:
+            return []
+        done = await client.hmget(handoff.done_key(self.run_id), [r.key for r in self.rows])
+        return [row for row, status in zip(self.rows, done) if status is None]
+
+    def _answerer(self, config: RunConfig, client: aioredis.Redis) -> tuple[RowAnswerer, list[Target]]:
+        s = self.settings
+        targets = []
+        for spec in config.targets:
+            limiter = SharedRateLimiter(client, f"{spec.provider}:{spec.model}",
+                                        rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
+                                        burst_seconds=s.ratelimit_burst_seconds)
+            targets.append(Target(spec, build_provider(spec.provider, s), limiter))
+        policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max)
+        answerer = RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
+                               budget=RunBudget(client, config.run_id, config.max_cost),
+                               cache=ResponseCache(client, s.cache_ttl))
+        return answerer, targets
+
+    async def _answer_all(self, client: aioredis.Redis, answerer: RowAnswerer, rows: list[Row]) -> int:
+        slots = asyncio.Semaphore(self.settings.worker_concurrency)
+        answered = 0
+
+        async def one(row: Row) -> None:
+            nonlocal answered
+            async with slots:
+                if self.stopped or await self._should_stop(client):
+                    return
+                try:
+                    result = await answerer.answer(row)
+                except BudgetExceeded:
+                    await self._stop(client, runs.BUDGET_EXHAUSTED)
+                    return
+                await handoff.publish_result(client, self.settings.result_stream, result)
+                answered += 1
+
+        await asyncio.gather(*(one(row) for row in rows))
+        return answered
+
+    async def _should_stop(self, client: aioredis.Redis) -> bool:
+        if await client.exists(runs.cancelled_key(self.run_id)):
+            self.stopped = runs.CANCELLED
+        return self.stopped is not None
+
+    async def _stop(self, client: aioredis.Redis, status: str) -> None:
+        if self.stopped is None:
+            self.stopped = status
+            await handoff.publish_event_async(client, self.settings.result_stream, handoff.STATUS,
+                                              {"run_id": self.run_id, "status": status})

@@ -1,0 +1,182 @@
+"""Answer one row: render, look in the cache, hold budget and rate limit, call with retries, validate, fall back.
+
+Every outcome but a spent budget or a cancelled run becomes a Result, so one bad row never fails its chunk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from .budget import RunBudget
+from .cache import ResponseCache, cache_key
+from .errors import InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, TemplateError
+from .pricing import PriceTable
+from .providers.base import Provider, ProviderRequest, ProviderResponse
+from .ratelimit import SharedRateLimiter
+from .records import FAILED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
+from .redaction import redact
+from .retry import RetryPolicy
+from .templates import PromptTemplate
+
+
+@dataclass
+class Target:
+    """A provider/model with the objects that guard its calls."""
+
+    spec: ModelTarget
+    provider: Provider
+    limiter: SharedRateLimiter
+
+
+@dataclass
+class _Tally:
+    attempts: int = 0
+    timeouts: int = 0
+    rate_limited: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap upper-ish estimate (4 characters a token) for reservations; settled to real usage later."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+class RowAnswerer:
+    def __init__(self, config: RunConfig, targets: list[Target], *, policy: RetryPolicy, prices: PriceTable,
+                 budget: RunBudget, cache: ResponseCache | None) -> None:
+        self.config = config
+        self.template = PromptTemplate(config.template)
+        self.targets = targets
+        self.policy = policy
+        self.prices = prices
+        self.budget = budget
+        self.cache = cache
+
+    async def answer(self, row: Row) -> Result:
+        started = time.monotonic()
+        result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,
+                        input=row.values)
+        try:
+            prompt = self._render(row)
+        except TemplateError as exc:
+            result.error = f"row {row.key}: {exc}"
+            return self._finish(result, started)
+        result.prompt_hash = stable_hash(prompt)[:16]
+        tally = _Tally()
+        for target in self.targets:
+            request = self._request(prompt, target.spec.model)
+            try:
+                response, parsed, cached = await self._answer_with(target, request, tally)
+            except ProviderError as exc:
+                tally.errors.append(redact(str(exc)))
+                continue
+            self._fill_success(result, target, response, parsed, cached)
+            break
+        else:
+            result.error = " | ".join(tally.errors)[:2000]
+        result.attempts, result.timeouts, result.rate_limited = tally.attempts, tally.timeouts, tally.rate_limited
+        return self._finish(result, started)
+
+    def _render(self, row: Row) -> str:
+        prompt = self.template.render(row.values)
+        if not prompt.strip():
+            raise TemplateError("the template rendered an empty prompt")
+        return prompt
+
+    def _request(self, prompt: str, model: str) -> ProviderRequest:
+        c = self.config
+        return ProviderRequest(prompt=prompt, model=model, max_tokens=c.max_tokens, system=c.system_prompt,
+                               temperature=c.temperature, params=c.params, json_schema=c.json_schema)
+
+    async def _answer_with(self, target: Target, request: ProviderRequest,
+                           tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
+        key = cache_key(target.spec.provider, request)
+        if self.cache is not None and self.config.use_cache:
+            hit = await self.cache.get(key)
+            if hit is not None:
+                return hit, self._validate(hit.text), True
+        tries = self.config.schema_attempts if self.config.json_schema else 1
+        for attempt in range(1, tries + 1):
+            response = await self._call(target, request, tally)
+            try:
+                parsed = self._validate(response.text)
+            except InvalidAnswer as exc:
+                if attempt == tries:
+                    raise InvalidAnswer(f"{target.spec}: {exc} (after {tries} answers)") from None
+                continue
+            if self.cache is not None:
+                await self.cache.put(key, response)
+            return response, parsed, False
+        raise AssertionError("unreachable")
+
+    async def _call(self, target: Target, request: ProviderRequest, tally: _Tally) -> ProviderResponse:
+        """One logical call, retried by the policy; every attempt holds budget and rate limit first."""
+        estimated_tokens = estimate_tokens((request.system or "") + request.prompt) + request.max_tokens
+        price = self.prices.price(request.model)
+        async for attempt in self.policy.retrying():
+            with attempt:
+                held = await self.budget.reserve(price.cost(estimated_tokens - request.max_tokens,
+                                                            request.max_tokens))
+                tally.attempts += 1
+                try:
+                    await target.limiter.acquire(estimated_tokens)
+                    response = await target.provider.complete(request)
+                except ProviderTimeout:
+                    tally.timeouts += 1
+                    await self.budget.settle(held, price.cost(estimated_tokens - request.max_tokens,
+                                                              request.max_tokens))
+                    raise
+                except RateLimited as exc:
+                    tally.rate_limited += 1
+                    await self.budget.settle(held, 0.0)
+                    await target.limiter.pause(exc.retry_after or self.policy.backoff_base)
+                    raise
+                except ProviderError:
+                    await self.budget.settle(held, 0.0)
+                    raise
+                await self.budget.settle(held, price.cost(response.input_tokens, response.output_tokens))
+                await target.limiter.settle(estimated_tokens, response.input_tokens + response.output_tokens)
+                if response.rate_limit is not None:
+                    await target.limiter.follow_provider(response.rate_limit.remaining_requests,
+                                                         response.rate_limit.remaining_tokens)
+                return response
+        raise AssertionError("unreachable")
+
+    def _validate(self, text: str) -> Any:
+        if self.config.json_schema is None:
+            return None
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidAnswer(f"answer is not JSON ({exc.msg})") from None
+        try:
+            jsonschema.validate(parsed, self.config.json_schema)
+        except jsonschema.ValidationError as exc:
+            raise InvalidAnswer(f"answer fails the JSON schema: {exc.message}") from None
+        return parsed
+
+    def _fill_success(self, result: Result, target: Target, response: ProviderResponse, parsed: Any,
+                      cached: bool) -> None:
+        result.status = SUCCEEDED
+        result.answer = response.text
+        result.parsed = parsed
+        result.provider = target.spec.provider
+        result.model = response.model or target.spec.model
+        result.input_tokens = response.input_tokens
+        result.output_tokens = response.output_tokens
+        result.cached = cached
+        result.cost = 0.0 if cached else self.prices.cost(target.spec.model, response.input_tokens,
+                                                          response.output_tokens)
+
+    @staticmethod
+    def _finish(result: Result, started: float) -> Result:
+        result.latency_ms = round((time.monotonic() - started) * 1000, 3)
+        result.finished_at = time.time()
+        return result
+
+

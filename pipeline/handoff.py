@@ -1,0 +1,105 @@
+"""The hand-over from workers to the collector: one Redis stream, read through a consumer group.
+
+Workers append each result the moment it is known (so a killed worker loses no paid answer) and mark the row
+done for its run in the same transaction. The collector acknowledges entries only after its SQL commit, so a
+collector crash means redelivery, which the idempotent upsert absorbs.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from .records import Result
+
+GROUP = "collector"
+RESULT = "result"
+RUN = "run"          # a run was submitted: payload is its RunConfig
+STATUS = "status"    # a run changed status (cancelled, budget exhausted, resumed)
+
+
+def done_key(run_id: str) -> str:
+    """Hash of row key -> status for rows whose result was handed over (lets a re-run chunk skip them)."""
+    return f"run:{run_id}:done"
+
+
+async def publish_result(client: aioredis.Redis, stream: str, result: Result) -> None:
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
+        pipe.hset(done_key(result.run_id), result.row_key, result.status)
+        await pipe.execute()
+
+
+def publish_event(client: redis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:
+    client.xadd(stream, {"kind": kind, "data": json.dumps(payload, ensure_ascii=False, default=str)})
+
+
+async def publish_event_async(client: aioredis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:
+    await client.xadd(stream, {"kind": kind, "data": json.dumps(payload, ensure_ascii=False, default=str)})
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: bytes
+    kind: str
+    data: dict[str, Any]
+
+
+class StreamReader:
+    """The collector's side of the stream: pending entries first (after a restart), then new ones."""
+
+    def __init__(self, client: redis.Redis, stream: str, consumer: str | None = None,
+                 claim_idle_ms: int = 60_000) -> None:
+        self.client = client
+        self.stream = stream
+        self.consumer = consumer or f"{socket.gethostname()}-collector"
+        self.claim_idle_ms = claim_idle_ms
+        self._ensure_group()
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Entries this consumer or a dead one left unacknowledged, else new entries (blocking up to block_ms)."""
+        self._ensure_group()  # the group is gone if Redis restarted without persistence
+        pending = self._read_from("0", count, None)
+        if pending:
+            return pending
+        claimed = self.client.xautoclaim(self.stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count)
+        entries = [e for e in (self._entry(i, f) for i, f in claimed[1] if f) if e]
+        if entries:
+            return entries
+        return self._read_from(">", count, block_ms)
+
+    def _read_from(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+        reply = self.client.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        if not reply:
+            return []
+        return [e for e in (self._entry(i, f) for i, f in reply[0][1]) if e]
+
+    @staticmethod
+    def _entry(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
+        if not fields:
+            return None
+        return Entry(entry_id, fields[b"kind"].decode(), json.loads(fields[b"data"]))
+
+    def ack(self, entries: Iterable[Entry]) -> None:
+        ids = [e.id for e in entries]
+        if ids:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.xack(self.stream, GROUP, *ids)
+                pipe.xdel(self.stream, *ids)
+                pipe.execute()
+
+    def backlog(self) -> int:
+        """Entries not yet written to SQL: acknowledged entries are deleted, so this is the stream's length."""
+        return int(self.client.xlen(self.stream))

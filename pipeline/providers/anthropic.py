@@ -1,0 +1,47 @@
+"""Anthropic Messages through the official SDK."""
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+
+from .base import ProviderRequest, ProviderResponse, rate_limit_state
+from .sdk_errors import translate
+
+
+class AnthropicProvider:
+    def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
+        self.name = "anthropic"
+        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        try:
+            raw = await self._client.messages.with_raw_response.create(**self._arguments(request))
+            message = raw.parse()
+        except Exception as exc:
+            raise translate(exc, anthropic, self.name) from None
+        text = "".join(block.text for block in message.content if getattr(block, "type", "") == "text")
+        return ProviderResponse(
+            text=text,
+            input_tokens=message.usage.input_tokens,
+            output_tokens=message.usage.output_tokens,
+            model=message.model or request.model,
+            rate_limit=rate_limit_state(raw.headers, style="anthropic"),
+        )
+
+    @staticmethod
+    def _arguments(request: ProviderRequest) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": [{"role": "user", "content": request.prompt}],
+        }
+        if request.system:
+            args["system"] = request.system
+        if request.temperature is not None:
+            args["temperature"] = request.temperature
+        args.update(request.params)
+        return args
+
+    async def aclose(self) -> None:
+        await self._client.close()

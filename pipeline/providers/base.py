@@ -1,0 +1,120 @@
+"""The provider interface: a request in, a response or a typed error out. No queues, no storage."""
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    prompt: str
+    model: str
+    max_tokens: int = 256
+    system: str | None = None
+    temperature: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    json_schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """What the provider's rate-limit headers said about the budget left (None = not reported)."""
+
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+
+@dataclass(frozen=True)
+class ProviderResponse:
+    text: str
+    input_tokens: int
+    output_tokens: int
+    model: str
+    rate_limit: RateLimitState | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        """Answer one request or raise a RetryableError / PermanentError."""
+
+    async def aclose(self) -> None: ...
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds from OpenAI-style '1m30s' / '120ms' / '2.5s', a bare number, or an RFC 3339 / HTTP date."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        return sum(float(n) * scale[u] for n, u in parts)
+    return _seconds_until(text)
+
+
+def _seconds_until(text: str) -> float | None:
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(text) if _looks_like_http_date(text) else None
+        if parsed is None:
+            return None
+        when = parsed.timestamp()
+    return max(0.0, when - time.time())
+
+
+def _looks_like_http_date(text: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(text) is not None
+    except (TypeError, ValueError):
+        return False
+
+
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    return parse_duration(headers.get("retry-after"))
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def rate_limit_state(headers: Mapping[str, str], *, style: str) -> RateLimitState | None:
+    """Read OpenAI (``x-ratelimit-*``) or Anthropic (``anthropic-ratelimit-*``) budget headers."""
+    if style == "openai":
+        names = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+                 "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+    else:
+        names = ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
+                 "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset")
+    rem_req, rem_tok, reset_req, reset_tok = (headers.get(n) for n in names)
+    if rem_req is None and rem_tok is None:
+        return None
+    return RateLimitState(_number(rem_req), _number(rem_tok), parse_duration(reset_req), parse_duration(reset_tok))

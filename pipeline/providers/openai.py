@@ -1,0 +1,54 @@
+"""OpenAI Chat Completions, and any OpenAI-compatible server (vLLM, Ollama, LM Studio) through ``base_url``."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+
+from .base import ProviderRequest, ProviderResponse, rate_limit_state
+from .sdk_errors import translate
+
+
+class OpenAIProvider:
+    """One AsyncOpenAI client per worker process; the SDK's own retries are off so ours are the only loop."""
+
+    def __init__(self, *, name: str, api_key: str, base_url: str | None, timeout: float) -> None:
+        self.name = name
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**self._arguments(request))
+            completion = raw.parse()
+            text = completion.choices[0].message.content or ""
+        except Exception as exc:  # every failure leaves as one of our typed errors
+            raise translate(exc, openai, self.name) from None
+        usage = completion.usage
+        return ProviderResponse(
+            text=text,
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            model=completion.model or request.model,
+            rate_limit=rate_limit_state(raw.headers, style="openai"),
+        )
+
+    @staticmethod
+    def _arguments(request: ProviderRequest) -> dict[str, Any]:
+        messages = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": request.prompt})
+        args: dict[str, Any] = {"model": request.model, "messages": messages, "max_tokens": request.max_tokens}
+        if request.temperature is not None:
+            args["temperature"] = request.temperature
+        if request.json_schema is not None:
+            args["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": json.loads(json.dumps(request.json_schema))},
+            }
+        args.update(request.params)
+        return args
+
+    async def aclose(self) -> None:
+        await self._client.close()

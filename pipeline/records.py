@@ -1,0 +1,117 @@
+"""The small values that travel between stages: rows in, run configuration, results out. All JSON-safe."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row: its stable key (from ``--id-column`` or its position) and its column values."""
+
+    key: str
+    index: int
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Which provider and model answer a row."""
+
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelTarget":
+        provider, _, model = text.partition(":")
+        return cls(provider.strip(), model.strip())
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Stored in Redis for workers and in the ``runs`` table."""
+
+    run_id: str
+    dataset: str
+    dataset_hash: str
+    template: str
+    provider: str
+    model: str
+    system_prompt: str | None = None
+    temperature: float | None = None
+    max_tokens: int = 256
+    params: dict[str, Any] = field(default_factory=dict)
+    json_schema: dict[str, Any] | None = None
+    schema_attempts: int = 2
+    fallbacks: list[str] = field(default_factory=list)
+    id_column: str | None = None
+    chunk_size: int = 100
+    total_rows: int = 0
+    total_chunks: int = 0
+    max_cost: float | None = None
+    use_cache: bool = True
+    rpm: int | None = None
+    tpm: int | None = None
+    name: str | None = None
+    idempotency_key: str | None = None
+    created_at: float = 0.0
+
+    @property
+    def targets(self) -> list[ModelTarget]:
+        return [ModelTarget(self.provider, self.model)] + [ModelTarget.parse(f) for f in self.fallbacks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Result:
+    """The outcome of one row: exactly one per input row ends in the ``results`` table."""
+
+    run_id: str
+    row_key: str
+    row_index: int
+    status: str
+    input: dict[str, Any]
+    prompt_hash: str = ""
+    answer: str | None = None
+    parsed: Any = None
+    error: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    attempts: int = 0
+    timeouts: int = 0
+    rate_limited: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    cached: bool = False
+    finished_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Result":
+        return cls(**json.loads(text))
+
+
+def stable_hash(*parts: Any) -> str:
+    """A SHA-256 hex digest over JSON-encoded parts: the same inputs always give the same key."""
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

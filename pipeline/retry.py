@@ -1,0 +1,55 @@
+"""The retry policy for provider calls, built on tenacity: which errors, how long to wait, when to stop.
+
+Transient errors (429, 5xx, connection failures, timeouts) are retried with exponential backoff and full
+jitter, or exactly the provider's ``Retry-After`` when it sent one. Timeouts have their own, smaller budget
+because a call that timed out may still have been billed.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from .errors import ProviderTimeout, RetryableError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    max_timeout_attempts: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt ``attempt + 1``."""
+        if retry_after is not None:
+            return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
+
+    def retrying(self) -> AsyncRetrying:
+        """A fresh tenacity controller for one row's call (it counts that row's attempts and timeouts)."""
+        return AsyncRetrying(
+            retry=retry_if_exception_type(RetryableError),
+            stop=_Stop(self),
+            wait=self._wait,
+            reraise=True,
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hint = exc.retry_after if isinstance(exc, RetryableError) else None
+        return self.backoff(state.attempt_number, hint)
+
+
+class _Stop:
+    """Stop after ``max_attempts`` in all, or after ``max_timeout_attempts`` calls that timed out."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._timeouts = 0
+
+    def __call__(self, state: RetryCallState) -> bool:
+        if state.outcome is not None and isinstance(state.outcome.exception(), ProviderTimeout):
+            self._timeouts += 1
+        return state.attempt_number >= self._policy.max_attempts or self._timeouts >= self._policy.max_timeout_attempts

@@ -1,0 +1,282 @@
+"""Runs: submit (validate, then enqueue), find, cancel, resume, retry failed rows, and report status.
+
+Run state that workers need lives in Redis (config, done rows, cancel flag, spend); the collector copies it
+into SQL. A run id is derived from the dataset's hash and everything that defines the run, so submitting
+the same thing twice finds the same run; ``--idempotency-key`` pins the id to a key (e.g. a nightly date).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq.job import Job, JobStatus
+from sqlalchemy import Engine
+
+from . import handoff, store
+from .datasets import check_path, iter_chunks, scan
+from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
+from .providers import check_provider_config
+from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
+from .records import Row, RunConfig, stable_hash
+from .settings import Settings
+from .templates import PromptTemplate
+
+SUBMITTED, CANCELLED, BUDGET_EXHAUSTED = "submitted", "cancelled", "budget_exhausted"
+ENQUEUE_BATCH = 200  # chunk jobs per Redis transaction
+PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def config_key(run_id: str) -> str:
+    return f"run:{run_id}:config"
+
+
+def cancelled_key(run_id: str) -> str:
+    return f"run:{run_id}:cancelled"
+
+
+def idempotency_key(key: str) -> str:
+    return f"runs:idempotency:{key}"
+
+
+def generation_key(run_id: str) -> str:
+    return f"run:{run_id}:generation"
+
+
+@dataclass
+class RunRequest:
+    """What a user asks for; ``submit`` turns it into a RunConfig after validating the dataset."""
+
+    dataset: Path
+    template: str
+    provider: str = "fake"
+    model: str = "fake"
+    system_prompt: str | None = None
+    temperature: float | None = None
+    max_tokens: int = 256
+    params: dict[str, Any] = field(default_factory=dict)
+    json_schema: dict[str, Any] | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    id_column: str | None = None
+    chunk_size: int | None = None
+    max_cost: float | None = None
+    use_cache: bool = True
+    rpm: int | None = None
+    tpm: int | None = None
+    name: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass
+class SubmitReport:
+    run_id: str
+    rows: int
+    chunks: int
+    jobs_enqueued: int
+    existing: bool
+
+
+def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
+           progress: Callable[[int], None] | None = None) -> SubmitReport:
+    """Validate everything, then enqueue. Any error is raised before the first job is enqueued."""
+    if request.idempotency_key:
+        known = connection.get(idempotency_key(request.idempotency_key))
+        if known is not None:
+            run_id = known.decode()
+            config = load_config(connection, run_id)
+            return SubmitReport(run_id, config.total_rows, config.total_chunks, 0, existing=True)
+    config = validate(settings, request, progress)
+    existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
+    if existing:
+        config = load_config(connection, config.run_id)
+    else:
+        handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
+    if request.idempotency_key:
+        connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
+    chunks = ((chunk_label(n), rows) for n, rows in
+              enumerate(iter_chunks(Path(config.dataset), config.chunk_size, config.id_column)))
+    enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks)
+    return SubmitReport(config.run_id, config.total_rows, config.total_chunks, enqueued, existing)
+
+
+def validate(settings: Settings, request: RunRequest,
+             progress: Callable[[int], None] | None = None) -> RunConfig:
+    """Check provider, template, schema and every row of the dataset; return the run's configuration."""
+    for target in [f"{request.provider}:{request.model}", *request.fallbacks]:
+        provider, _, model = target.partition(":")
+        check_provider_config(provider, settings)
+        if not model:
+            raise ConfigError(f"fallback {target!r} needs a model: PROVIDER:MODEL")
+    template = PromptTemplate(request.template)
+    _check_schema(request.json_schema)
+    path = check_path(request.dataset, settings.allowed_data_dir)
+    chunk_size = request.chunk_size or settings.chunk_size
+
+    def check_row(row: Row) -> None:
+        try:
+            if not template.render(row.values).strip():
+                raise TemplateError("the template renders an empty prompt")
+        except TemplateError as exc:
+            raise DatasetError(f"{path}: row {row.index + 1}: {exc}") from None
+
+    summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes,
+                   check_row=check_row, progress=progress)
+    config = RunConfig(
+        run_id="", dataset=str(path), dataset_hash=summary.sha256, template=request.template,
+        provider=request.provider, model=request.model, system_prompt=request.system_prompt,
+        temperature=request.temperature, max_tokens=request.max_tokens, params=dict(request.params),
+        json_schema=request.json_schema, fallbacks=list(request.fallbacks), id_column=request.id_column,
+        chunk_size=chunk_size, total_rows=summary.rows, total_chunks=-(-summary.rows // chunk_size),
+        max_cost=request.max_cost, use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
+        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(),
+    )
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")}
+    config.run_id = "r" + stable_hash(identity)[:15]
+    return config
+
+
+def _check_schema(schema: dict[str, Any] | None) -> None:
+    if schema is None:
+        return
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"invalid JSON schema: {exc.message}") from None
+
+
+def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
+                        chunks: Iterable[tuple[str, list[Row]]]) -> int:
+    queue = chunk_queue(connection, settings)
+    total, batch = 0, []
+    for chunk in chunks:
+        batch.append(chunk)
+        if len(batch) >= ENQUEUE_BATCH:
+            total += enqueue_chunks(queue, settings, run_id, batch)
+            batch = []
+    return total + enqueue_chunks(queue, settings, run_id, batch)
+
+
+def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
+    raw = connection.get(config_key(run_id))
+    if raw is None:
+        raise RunNotFound(f"no run {run_id!r} in Redis")
+    return RunConfig.from_dict(json.loads(raw))
+
+
+def _save_config(connection: redis.Redis, config: RunConfig) -> None:
+    connection.set(config_key(config.run_id), json.dumps(config.to_dict()))
+
+
+def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
+    """Stop a run: queued chunks are cancelled, running ones stop before their next row. Returns jobs cancelled."""
+    load_config(connection, run_id)
+    connection.set(cancelled_key(run_id), "1")
+    cancelled = 0
+    for job in _run_jobs(connection, run_id):
+        if job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            job.cancel()
+            cancelled += 1
+    handoff.publish_event(connection, settings.result_stream, handoff.STATUS, {"run_id": run_id, "status": CANCELLED})
+    return cancelled
+
+
+def _run_jobs(connection: redis.Redis, run_id: str) -> Iterator[Job]:
+    labels = sorted(m.decode() for m in connection.smembers(enqueued_key(run_id)))
+    ids = [job_id(run_id, label) for label in labels]
+    for start in range(0, len(ids), 500):
+        for job in Job.fetch_many(ids[start:start + 500], connection=connection, serializer=SERIALIZER):
+            if job is not None:
+                yield job
+
+
+def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost: float | None = None) -> int:
+    """Re-enqueue every row that has no result yet (after a cancel, a crash or a spent budget).
+
+    Reads the dataset again (its hash must not have changed). Chunks whose job is still queued or running are
+    left alone so that no row is ever requested by two jobs at once. Returns the number of jobs enqueued.
+    """
+    config = load_config(connection, run_id)
+    path = Path(config.dataset)
+    if not path.exists():
+        raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
+    from .datasets import file_sha256
+
+    if file_sha256(path) != config.dataset_hash:
+        raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
+    if max_cost is not None:
+        config.max_cost = max_cost
+        _save_config(connection, config)
+    busy = {job.id for job in _run_jobs(connection, run_id) if job.get_status(refresh=False) in PENDING_JOB_STATES}
+    if busy:
+        raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
+    connection.delete(cancelled_key(run_id))
+    handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
+                          {"run_id": run_id, "status": "running", "config": config.to_dict()})
+    done = handoff.done_key(run_id)
+    generation = int(connection.incr(generation_key(run_id)))
+    chunks = []
+    for n, rows in enumerate(iter_chunks(path, config.chunk_size, config.id_column)):
+        status = connection.hmget(done, [r.key for r in rows])
+        todo = [row for row, s in zip(rows, status) if s is None]
+        if todo:
+            chunks.append((chunk_label(n, generation), todo))
+    return _enqueue_in_batches(connection, settings, run_id, chunks)
+
+
+def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, run_id: str) -> int:
+    """Send only the failed rows again (inputs come from the results table). Returns jobs enqueued."""
+    config = load_config(connection, run_id)
+    with engine.connect() as conn:
+        failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
+                  for r in store.iter_results(conn, run_id) if r["status"] == "failed"]
+    if not failed:
+        return 0
+    connection.delete(cancelled_key(run_id))
+    connection.hdel(handoff.done_key(run_id), *[r.key for r in failed])
+    handoff.publish_event(connection, settings.result_stream, handoff.STATUS, {"run_id": run_id, "status": "running"})
+    generation = int(connection.incr(generation_key(run_id)))
+    size = config.chunk_size
+    chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
+    return _enqueue_in_batches(connection, settings, run_id, chunks)
+
+
+def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str, Any]:
+    """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis."""
+    with engine.connect() as conn:
+        row = store.get_run(conn, run_id)
+    try:
+        config = load_config(connection, run_id)
+    except RunNotFound:
+        if row is None:
+            raise
+        config = RunConfig.from_dict(row["config"])
+    total = config.total_rows
+    handed_over = int(connection.hlen(handoff.done_key(run_id)))
+    if row is None:
+        row = {"status": SUBMITTED, "rows_succeeded": 0, "rows_failed": 0, "rows_cached": 0, "input_tokens": 0,
+               "output_tokens": 0, "cost": 0.0, "attempts": 0, "timeouts": 0, "rate_limited": 0,
+               "latency_ms_sum": 0.0, "created_at": config.created_at, "first_result_at": None,
+               "last_result_at": None, "finished_at": None}
+    written = row["rows_succeeded"] + row["rows_failed"]
+    end = row["finished_at"] or (time.time() if row["status"] not in store.FINAL_STATUSES else row["last_result_at"])
+    status = row["status"]
+    if connection.exists(cancelled_key(run_id)) and status not in store.FINAL_STATUSES:
+        status = CANCELLED
+    return {
+        "run_id": run_id, "name": config.name, "status": status, "dataset": config.dataset,
+        "provider": config.provider, "model": config.model, "rows_total": total,
+        "rows_succeeded": row["rows_succeeded"], "rows_failed": row["rows_failed"],
+        "rows_pending": max(0, total - written), "rows_in_handoff": max(0, handed_over - written),
+        "rows_cached": row["rows_cached"], "attempts": row["attempts"], "timeouts": row["timeouts"],
+        "rate_limited": row["rate_limited"], "input_tokens": row["input_tokens"],
+        "output_tokens": row["output_tokens"], "cost_usd": round(row["cost"], 6),
+        "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
+        "elapsed_s": round((end or time.time()) - row["created_at"], 2),
+        "max_cost": config.max_cost,
+    }

