@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
 from pipeline import runs, store
-from pipeline.collector import Collector
+from pipeline.collector import Collector, serve_collector
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.export import FORMATS, export_run
 from pipeline.logs import setup_logging
@@ -299,7 +299,7 @@ def retry_failed(ctx: Context, run_id: str) -> None:
 def collect(ctx: Context, burst: bool) -> None:
     """Run the collector: write results to SQL (the only SQL writer)."""
     setup_logging(ctx.settings, "collector")
-    written = Collector(ctx.settings, ctx.redis, ctx.engine).run(burst=burst)
+    written = serve_collector(ctx.settings, burst=burst)
     click.echo(f"collector wrote {written} results")
 
 

@@ -39,6 +39,20 @@ class _Tally:
     timeouts: int = 0
     rate_limited: int = 0
     errors: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def call(self, target: "Target", outcome: str) -> None:
+        key = f"{target.spec.provider}|{target.spec.model}|{outcome}"
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+
+def call_outcome(exc: ProviderError | None) -> str:
+    """A bounded label for one call: the HTTP status, or timeout / connection."""
+    if exc is None:
+        return "200"
+    if isinstance(exc, ProviderTimeout):
+        return "timeout"
+    return str(exc.status) if exc.status else "connection"
 
 
 def estimate_tokens(text: str) -> int:
@@ -80,6 +94,7 @@ class RowAnswerer:
         else:
             result.error = " | ".join(tally.errors)[:2000]
         result.attempts, result.timeouts, result.rate_limited = tally.attempts, tally.timeouts, tally.rate_limited
+        result.calls = tally.calls
         return self._finish(result, started)
 
     def _render(self, row: Row) -> str:
@@ -126,19 +141,11 @@ class RowAnswerer:
                 try:
                     await target.limiter.acquire(estimated_tokens)
                     response = await target.provider.complete(request)
-                except ProviderTimeout:
-                    tally.timeouts += 1
-                    await self.budget.settle(held, price.cost(estimated_tokens - request.max_tokens,
-                                                              request.max_tokens))
+                except ProviderError as exc:
+                    tally.call(target, call_outcome(exc))
+                    await self._after_failure(exc, held, target, tally)
                     raise
-                except RateLimited as exc:
-                    tally.rate_limited += 1
-                    await self.budget.settle(held, 0.0)
-                    await target.limiter.pause(exc.retry_after or self.policy.backoff_base)
-                    raise
-                except ProviderError:
-                    await self.budget.settle(held, 0.0)
-                    raise
+                tally.call(target, "200")
                 await self.budget.settle(held, price.cost(response.input_tokens, response.output_tokens))
                 await target.limiter.settle(estimated_tokens, response.input_tokens + response.output_tokens)
                 if response.rate_limit is not None:
@@ -146,6 +153,16 @@ class RowAnswerer:
                                                          response.rate_limit.remaining_tokens)
                 return response
         raise AssertionError("unreachable")
+
+    async def _after_failure(self, exc: ProviderError, held: int, target: Target, tally: _Tally) -> None:
+        """Settle the budget hold and tell the limiter. A timed-out call may still be billed: keep its hold."""
+        if isinstance(exc, ProviderTimeout):
+            tally.timeouts += 1
+            return
+        await self.budget.settle(held, 0.0)
+        if isinstance(exc, RateLimited):
+            tally.rate_limited += 1
+            await target.limiter.pause(exc.retry_after or self.policy.backoff_base)
 
     def _validate(self, text: str) -> Any:
         if self.config.json_schema is None:

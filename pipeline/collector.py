@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from .logs import setup_logging
-    from .queue import connect
     from .settings import load_settings
 
     parser = argparse.ArgumentParser(description="Write worker results to SQL and serve /metrics.")
@@ -99,8 +98,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = load_settings()
     setup_logging(settings, "collector")
-    collector = Collector(settings, connect(settings), store.make_engine(settings.resolved_database_url))
-    collector.run(burst=args.burst)
+    serve_collector(settings, burst=args.burst)
+
+
+def serve_collector(settings: Settings, *, burst: bool = False, metrics_port: int | None = None) -> int:
+    """The collector process: /metrics on METRICS_PORT (0 = none) and the write loop."""
+    from .metrics import PipelineMetrics
+    from .queue import connect
+
+    connection = connect(settings)
+    engine = store.make_engine(settings.resolved_database_url)
+    metrics = PipelineMetrics(settings, connection, engine)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    server = metrics.serve(port)[0] if port else None
+    if server is not None:
+        log.info("serving /metrics on port %d", server.server_port)
+    try:
+        return Collector(settings, connection, engine, observers=[metrics.observe]).run(burst=burst)
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 if __name__ == "__main__":

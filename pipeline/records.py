@@ -102,6 +102,11 @@ class Result:
     latency_ms: float = 0.0
     cached: bool = False
     finished_at: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)  # "provider|model|outcome" -> provider calls made
+
+    def count_call(self, provider: str, model: str, outcome: str) -> None:
+        key = f"{provider}|{model}|{outcome}"
+        self.calls[key] = self.calls.get(key, 0) + 1
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)

@@ -117,7 +117,7 @@ class Pipeline:
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         env.update(REDIS_URL=self.settings.redis_url or "", DATABASE_URL=self.settings.resolved_database_url,
                    DATA_DIR=str(self.settings.data_dir), QUEUE_NAME=self.settings.queue_name,
-                   PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING")
+                   PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING", METRICS_PORT="0")
         for name in ("openai_base_url", "anthropic_base_url", "compatible_base_url"):
             value = getattr(self.settings, name)
             if value:

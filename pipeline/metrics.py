@@ -1,0 +1,126 @@
+"""Every Prometheus metric, served by the collector.
+
+Workers count nothing themselves: what they did travels inside each result (attempts, 429s, timeouts, calls
+by outcome, tokens, cost, latency), and the collector counts a result once, when its SQL write changed it. So
+the counters agree with the tables however often worker processes fork, die or are replaced, and no
+multiprocess files pile up. Queue and registry sizes, live workers and the hand-over backlog are read from
+Redis at scrape time; rows per run and status from the ``runs`` table, so they survive collector restarts.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector as PromCollector
+from rq import Queue, Worker
+from sqlalchemy import Engine, select
+
+from . import store
+from .queue import SERIALIZER
+from .settings import Settings
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class PipelineMetrics:
+    """Counters fed by the collector's writes, plus scrape-time views of Redis and SQL."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, engine: Engine,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["provider", "model"]
+        self.results = Counter("pipeline_results", "Results written, by final status", ["provider", "model", "status"],
+                               registry=self.registry)
+        self.requests = Counter("pipeline_provider_requests", "Provider calls, by outcome (HTTP status, timeout, "
+                                "connection)", labels + ["code"], registry=self.registry)
+        self.retries = Counter("pipeline_retries", "Provider calls that were retries of an earlier call", labels,
+                               registry=self.registry)
+        self.rate_limited = Counter("pipeline_rate_limited", "Calls answered with HTTP 429", labels,
+                                    registry=self.registry)
+        self.timeouts = Counter("pipeline_timeouts", "Calls that timed out (possibly billed)", labels,
+                                registry=self.registry)
+        self.cache_hits = Counter("pipeline_cache_hits", "Rows answered from the response cache", labels,
+                                  registry=self.registry)
+        self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
+        self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
+        self.latency = Histogram("pipeline_row_latency_seconds", "Time to answer a row, retries included", labels,
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_ScrapeTime(settings, connection, engine))
+
+    def observe(self, applied: store.Applied, _finished: list[str]) -> None:
+        """Count each result that the collector's write changed (a redelivered duplicate changes nothing)."""
+        for result, previous in zip(applied.changed, applied.previous):
+            self._observe_one(result, previous)
+
+    def _observe_one(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        provider, model = result["provider"] or "none", result["model"] or "none"
+        self.results.labels(provider, model, result["status"]).inc()
+        for key, count in (result.get("calls") or {}).items():
+            call_provider, call_model, code = key.split("|", 2)
+            self.requests.labels(call_provider, call_model, code).inc(count)
+            if code == "429":
+                self.rate_limited.labels(call_provider, call_model).inc(count)
+            elif code == "timeout":
+                self.timeouts.labels(call_provider, call_model).inc(count)
+        if result["attempts"] > 1:
+            self.retries.labels(provider, model).inc(result["attempts"] - 1)
+        if result["cached"]:
+            self.cache_hits.labels(provider, model).inc()
+        if result["status"] == "succeeded":
+            self.tokens.labels(provider, model, "in").inc(result["input_tokens"])
+            self.tokens.labels(provider, model, "out").inc(result["output_tokens"])
+            self.cost.labels(provider, model).inc(result["cost"])
+            self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        """Serve /metrics on a daemon thread; returns (server, thread) so callers can shut it down."""
+        return start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _ScrapeTime(PromCollector):
+    """Gauges read when Prometheus scrapes: RQ queue and registries, workers, stream backlog, rows per run."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, engine: Engine) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.engine = engine
+
+    def collect(self) -> Iterable[Any]:
+        yield from self._queue_metrics()
+        yield from self._run_metrics()
+
+    def _queue_metrics(self) -> Iterable[Any]:
+        queue = Queue(self.settings.queue_name, connection=self.connection, serializer=SERIALIZER)
+        jobs = GaugeMetricFamily("pipeline_queue_jobs", "Chunk jobs by RQ registry", labels=["queue", "state"])
+        jobs.add_metric([queue.name, "queued"], queue.count)
+        for state, registry in (("started", queue.started_job_registry), ("failed", queue.failed_job_registry),
+                                ("scheduled", queue.scheduled_job_registry),
+                                ("deferred", queue.deferred_job_registry)):
+            jobs.add_metric([queue.name, state], registry.count)
+        yield jobs
+        workers = GaugeMetricFamily("pipeline_workers", "Live RQ workers on the chunk queue", labels=["queue"])
+        workers.add_metric([queue.name], Worker.count(queue=queue))
+        yield workers
+        backlog = GaugeMetricFamily("pipeline_handoff_backlog", "Results handed over but not yet written to SQL")
+        backlog.add_metric([], self.connection.xlen(self.settings.result_stream))
+        yield backlog
+
+    def _run_metrics(self) -> Iterable[Any]:
+        rows = CounterMetricFamily("pipeline_rows", "Rows with a result, per run and status (from the runs table)",
+                                   labels=["run", "status"])
+        active = GaugeMetricFamily("pipeline_runs", "Runs by status", labels=["status"])
+        by_status: dict[str, int] = {}
+        query = select(store.runs.c.run_id, store.runs.c.status, store.runs.c.rows_succeeded,
+                       store.runs.c.rows_failed)
+        with self.engine.connect() as conn:
+            for run_id, status, succeeded, failed in conn.execute(query):
+                rows.add_metric([run_id, "succeeded"], succeeded)
+                rows.add_metric([run_id, "failed"], failed)
+                by_status[status] = by_status.get(status, 0) + 1
+        for status, count in by_status.items():
+            active.add_metric([status], count)
+        yield rows
+        yield active
