@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -21,6 +23,7 @@ from pipeline.export import FORMATS, export_run
 from pipeline.logs import setup_logging
 from pipeline.queue import connect
 from pipeline.redaction import redact
+from pipeline.schedules import build_scheduler, firing_key, load_runs_file
 from pipeline.settings import Settings, load_settings
 from pipeline.workers import run_worker
 
@@ -78,7 +81,9 @@ def cli(ctx: click.Context) -> None:
 
 def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.argument("dataset", type=click.Path(path_type=Path)),
+        click.argument("dataset", type=click.Path(path_type=Path), required=False),
+        click.option("--config", "runs_file", type=click.Path(path_type=Path),
+                     help="A runs file (TOML); --name picks the run. Its key defaults to NAME@schedule slot."),
         click.option("--template", "-t", help="Jinja2 prompt template, e.g. 'Classify: {{ review }}'."),
         click.option("--template-file", type=click.Path(path_type=Path), help="Read the template from a file."),
         click.option("--provider", "-p", default="fake", show_default=True,
@@ -105,9 +110,13 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def build_request(dataset: Path, template: str | None, template_file: Path | None, provider: str,
-                  model: str | None, params: tuple[str, ...], json_schema: Path | None, no_cache: bool,
-                  **fields: Any) -> runs.RunRequest:
+def build_request(dataset: Path | None, runs_file: Path | None, template: str | None,
+                  template_file: Path | None, provider: str, model: str | None, params: tuple[str, ...],
+                  json_schema: Path | None, no_cache: bool, **fields: Any) -> runs.RunRequest:
+    if runs_file is not None:
+        return named_request(runs_file, fields.get("name"), fields.get("idempotency_key"))
+    if dataset is None:
+        raise ConfigError("give a DATASET file, or --config RUNS_FILE --name NAME")
     if (template is None) == (template_file is None):
         raise ConfigError("give exactly one of --template or --template-file")
     if template_file is not None:
@@ -122,6 +131,14 @@ def build_request(dataset: Path, template: str | None, template_file: Path | Non
     return runs.RunRequest(dataset=dataset, template=template or "", provider=provider, model=model,
                            params=_parse_params(params), json_schema=_read_schema(json_schema),
                            use_cache=not no_cache, **fields)
+
+
+def named_request(runs_file: Path, name: str | None, key: str | None) -> runs.RunRequest:
+    named_runs = load_runs_file(runs_file)
+    if name not in named_runs:
+        raise ConfigError(f"{runs_file}: no run named {name!r} (have: {', '.join(named_runs)})")
+    named = named_runs[name]
+    return replace(named.request, idempotency_key=key or firing_key(named, datetime.now(timezone.utc)))
 
 
 def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
@@ -301,6 +318,19 @@ def collect(ctx: Context, burst: bool) -> None:
     setup_logging(ctx.settings, "collector")
     written = serve_collector(ctx.settings, burst=burst)
     click.echo(f"collector wrote {written} results")
+
+
+@cli.command()
+@click.option("--runs", "runs_file", type=click.Path(path_type=Path), required=True, help="The runs file (TOML).")
+@click.pass_obj
+@fails_cleanly
+def schedule(ctx: Context, runs_file: Path) -> None:
+    """Run RQ's cron scheduler for the runs file's scheduled runs (workers do the submitting)."""
+    scheduler = build_scheduler(ctx.redis, ctx.settings.queue_name, runs_file)
+    for job in scheduler.get_jobs():
+        when = f"cron '{job.cron}'" if job.cron else f"every {job.interval} s"
+        click.echo(f"scheduled {job.name}: {when}")
+    scheduler.start()
 
 
 @cli.command()

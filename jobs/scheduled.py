@@ -1,0 +1,25 @@
+"""The RQ job a scheduled firing enqueues: submit one named run from the runs file, idempotently."""
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rq import get_current_job
+
+from jobs.process_chunk import worker_settings
+from pipeline import runs
+from pipeline.queue import connect
+from pipeline.schedules import firing_key, load_runs_file
+
+
+def submit_named_run(runs_file: str, name: str) -> dict[str, Any]:
+    settings = worker_settings()
+    job = get_current_job()
+    connection = job.connection if job is not None else connect(settings)
+    fired_at = (job.enqueued_at if job is not None and job.enqueued_at else datetime.now(timezone.utc))
+    named = load_runs_file(Path(runs_file))[name]
+    request = replace(named.request, idempotency_key=firing_key(named, fired_at))
+    report = runs.submit(connection, settings, request)
+    return report.__dict__

@@ -1,0 +1,129 @@
+"""Named runs from a runs file (TOML), and their schedule on RQ's own cron scheduler.
+
+A runs file lists named runs::
+
+    [runs.nightly]
+    dataset = "reviews.csv"          # relative to the runs file
+    template_file = "sentiment.j2"   # or: template = "..."
+    provider = "fake"
+    model = "fake"
+    id_column = "id"
+    max_cost = 5.0
+    cron = "0 2 * * *"               # or: every = 3600 (seconds)
+
+Each firing submits with the idempotency key ``NAME@SLOT`` (the scheduled time it belongs to), so a double
+trigger, from two schedulers or a cron line plus the scheduler, starts one run.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+from redis import Redis
+from rq import Queue
+from rq.cron import CronJob, CronScheduler
+
+from .errors import ConfigError
+from .queue import SERIALIZER
+from .runs import RunRequest
+
+SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"
+
+
+@dataclass(frozen=True)
+class NamedRun:
+    name: str
+    request: RunRequest
+    cron: str | None = None
+    every: int | None = None
+
+
+def load_runs_file(path: Path) -> dict[str, NamedRun]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read runs file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    entries = data.get("runs")
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError(f"{path}: no [runs.NAME] tables")
+    return {name: _named_run(path, name, entry) for name, entry in entries.items()}
+
+
+_REQUEST_FIELDS = {f.name for f in fields(RunRequest)} - {"dataset", "template", "name", "idempotency_key"}
+
+
+def _named_run(path: Path, name: str, entry: dict[str, Any]) -> NamedRun:
+    where = f"{path}: [runs.{name}]"
+    entry = dict(entry)
+    cron, every = entry.pop("cron", None), entry.pop("every", None)
+    if cron is not None and not croniter.is_valid(cron):
+        raise ConfigError(f"{where}: invalid cron expression {cron!r}")
+    if "dataset" not in entry:
+        raise ConfigError(f"{where}: missing 'dataset'")
+    base = path.parent
+    dataset = base / entry.pop("dataset")
+    template = entry.pop("template", None)
+    template_file = entry.pop("template_file", None)
+    if (template is None) == (template_file is None):
+        raise ConfigError(f"{where}: give exactly one of 'template' or 'template_file'")
+    if template_file is not None:
+        try:
+            template = (base / template_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read template_file ({exc.strerror})") from None
+    unknown = set(entry) - _REQUEST_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    request = RunRequest(dataset=dataset, template=template, name=name, **entry)
+    return NamedRun(name=name, request=request, cron=cron, every=int(every) if every else None)
+
+
+def firing_key(run: NamedRun, at: datetime) -> str:
+    """The idempotency key of the firing that ``at`` belongs to: the schedule slot at or before ``at``."""
+    at = at.astimezone(timezone.utc)
+    if run.cron:
+        local = at.astimezone().replace(tzinfo=None)
+        slot = croniter(run.cron, local).get_prev(datetime) if not croniter.match(run.cron, local) else local
+        slot = slot.replace(second=0, microsecond=0)
+        return f"{run.name}@{slot.isoformat(timespec='minutes')}"
+    if run.every:
+        slot = int(at.timestamp()) // run.every * run.every
+        return f"{run.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
+    return f"{run.name}@{at.date().isoformat()}"
+
+
+class JsonCronJob(CronJob):
+    """RQ's CronJob enqueues with the default (pickle) serializer; our workers accept only JSON jobs."""
+
+    def enqueue(self, connection: Redis):
+        queue = Queue(self.queue_name, connection=connection, serializer=SERIALIZER)
+        with connection.pipeline() as pipe:
+            job = queue.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options,
+                                pipeline=pipe)
+            pipe.zadd(self.job_history_key, {job.id: job.enqueued_at.timestamp()})
+            pipe.execute()
+        return job
+
+
+class PipelineCronScheduler(CronScheduler):
+    def add(self, job: CronJob) -> None:
+        self._cron_jobs.append(job)
+
+
+def build_scheduler(connection: Redis, queue_name: str, runs_file: Path) -> PipelineCronScheduler:
+    """A CronScheduler with one entry per scheduled named run (runs without cron/every are skipped)."""
+    scheduler = PipelineCronScheduler(connection=connection, name=f"pipeline-cron:{runs_file.name}")
+    for run in load_runs_file(runs_file).values():
+        if run.cron or run.every:
+            scheduler.add(JsonCronJob(queue_name=queue_name, func_name=SCHEDULED_FUNCTION,
+                                      args=(str(runs_file.resolve()), run.name), cron=run.cron,
+                                      interval=run.every, name=f"pipeline:{run.name}"))
+    if not scheduler.get_jobs():
+        raise ConfigError(f"{runs_file}: no run has a 'cron' or 'every' schedule")
+    return scheduler

@@ -1,0 +1,87 @@
+"""Nightly runs: a runs file, RQ's cron scheduler, and idempotent firings."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.schedules import firing_key, load_runs_file
+
+from .conftest import ROOT
+from .datasets import tricky_rows, write
+
+
+def _runs_file(tmp_path, schedule: str) -> str:
+    write(tmp_path / "data.csv", tricky_rows(25))
+    (tmp_path / "prompt.j2").write_text("Classify: {{ text }}", encoding="utf-8")
+    path = tmp_path / "runs.toml"
+    path.write_text(f"""
+[runs.nightly]
+dataset = "data.csv"
+template_file = "prompt.j2"
+id_column = "id"
+chunk_size = 10
+{schedule}
+""", encoding="utf-8")
+    return str(path)
+
+
+def _cli(pipeline, *args):
+    return subprocess.run([sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True,
+                          text=True, timeout=60)
+
+
+def _run_configs(pipeline) -> list[bytes]:
+    return list(pipeline.redis.scan_iter("run:*:config"))
+
+
+def test_a_cron_line_triggered_twice_starts_one_run(pipeline, tmp_path):
+    runs_file = _runs_file(tmp_path, 'cron = "0 2 * * *"')
+    first = _cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
+    second = _cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.startswith("run ") and "3 jobs enqueued" in first.stdout
+    assert second.stdout.startswith("existing run ") and "0 jobs enqueued" in second.stdout
+    assert first.stdout.split()[1] == second.stdout.split()[2]
+    assert len(_run_configs(pipeline)) == 1
+    assert pipeline.redis.llen(f"rq:queue:{pipeline.settings.queue_name}") == 3
+
+
+def test_unknown_named_run_is_a_clear_error(pipeline, tmp_path):
+    done = _cli(pipeline, "submit", "--config", _runs_file(tmp_path, ""), "--name", "weekly")
+    assert done.returncode == 2 and "no run named 'weekly'" in done.stderr
+
+
+def test_firing_key_is_the_schedule_slot(tmp_path):
+    run = load_runs_file(Path(_runs_file(tmp_path, 'cron = "0 2 * * *"')))["nightly"]
+    local = datetime(2026, 11, 24, 2, 0, 3).astimezone()
+    later = datetime(2026, 11, 24, 2, 7, 0).astimezone()
+    assert firing_key(run, local) == firing_key(run, later) == "nightly@2026-11-24T02:00"
+    assert firing_key(run, datetime(2026, 11, 25, 2, 0, 1).astimezone()) == "nightly@2026-11-25T02:00"
+
+
+def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, tmp_path):
+    """Two scheduler processes fire the same slot; workers run both firings; one run results."""
+    runs_file = _runs_file(tmp_path, "every = 86400")
+    queue_key = f"rq:queue:{pipeline.settings.queue_name}"
+    schedulers = [subprocess.Popen([sys.executable, "enqueue.py", "schedule", "--runs", runs_file], cwd=ROOT,
+                                   env=pipeline.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                  for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while pipeline.redis.llen(queue_key) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipeline.redis.llen(queue_key) == 2, "both schedulers should have fired"
+    finally:
+        for process in schedulers:
+            process.terminate()
+            process.wait(timeout=10)
+    pipeline.work()   # runs both submit jobs, then the chunk jobs of the one run they created
+    pipeline.collect()
+    configs = _run_configs(pipeline)
+    assert len(configs) == 1
+    run_id = configs[0].decode().split(":")[1]
+    assert len(pipeline.results(run_id)) == 25
+    assert pipeline.run_row(run_id)["status"] == "completed"
