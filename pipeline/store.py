@@ -70,6 +70,7 @@ results = Table(
     Column("cost", Float, nullable=False, default=0.0),
     Column("latency_ms", Float, nullable=False, default=0.0),
     Column("cached", Boolean, nullable=False, default=False),
+    Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
     Column("finished_at", Float, nullable=False),
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
     Index("ix_results_run_status", "run_id", "status"),

@@ -1,0 +1,90 @@
+"""/metrics scraped over HTTP during and after a real run, checked against the SQL tables."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.collector import Collector
+from pipeline.metrics import PipelineMetrics
+
+from .conftest import ROOT
+from .datasets import tricky_rows, write
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
+    pipeline = make_pipeline(fake_latency=0.02, worker_concurrency=8)
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(300)), "Classify: {{ text }}", id_column="id",
+                             chunk_size=50)
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
+    server, _ = metrics.serve(0, addr="127.0.0.1")
+    port = server.server_port
+    before = scrape(port)
+    assert total(before, "pipeline_queue_jobs", state="queued") == 6
+    assert total(before, "pipeline_workers") == 0
+
+    stop = threading.Event()
+    collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe])
+    thread = threading.Thread(target=collector.run, kwargs={"stop": stop.is_set})
+    thread.start()
+    worker = subprocess.Popen([sys.executable, "worker.py", "--burst", "--processes", "2"], cwd=ROOT,
+                              env=pipeline.env())
+    try:
+        during = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            samples = scrape(port)
+            written = total(samples, "pipeline_results_total")
+            if 0 < written < 300:
+                during = samples
+                break
+            if written >= 300:
+                break
+            time.sleep(0.02)
+        assert worker.wait(timeout=120) == 0
+        deadline = time.monotonic() + 30
+        while pipeline.run_row(report.run_id)["rows_succeeded"] < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        worker.kill()
+    after = scrape(port)
+    server.shutdown()
+
+    if during is not None:  # mid-run: the counters never run ahead of what SQL holds
+        assert total(during, "pipeline_results_total") <= 300
+        assert total(during, "pipeline_rows_total", run=report.run_id) <= 300
+    run = pipeline.run_row(report.run_id)
+    results = pipeline.results(report.run_id)
+    assert total(after, "pipeline_results_total", status="succeeded") == run["rows_succeeded"] == 300
+    assert total(after, "pipeline_rows_total", run=report.run_id, status="succeeded") == 300
+    assert total(after, "pipeline_rows_total", run=report.run_id, status="failed") == 0
+    assert total(after, "pipeline_tokens_total", direction="in") == run["input_tokens"]
+    assert total(after, "pipeline_tokens_total", direction="out") == run["output_tokens"]
+    assert total(after, "pipeline_cost_usd_total") == pytest.approx(run["cost"])
+    assert total(after, "pipeline_cache_hits_total") == run["rows_cached"]
+    assert total(after, "pipeline_provider_requests_total", code="200") == run["attempts"]
+    assert total(after, "pipeline_row_latency_seconds_count") == 300 == len(results)
+    assert total(after, "pipeline_queue_jobs", state="queued") == 0
+    assert total(after, "pipeline_handoff_backlog") == 0
+    assert total(after, "pipeline_runs", status="completed") == 1
