@@ -17,12 +17,15 @@ def make_worker(settings: Settings, name: str | None = None) -> Worker:
     """A forking RQ worker; short monitoring and maintenance intervals so a dead worker's chunk comes back soon.
 
     RQ marks a job abandoned when its worker's heartbeat (monitoring interval + 60 s) lapses, and only another
-    worker's maintenance pass notices: detection takes at most about monitoring + 60 + maintenance seconds.
+    worker's maintenance pass notices. An idle worker runs maintenance only when its blocking dequeue times out
+    (worker_ttl - 15 s, 405 s by default), so worker_ttl is tied to the maintenance interval: detection then
+    takes at most about monitoring + 60 + maintenance seconds (100 s with the defaults).
     """
     connection = connect(settings)
     return Worker([chunk_queue(connection, settings)], connection=connection, serializer=SERIALIZER, name=name,
                   job_monitoring_interval=settings.job_monitoring_interval,
-                  maintenance_interval=settings.worker_maintenance_interval)
+                  maintenance_interval=settings.worker_maintenance_interval,
+                  worker_ttl=settings.worker_maintenance_interval + 15)
 
 
 def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True,

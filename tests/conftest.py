@@ -112,20 +112,17 @@ class Pipeline:
         assert row is not None
         return row
 
-    def env(self) -> dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
         """Environment for subprocesses (worker.py, enqueue.py) that should see this same pipeline."""
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-        env.update(REDIS_URL=self.settings.redis_url or "", DATABASE_URL=self.settings.resolved_database_url,
-                   DATA_DIR=str(self.settings.data_dir), QUEUE_NAME=self.settings.queue_name,
-                   PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING", METRICS_PORT="0")
-        for name in ("openai_base_url", "anthropic_base_url", "compatible_base_url"):
-            value = getattr(self.settings, name)
-            if value:
-                env[name.upper()] = value
-        for name in ("openai_api_key", "anthropic_api_key"):
-            value = getattr(self.settings, name)
-            if value:
-                env[name.upper()] = value.get_secret_value()
+        for name, value in self.settings.model_dump().items():
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[name.upper()] = str(value)
+        env.update(DATABASE_URL=self.settings.resolved_database_url, PYTHONPATH=str(ROOT), METRICS_PORT="0")
+        env.update(extra)
         return env
 
 

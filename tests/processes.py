@@ -1,0 +1,63 @@
+"""Helpers for fault tests that start and kill real processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll an observable condition (a Redis or SQL count) until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def horse_of(worker_pid: int) -> int | None:
+    """RQ's work horse is the worker's child that leads its own process group (it calls setpgrp)."""
+    for child in children(worker_pid):
+        try:
+            if os.getpgid(child) == child:
+                return child
+        except ProcessLookupError:
+            continue
+    return None
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process, its children and their process groups: a machine losing the worker at once."""
+    pids = [process.pid, *children(process.pid)]
+    pids += [g for p in list(pids) for g in children(p)]
+    for pid in pids:
+        for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+            try:
+                kill(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+    process.wait(timeout=10)
