@@ -133,17 +133,17 @@ class RowAnswerer:
         """One logical call, retried by the policy; every attempt holds budget and rate limit first."""
         estimated_tokens = estimate_tokens((request.system or "") + request.prompt) + request.max_tokens
         price = self.prices.price(request.model)
+        worst_case = price.cost(estimated_tokens - request.max_tokens, request.max_tokens)
         async for attempt in self.policy.retrying():
             with attempt:
-                held = await self.budget.reserve(price.cost(estimated_tokens - request.max_tokens,
-                                                            request.max_tokens))
+                held = await self.budget.reserve(worst_case)
                 tally.attempts += 1
                 try:
                     await target.limiter.acquire(estimated_tokens)
                     response = await target.provider.complete(request)
                 except ProviderError as exc:
                     tally.call(target, call_outcome(exc))
-                    await self._after_failure(exc, held, target, tally)
+                    await self._after_failure(exc, held, worst_case, target, tally)
                     raise
                 tally.call(target, "200")
                 await self.budget.settle(held, price.cost(response.input_tokens, response.output_tokens))
@@ -154,10 +154,12 @@ class RowAnswerer:
                 return response
         raise AssertionError("unreachable")
 
-    async def _after_failure(self, exc: ProviderError, held: int, target: Target, tally: _Tally) -> None:
+    async def _after_failure(self, exc: ProviderError, held: str, worst_case: float, target: Target,
+                             tally: _Tally) -> None:
         """Settle the budget hold and tell the limiter. A timed-out call may still be billed: keep its hold."""
         if isinstance(exc, ProviderTimeout):
             tally.timeouts += 1
+            await self.budget.settle(held, worst_case)
             return
         await self.budget.settle(held, 0.0)
         if isinstance(exc, RateLimited):

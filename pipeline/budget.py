@@ -1,51 +1,85 @@
 """A run's spending cap (``--max-cost``), enforced in Redis before each call is sent.
 
-Each call reserves its worst-case cost (prompt estimate + max output tokens at the model's price) and settles
-to the real cost afterwards, so concurrent workers can overshoot the cap by at most the calls in flight.
-Amounts are kept in micro-dollars so that Redis integer arithmetic stays exact.
+Each call holds its worst-case cost (prompt estimate + max output tokens at the model's price) and settles
+to the real cost afterwards. A call that would cross the cap waits while other calls' holds are out (they
+usually settle far below their estimate) and gives up only when the settled spend alone leaves no room, so
+concurrent workers use the budget fully yet never overshoot it. Holds expire, so a worker killed mid-call
+cannot freeze the budget. Amounts are nano-dollars so that Redis integer arithmetic stays exact.
 """
 from __future__ import annotations
+
+import asyncio
+import uuid
 
 import redis.asyncio as aioredis
 
 from .errors import BudgetExceeded
 
+# KEYS: spend, holds. ARGV: cap (-1 = none), amount, now, hold expiry, member. 1 = held, 0 = wait, -1 = exhausted.
 _RESERVE = """
-local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 local cap, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
-if spent + amount > cap then return -1 end
-return redis.call('INCRBY', KEYS[1], amount)
+if cap >= 0 then
+  local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local held = 0
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    held = held + tonumber(string.match(member, ':(%d+)$'))
+  end
+  if spent + held + amount > cap then
+    if held > 0 then return 0 end
+    return -1
+  end
+end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
 """
 
-MICRO = 1_000_000
+NANO = 1_000_000_000
+WAIT_SECONDS = 0.05
 
 
 def spend_key(run_id: str) -> str:
     return f"run:{run_id}:spend"
 
 
+def holds_key(run_id: str) -> str:
+    return f"run:{run_id}:holds"
+
+
 class RunBudget:
-    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None) -> None:
+    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None,
+                 hold_seconds: float = 600.0) -> None:
         self._client = client
-        self._key = spend_key(run_id)
-        self._cap = None if max_cost is None else int(max_cost * MICRO)
+        self._keys = [spend_key(run_id), holds_key(run_id)]
+        self._cap = -1 if max_cost is None else int(max_cost * NANO)
+        self._hold_seconds = hold_seconds
         self._reserve = client.register_script(_RESERVE)
 
-    async def reserve(self, estimated_cost: float) -> int:
-        """Hold ``estimated_cost`` against the cap or raise BudgetExceeded. Returns the held micro-dollars."""
-        amount = int(round(estimated_cost * MICRO))
-        if self._cap is None:
-            await self._client.incrby(self._key, amount)
-            return amount
-        if int(await self._reserve(keys=[self._key], args=[self._cap, amount])) < 0:
-            raise BudgetExceeded(f"the run's budget of ${self._cap / MICRO:.4f} would be exceeded")
-        return amount
+    async def reserve(self, estimated_cost: float) -> str:
+        """Hold ``estimated_cost`` against the cap (waiting while other holds are out) or raise BudgetExceeded."""
+        amount = int(round(estimated_cost * NANO))
+        member = f"{uuid.uuid4().hex}:{amount}"
+        while True:
+            now = await self._now()
+            verdict = int(await self._reserve(keys=self._keys, args=[self._cap, amount, now,
+                                                                      now + self._hold_seconds, member]))
+            if verdict == 1:
+                return member
+            if verdict < 0:
+                raise BudgetExceeded(f"the run's budget of ${self._cap / NANO:.4f} is spent")
+            await asyncio.sleep(WAIT_SECONDS)
 
-    async def settle(self, held: int, actual_cost: float) -> None:
-        delta = int(round(actual_cost * MICRO)) - held
-        if delta:
-            await self._client.incrby(self._key, delta)
+    async def settle(self, hold: str, actual_cost: float) -> None:
+        """Release the hold and add what the call really cost."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._keys[1], hold)
+            pipe.incrby(self._keys[0], int(round(actual_cost * NANO)))
+            await pipe.execute()
+
+    async def _now(self) -> float:
+        seconds, micros = await self._client.time()
+        return seconds + micros / 1e6
 
 
 async def spent(client: aioredis.Redis, run_id: str) -> float:
-    return int(await client.get(spend_key(run_id)) or 0) / MICRO
+    return int(await client.get(spend_key(run_id)) or 0) / NANO
