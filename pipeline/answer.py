@@ -5,6 +5,7 @@ Every outcome but a spent budget or a cancelled run becomes a Result, so one bad
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import jsonschema
 
 from .budget import RunBudget
 from .cache import ResponseCache, cache_key
-from .errors import InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, TemplateError
+from .errors import BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, TemplateError
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
@@ -22,6 +23,8 @@ from .records import FAILED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, sta
 from .redaction import redact
 from .retry import RetryPolicy
 from .templates import PromptTemplate
+
+log = logging.getLogger("pipeline.answer")
 
 
 @dataclass
@@ -72,7 +75,19 @@ class RowAnswerer:
         self.cache = cache
 
     async def answer(self, row: Row) -> Result:
+        """The row's result. Only BudgetExceeded escapes: the row is then left for ``resume``."""
         started = time.monotonic()
+        try:
+            return await self._answer(row, started)
+        except BudgetExceeded:
+            raise
+        except Exception as exc:  # a bug must cost one row, not its whole chunk
+            log.exception("row %s failed unexpectedly", row.key, extra={"run_id": self.config.run_id})
+            result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,
+                            input=row.values, error=redact(f"internal error: {type(exc).__name__}: {exc}"))
+            return self._finish(result, started)
+
+    async def _answer(self, row: Row, started: float) -> Result:
         result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,
                         input=row.values)
         try:

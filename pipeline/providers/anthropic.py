@@ -17,17 +17,16 @@ class AnthropicProvider:
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
             raw = await self._client.messages.with_raw_response.create(**self._arguments(request))
-            message = raw.parse()
-        except Exception as exc:
+            message = await raw.parse()
+            return ProviderResponse(
+                text="".join(block.text for block in message.content if getattr(block, "type", "") == "text"),
+                input_tokens=message.usage.input_tokens,
+                output_tokens=message.usage.output_tokens,
+                model=message.model or request.model,
+                rate_limit=rate_limit_state(raw.headers, style="anthropic"),
+            )
+        except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
             raise translate(exc, anthropic, self.name) from None
-        text = "".join(block.text for block in message.content if getattr(block, "type", "") == "text")
-        return ProviderResponse(
-            text=text,
-            input_tokens=message.usage.input_tokens,
-            output_tokens=message.usage.output_tokens,
-            model=message.model or request.model,
-            rate_limit=rate_limit_state(raw.headers, style="anthropic"),
-        )
 
     @staticmethod
     def _arguments(request: ProviderRequest) -> dict[str, Any]:

@@ -20,18 +20,17 @@ class OpenAIProvider:
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**self._arguments(request))
-            completion = raw.parse()
-            text = completion.choices[0].message.content or ""
-        except Exception as exc:  # every failure leaves as one of our typed errors
+            completion = raw.parse()  # openai's raw response parses synchronously; anthropic's is awaited
+            usage = completion.usage
+            return ProviderResponse(
+                text=completion.choices[0].message.content or "",
+                input_tokens=usage.prompt_tokens if usage else 0,
+                output_tokens=usage.completion_tokens if usage else 0,
+                model=completion.model or request.model,
+                rate_limit=rate_limit_state(raw.headers, style="openai"),
+            )
+        except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
             raise translate(exc, openai, self.name) from None
-        usage = completion.usage
-        return ProviderResponse(
-            text=text,
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
-            model=completion.model or request.model,
-            rate_limit=rate_limit_state(raw.headers, style="openai"),
-        )
 
     @staticmethod
     def _arguments(request: ProviderRequest) -> dict[str, Any]:

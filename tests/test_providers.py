@@ -1,0 +1,251 @@
+"""Real providers through the official SDKs, pointed at our fake provider server; real RQ workers and Redis."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.pricing import PriceTable
+
+from . import processes
+from .datasets import write
+from .fakeprovider import FakeProvider
+
+TEMPLATE = "Say: {{ text }}"
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+@pytest.fixture
+def server():
+    with FakeProvider() as fake:
+        yield fake
+
+
+@pytest.fixture
+def provider_pipeline(make_pipeline, server):
+    def make(**overrides):
+        values = dict(openai_api_key="sk-test-openai", openai_base_url=f"{server.url}/v1",
+                      anthropic_api_key="sk-ant-test", anthropic_base_url=server.url,
+                      compatible_base_url=f"{server.url}/v1", max_attempts=4)
+        values.update(overrides)
+        return make_pipeline(**values)
+    return make
+
+
+def rows(n: int, prefix: str = "row") -> list[dict[str, str]]:
+    return [{"id": f"{i:04d}", "text": f"{prefix} {i} — ünïcode"} for i in range(n)]
+
+
+def run_all(pipeline, tmp_path, data, **fields):
+    report = pipeline.submit(write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", **fields)
+    pipeline.work()
+    pipeline.collect()
+    return report.run_id, {r["row_key"]: r for r in pipeline.results(report.run_id)}
+
+
+@pytest.mark.parametrize("provider,model", [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
+                                            ("compatible", "llama-3-8b")])
+def test_each_provider_answers_through_its_sdk(provider_pipeline, server, tmp_path, provider, model):
+    pipeline = provider_pipeline()
+    data = rows(20)
+    run_id, results = run_all(pipeline, tmp_path, data, provider=provider, model=model, system_prompt="Be terse.")
+    prices = PriceTable.load()
+    for row in data:
+        result = results[row["id"]]
+        prompt = f"Say: {row['text']}"
+        assert (result["status"], result["answer"], result["provider"]) == ("succeeded", "ECHO: " + prompt, provider)
+        assert result["output_tokens"] == -(-len("ECHO: " + prompt) // 4)
+        assert result["cost"] == pytest.approx(prices.cost(model, result["input_tokens"], result["output_tokens"]))
+    stats = server.stats()
+    assert stats["requests"] == 20 and stats["auth_seen"] == 20
+    assert set(stats["paid"].values()) == {1}
+    run = pipeline.run_row(run_id)
+    assert run["input_tokens"] == sum(r["input_tokens"] for r in results.values())
+
+
+def test_a_burst_of_429s_is_absorbed_with_no_extra_calls(provider_pipeline, server, tmp_path):
+    server.configure(fail_next=[429] * 6, retry_after=0.05)
+    pipeline = provider_pipeline()
+    run_id, results = run_all(pipeline, tmp_path, rows(30), provider="openai", model="gpt-4o-mini")
+    assert all(r["status"] == "succeeded" for r in results.values()) and len(results) == 30
+    stats = server.stats()
+    assert stats["requests"] == 36 and stats["by_status"] == {"200": 30, "429": 6}
+    run = pipeline.run_row(run_id)
+    assert (run["attempts"], run["rate_limited"]) == (36, 6)
+
+
+def test_permanent_errors_fail_the_row_at_once_and_the_rest_go_on(provider_pipeline, server, tmp_path):
+    server.configure(rules=[{"match": "row 3 ", "action": 400}, {"match": "row 7 ", "action": 404}])
+    pipeline = provider_pipeline()
+    run_id, results = run_all(pipeline, tmp_path, rows(10), provider="anthropic", model="claude-haiku-4-5")
+    assert results["0003"]["status"] == "failed" and "HTTP 400" in results["0003"]["error"]
+    assert results["0007"]["status"] == "failed" and "HTTP 404" in results["0007"]["error"]
+    assert results["0003"]["attempts"] == results["0007"]["attempts"] == 1
+    assert sum(r["status"] == "succeeded" for r in results.values()) == 8
+    assert server.stats()["requests"] == 10
+    run = pipeline.run_row(run_id)
+    assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 2, "completed")
+
+
+def test_server_errors_malformed_bodies_and_timeouts_are_retried(provider_pipeline, server, tmp_path):
+    server.configure(rules=[{"match": "row 1 ", "action": 503, "times": 2},
+                            {"match": "row 2 ", "action": "malformed", "times": 1},
+                            {"match": "row 3 ", "action": "hang", "times": 1}], hang_seconds=1.5)
+    pipeline = provider_pipeline(request_timeout=0.5)
+    run_id, results = run_all(pipeline, tmp_path, rows(5), provider="openai", model="gpt-4o-mini")
+    assert all(r["status"] == "succeeded" for r in results.values())
+    assert results["0001"]["attempts"] == 3
+    assert results["0002"]["attempts"] == 2
+    assert (results["0003"]["attempts"], results["0003"]["timeouts"]) == (2, 1)
+    assert pipeline.run_row(run_id)["timeouts"] == 1
+
+
+def test_timeouts_have_their_own_smaller_retry_budget(provider_pipeline, server, tmp_path):
+    server.configure(rules=[{"match": "row 0 ", "action": "hang"}], hang_seconds=1.5)
+    pipeline = provider_pipeline(request_timeout=0.3, max_timeout_attempts=2, max_attempts=6)
+    _, results = run_all(pipeline, tmp_path, rows(2), provider="openai", model="gpt-4o-mini")
+    assert results["0000"]["status"] == "failed" and "timed out" in results["0000"]["error"]
+    assert (results["0000"]["attempts"], results["0000"]["timeouts"]) == (2, 2)
+
+
+def test_fallback_answers_when_the_primary_is_down(provider_pipeline, server, tmp_path):
+    import socket
+
+    with socket.socket() as probe:          # a port where nothing listens: the primary is down
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    pipeline = provider_pipeline(openai_base_url=f"http://127.0.0.1:{dead}/v1", max_attempts=2)
+    run_id, results = run_all(pipeline, tmp_path, rows(6), provider="openai", model="gpt-4o-mini",
+                              fallbacks=["anthropic:claude-haiku-4-5"])
+    assert {r["provider"] for r in results.values()} == {"anthropic"}
+    assert all(r["status"] == "succeeded" and r["attempts"] == 3 for r in results.values())
+    assert server.stats()["by_path"] == {"/v1/messages": 6}
+
+
+def test_json_schema_answers_are_parsed_and_invalid_ones_fail_after_bounded_retries(provider_pipeline, server,
+                                                                                     tmp_path):
+    server.configure(answers=[{"match": "row 0 ", "content": '{"sentiment": "positive", "score": 0.9}'},
+                              {"match": "row 1 ", "content": '{"sentiment": "meh"}'},
+                              {"match": "row 2 ", "content": "not json at all"}])
+    schema = {"type": "object", "required": ["sentiment"],
+              "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}}}
+    pipeline = provider_pipeline()
+    _, results = run_all(pipeline, tmp_path, rows(3), provider="openai", model="gpt-4o-mini", json_schema=schema,
+                         use_cache=False)
+    assert results["0000"]["status"] == "succeeded"
+    assert results["0000"]["parsed"] == {"sentiment": "positive", "score": 0.9}
+    assert results["0001"]["status"] == "failed" and "JSON schema" in results["0001"]["error"]
+    assert results["0002"]["status"] == "failed" and "not JSON" in results["0002"]["error"]
+    assert results["0001"]["attempts"] == results["0002"]["attempts"] == 2   # schema_attempts
+    assert server.stats()["paid"][f"Say: {rows(3)[1]['text']}"] == 2
+
+
+def test_shared_rate_limit_holds_across_two_worker_processes(provider_pipeline, server, tmp_path):
+    """The server enforces 1200 RPM as a bucket of one second; the pipeline must never provoke a 429."""
+    server.configure(rpm=1200, burst_seconds=1.0, latency=0.02)
+    pipeline = provider_pipeline(worker_concurrency=32)
+    report = pipeline.submit(write(tmp_path / "d.jsonl", rows(120)), TEMPLATE, id_column="id", chunk_size=20,
+                             provider="openai", model="gpt-4o-mini", rpm=1200)
+    workers = processes.start(["worker.py", "--burst", "--processes", "2"], pipeline.env())
+    assert workers.wait(timeout=120) == 0
+    pipeline.collect()
+    stats = server.stats()
+    assert stats["by_status"] == {"200": 120}, stats["by_status"]
+    assert stats["max_per_second"] <= 20 + 20    # refill rate + one bucket of burst
+    run = pipeline.run_row(report.run_id)
+    assert (run["rows_succeeded"], run["rate_limited"]) == (120, 0)
+
+
+def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_path):
+    from pipeline import runs
+
+    server.configure(rules=[{"match": "row 2 ", "action": 500}, {"match": "row 5 ", "action": 500}])
+    pipeline = provider_pipeline(max_attempts=2)
+    run_id, results = run_all(pipeline, tmp_path, rows(8), provider="openai", model="gpt-4o-mini")
+    assert sorted(k for k, r in results.items() if r["status"] == "failed") == ["0002", "0005"]
+    server.configure(rules=[])
+    server.reset()
+    assert runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id) == 1
+    pipeline.work()
+    pipeline.collect()
+    assert server.stats()["requests"] == 2
+    run = pipeline.run_row(run_id)
+    assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 0, "completed")
+
+
+def test_an_unexpected_error_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
+    """A bug in answering one row (here: a provider object that raises) becomes that row's failed result."""
+    import asyncio
+
+    from pipeline.answer import RowAnswerer, Target
+    from pipeline.budget import RunBudget
+    from pipeline.providers.base import ProviderResponse
+    from pipeline.queue import async_client
+    from pipeline.ratelimit import SharedRateLimiter
+    from pipeline.records import ModelTarget, Row, RunConfig
+    from pipeline.retry import RetryPolicy
+
+    class Flaky:
+        name = "flaky"
+
+        async def complete(self, request):
+            if "boom" in request.prompt:
+                raise KeyError("unexpected")
+            return ProviderResponse(text="ok", input_tokens=1, output_tokens=1, model=request.model)
+
+        async def aclose(self):
+            return None
+
+    pipeline = provider_pipeline()
+    config = RunConfig(run_id="rtest", dataset="d", dataset_hash="h", template="{{ text }}", provider="flaky",
+                       model="m")
+
+    async def answer_all():
+        client = async_client(pipeline.settings, pipeline.redis)
+        target = Target(ModelTarget("flaky", "m"), Flaky(), SharedRateLimiter(client, "flaky:m", rpm=None, tpm=None))
+        answerer = RowAnswerer(config, [target], policy=RetryPolicy(), prices=PriceTable.load(),
+                               budget=RunBudget(client, "rtest", None), cache=None)
+        try:
+            return await asyncio.gather(*(answerer.answer(Row(str(i), i, {"text": t}))
+                                          for i, t in enumerate(["fine", "boom", "fine too"])))
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(answer_all())
+    assert [r.status for r in results] == ["succeeded", "failed", "succeeded"]
+    assert results[1].error == "internal error: KeyError: 'unexpected'"
+
+
+def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline, server, tmp_path):
+    from prometheus_client import generate_latest
+
+    from pipeline.collector import Collector
+    from pipeline.logs import setup_logging
+    from pipeline.metrics import PipelineMetrics
+
+    key = "sk-test-TOPSECRET-0123456789abcdef"
+    log_file = tmp_path / "logs" / "pipeline.jsonl"
+    server.configure(rules=[{"match": "row 1 ", "action": 401}])
+    pipeline = provider_pipeline(openai_api_key=key, log_file=log_file, log_level="INFO")
+    setup_logging(pipeline.settings, "test")
+    report = pipeline.submit(write(tmp_path / "d.jsonl", rows(4)), TEMPLATE, id_column="id", provider="openai",
+                             model="gpt-4o-mini")
+    payloads = [pipeline.redis.dump(k) or b"" for k in pipeline.redis.scan_iter("*")]
+    pipeline.work()
+    stream = [repr(fields) for _, fields in pipeline.redis.xrange(pipeline.settings.result_stream)]
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
+    Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
+    results = pipeline.results(report.run_id)
+    failed = [r for r in results if r["status"] == "failed"]
+    assert len(failed) == 1 and "Incorrect API key provided: [REDACTED]" in failed[0]["error"]
+    everything = "\n".join([
+        log_file.read_text(encoding="utf-8"), json.dumps(results, default=str), "\n".join(stream),
+        b"\n".join(payloads).decode("utf-8", "replace"), generate_latest(metrics.registry).decode(),
+        json.dumps(pipeline.run_row(report.run_id), default=str),
+    ])
+    assert "sk-test-TOPSECRET" not in everything
+    assert "TOPSECRET" not in everything
