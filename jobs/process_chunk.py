@@ -9,7 +9,7 @@ import redis
 import redis.asyncio as aioredis
 from rq import get_current_job
 
-from pipeline import handoff, runs
+from pipeline import handoff, runstate
 from pipeline.answer import RowAnswerer, Target
 from pipeline.budget import RunBudget
 from pipeline.cache import ResponseCache
@@ -58,7 +58,7 @@ class ChunkRunner:
         self.stopped: str | None = None
 
     async def run(self) -> dict[str, Any]:
-        config = runs.load_config(self.connection, self.run_id)
+        config = runstate.load_config(self.connection, self.run_id)
         client = async_client(self.settings, self.connection)
         try:
             todo = await self._rows_without_result(client)
@@ -108,7 +108,7 @@ class ChunkRunner:
                 try:
                     result = await answerer.answer(row)
                 except BudgetExceeded:
-                    await self._stop(client, runs.BUDGET_EXHAUSTED)
+                    await self._stop(client, runstate.BUDGET_EXHAUSTED)
                     return
                 await handoff.publish_result(client, self.settings.result_stream, result)
                 answered += 1
@@ -117,8 +117,8 @@ class ChunkRunner:
         return answered
 
     async def _should_stop(self, client: aioredis.Redis) -> bool:
-        if await client.exists(runs.cancelled_key(self.run_id)):
-            self.stopped = runs.CANCELLED
+        if await client.exists(runstate.cancelled_key(self.run_id)):
+            self.stopped = runstate.CANCELLED
         return self.stopped is not None
 
     async def _stop(self, client: aioredis.Redis, status: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+from redis.exceptions import RedisError
 
 from .budget import RunBudget
 from .cache import ResponseCache, cache_key
@@ -75,12 +76,12 @@ class RowAnswerer:
         self.cache = cache
 
     async def answer(self, row: Row) -> Result:
-        """The row's result. Only BudgetExceeded escapes: the row is then left for ``resume``."""
+        """The row's result. Only BudgetExceeded (row left for ``resume``) and Redis errors escape."""
         started = time.monotonic()
         try:
             return await self._answer(row, started)
-        except BudgetExceeded:
-            raise
+        except (BudgetExceeded, RedisError):
+            raise  # a lost Redis fails the chunk job, which RQ retries; done rows are skipped then
         except Exception as exc:  # a bug must cost one row, not its whole chunk
             log.exception("row %s failed unexpectedly", row.key, extra={"run_id": self.config.run_id})
             result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,

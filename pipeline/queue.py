@@ -105,9 +105,16 @@ def enqueue_chunks(
 
 
 def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
-    """An asyncio client for the same server as ``connection`` (the embedded one is on a unix socket)."""
+    """An asyncio client for the same server as ``connection`` (the embedded one is on a unix socket).
 
+    Its pool blocks instead of failing when every connection is busy, and is sized for the calls in flight.
+    """
+    size = settings.worker_concurrency + 16
     if settings.redis_url:
-        return aioredis.Redis.from_url(settings.redis_url, retry=_async_retry())
-    path = connection.connection_pool.connection_kwargs.get("path")
-    return aioredis.Redis(unix_socket_path=path, retry=_async_retry())
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=120,
+                                                        retry=_async_retry())
+    else:
+        pool = aioredis.BlockingConnectionPool(connection_class=aioredis.UnixDomainSocketConnection,
+                                               path=connection.connection_pool.connection_kwargs.get("path"),
+                                               max_connections=size, timeout=120, retry=_async_retry())
+    return aioredis.Redis.from_pool(pool)

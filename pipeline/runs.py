@@ -23,20 +23,13 @@ from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .records import Row, RunConfig, stable_hash
+from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
+                       save_config)
 from .settings import Settings
 from .templates import PromptTemplate
 
-SUBMITTED, CANCELLED, BUDGET_EXHAUSTED = "submitted", "cancelled", "budget_exhausted"
 ENQUEUE_BATCH = 200  # chunk jobs per Redis transaction
 PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-
-
-def config_key(run_id: str) -> str:
-    return f"run:{run_id}:config"
-
-
-def cancelled_key(run_id: str) -> str:
-    return f"run:{run_id}:cancelled"
 
 
 def idempotency_key(key: str) -> str:
@@ -162,17 +155,6 @@ def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str
     return total + enqueue_chunks(queue, settings, run_id, batch)
 
 
-def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
-    raw = connection.get(config_key(run_id))
-    if raw is None:
-        raise RunNotFound(f"no run {run_id!r} in Redis")
-    return RunConfig.from_dict(json.loads(raw))
-
-
-def _save_config(connection: redis.Redis, config: RunConfig) -> None:
-    connection.set(config_key(config.run_id), json.dumps(config.to_dict()))
-
-
 def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
     """Stop a run: queued chunks are cancelled, running ones stop before their next row. Returns jobs cancelled."""
     load_config(connection, run_id)
@@ -211,7 +193,7 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
     if max_cost is not None:
         config.max_cost = max_cost
-        _save_config(connection, config)
+        save_config(connection, config)
     busy = {job.id for job in _run_jobs(connection, run_id) if job.get_status(refresh=False) in PENDING_JOB_STATES}
     if busy:
         raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
