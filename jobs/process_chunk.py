@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import redis
@@ -23,6 +24,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
 
 log = logging.getLogger("pipeline.job")
+CANCEL_CHECK_SECONDS = 0.25
 
 
 _settings: Settings | None = None
@@ -56,6 +58,7 @@ class ChunkRunner:
         self.chunk: str = payload["chunk"]
         self.rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
         self.stopped: str | None = None
+        self._cancel_checked = float("-inf")
 
     async def run(self) -> dict[str, Any]:
         config = runstate.load_config(self.connection, self.run_id)
@@ -117,8 +120,12 @@ class ChunkRunner:
         return answered
 
     async def _should_stop(self, client: aioredis.Redis) -> bool:
-        if await client.exists(runstate.cancelled_key(self.run_id)):
-            self.stopped = runstate.CANCELLED
+        """Looks at the cancel flag at most every CANCEL_CHECK_SECONDS, not once per row."""
+        now = time.monotonic()
+        if self.stopped is None and now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
+            self._cancel_checked = now
+            if await client.exists(runstate.cancelled_key(self.run_id)):
+                self.stopped = runstate.CANCELLED
         return self.stopped is not None
 
     async def _stop(self, client: aioredis.Redis, status: str) -> None:

@@ -57,6 +57,8 @@ class RunBudget:
 
     async def reserve(self, estimated_cost: float) -> str:
         """Hold ``estimated_cost`` against the cap (waiting while other holds are out) or raise BudgetExceeded."""
+        if self._cap < 0:
+            return ""  # no cap: nothing to enforce, and the spend is summed from the results anyway
         amount = int(round(estimated_cost * NANO))
         member = f"{uuid.uuid4().hex}:{amount}"
         while True:
@@ -71,6 +73,8 @@ class RunBudget:
 
     async def settle(self, hold: str, actual_cost: float) -> None:
         """Release the hold and add what the call really cost."""
+        if not hold:
+            return
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zrem(self._keys[1], hold)
             pipe.incrby(self._keys[0], int(round(actual_cost * NANO)))

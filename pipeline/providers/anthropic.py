@@ -12,7 +12,8 @@ from .sdk_errors import translate
 class AnthropicProvider:
     def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
         self.name = "anthropic"
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
+                                                http_client=anthropic.DefaultAioHttpClient(timeout=timeout))
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:

@@ -15,7 +15,10 @@ class OpenAIProvider:
 
     def __init__(self, *, name: str, api_key: str, base_url: str | None, timeout: float) -> None:
         self.name = name
-        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        # aiohttp as the transport: httpx's pool scans every connection per request, which costs more CPU
+        # than the call itself once a hundred calls are in flight.
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
+                                          http_client=openai.DefaultAioHttpClient(timeout=timeout))
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
