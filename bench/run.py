@@ -124,6 +124,9 @@ def report_figures(config, run_id, engine, stats, started, submitted, work_start
     print(f"in-flight capacity   {rate / capacity:.1%} of {capacity:.0f} rows/s "
           f"({config['workers']} x {config['concurrency']} in flight / {config['latency']} s); "
           f"server saw at most {stats['in_flight_max']} in flight")
+    steady = (run["rows_succeeded"] - 1) / max(run["last_result_at"] - run["first_result_at"], 1e-9)
+    print(f"steady state         {steady:.1f} rows/s between the first and the last answer; "
+          f"avg row latency {run['latency_ms_sum'] / max(sum(results.values()), 1):.0f} ms")
     print(f"provider calls       {requests}; 429s {throttled} ({throttled / max(requests, 1):.2%}); "
           f"retries {run['attempts'] - rows}")
     print(f"rows lost            {rows - sum(results.values())}; result rows duplicated 0 (unique key); "
