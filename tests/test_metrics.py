@@ -88,3 +88,25 @@ def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
     assert total(after, "pipeline_queue_jobs", state="queued") == 0
     assert total(after, "pipeline_handoff_backlog") == 0
     assert total(after, "pipeline_runs", status="completed") == 1
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_collector_exports(pipeline, tmp_path):
+    import re
+
+    from .conftest import ROOT
+
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(3)), "Q: {{ text }}")
+    pipeline.work()
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
+    Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
+    assert pipeline.run_row(report.run_id)["status"] == "completed"
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    exported = {family.name + suffix for family in metrics.registry.collect()
+                for suffix in suffixes.get(family.type, [""])}   # declared, even before a first sample
+    deploy = ROOT / "deploy"
+    used = set()
+    for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
+        used |= set(re.findall(r"\bpipeline_[a-z_]+", (deploy / name).read_text(encoding="utf-8")))
+    missing = {name for name in used if name not in exported}
+    assert not missing, f"deploy/ refers to metrics nobody exports: {sorted(missing)}"
+    assert len(used) >= 10
