@@ -33,24 +33,32 @@ def _answered_before(pipeline, run_id: str) -> dict[str, float]:
 
 
 def test_killed_work_horse_chunk_is_retried_without_redoing_answered_rows(make_pipeline, tmp_path):
-    pipeline = make_pipeline(fake_latency=0.05, worker_concurrency=2)
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(60)), "Q: {{ text }}", id_column="id",
-                             chunk_size=60)
-    worker = processes.start(["worker.py", "--burst"], pipeline.env())
-    try:
-        processes.wait_for(lambda: _done(pipeline, report.run_id) >= 10, 30, "first answers")
-        horse = processes.horse_of(worker.pid)
-        assert horse is not None
-        before = _answered_before(pipeline, report.run_id)
-        os.kill(horse, signal.SIGKILL)          # what the OOM killer does
-        assert worker.wait(timeout=60) == 0     # RQ retries the chunk; the burst worker drains it
-    finally:
-        processes.kill_tree(worker)
+    """The OOM killer takes the work horse mid-chunk: RQ retries the chunk, answered rows are not paid again."""
+    from .fakeprovider import FakeProvider
+
+    with FakeProvider(latency=0.05) as server:
+        pipeline = make_pipeline(worker_concurrency=2, openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(60)), "Q: {{ text }}", id_column="id",
+                                 chunk_size=60, provider="openai", model="gpt-4o-mini")
+        worker = processes.start(["worker.py", "--burst"], pipeline.env())
+        try:
+            processes.wait_for(lambda: _done(pipeline, report.run_id) >= 10, 30, "first answers")
+            horse = processes.horse_of(worker.pid)
+            assert horse is not None
+            before = _answered_before(pipeline, report.run_id)
+            os.kill(horse, signal.SIGKILL)          # what the OOM killer does
+            assert worker.wait(timeout=60) == 0     # RQ retries the chunk; the burst worker drains it
+        finally:
+            processes.kill_tree(worker)
+        paid = server.stats()["paid"]
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert len(results) == 60 and all(r["status"] == "succeeded" for r in results.values())
     for key, seen_at in before.items():          # answered before the kill: not requested again
         assert results[key]["finished_at"] <= seen_at
+    assert len(paid) == 60
+    paid_twice = sum(count - 1 for count in paid.values())
+    assert paid_twice <= 2                        # at most the calls in flight when the horse died
     assert pipeline.run_row(report.run_id)["rows_succeeded"] == 60
 
 
