@@ -8,7 +8,7 @@ from .base import Provider, ProviderRequest, ProviderResponse, RateLimitState
 PROVIDERS = ("fake", "openai", "anthropic", "compatible")
 
 __all__ = ["PROVIDERS", "Provider", "ProviderRequest", "ProviderResponse", "RateLimitState", "build_provider",
-           "check_provider_config"]
+           "check_provider_config", "preload"]
 
 
 def check_provider_config(name: str, settings: Settings) -> None:
@@ -21,6 +21,12 @@ def check_provider_config(name: str, settings: Settings) -> None:
         raise ConfigError("provider anthropic needs ANTHROPIC_API_KEY (env or .env)")
     if name == "compatible" and not settings.compatible_base_url:
         raise ConfigError("provider compatible needs COMPATIBLE_BASE_URL (e.g. http://localhost:8000/v1)")
+
+
+def preload() -> None:
+    """Import the SDK-backed providers now. A worker calls this before it forks: each chunk's work horse then
+    starts with the SDKs loaded (importing them costs 0.35 s for openai and 1.3 s for anthropic, per fork)."""
+    from . import anthropic, openai  # noqa: F401
 
 
 def build_provider(name: str, settings: Settings) -> Provider:
