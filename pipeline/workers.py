@@ -33,7 +33,7 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
                name: str | None = None) -> bool:
     from jobs.process_chunk import use_settings  # imported before the fork so each job starts warm
 
-    preload()
+    preload(settings)
     use_settings(settings)
     return make_worker(settings, name).work(burst=burst, with_scheduler=with_scheduler,
                                             logging_level=settings.log_level.upper())
@@ -56,5 +56,5 @@ class PipelineWorkerPool(WorkerPool):
 
 
 def run_pool(settings: Settings, processes: int, *, burst: bool = False) -> None:
-    preload()  # once, before the pool forks its workers
+    preload(settings)  # once, before the pool forks its workers
     PipelineWorkerPool(settings, processes).start(burst=burst, logging_level=settings.log_level.upper())
