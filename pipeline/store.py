@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
@@ -96,6 +97,8 @@ def make_engine(url: str) -> Engine:
     """An engine with the schema created on first use. SQLite gets WAL so readers never block the collector."""
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
+        if engine.url.database not in (None, "", ":memory:"):
+            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
     return engine

@@ -65,3 +65,18 @@ def test_wait_fails_when_too_many_rows_failed(pipeline, tmp_path):
 def test_unknown_run_is_a_clear_error(pipeline):
     done = cli(pipeline, "status", "rnope")
     assert done.returncode == 2 and done.stderr.strip() == "error: no run 'rnope' in Redis"
+
+
+def test_default_sqlite_file_is_created_in_a_data_dir_that_does_not_exist_yet(pipeline, tmp_path):
+    """With a real Redis (REDIS_URL set) nothing else creates DATA_DIR: the default SQLite file must still open."""
+    data_dir = tmp_path / "fresh" / "data"
+    env = {k: v for k, v in pipeline.env().items() if k != "DATABASE_URL"} | {"DATA_DIR": str(data_dir)}
+    dataset = write(tmp_path / "d.csv", tricky_rows(3))
+    submitted = subprocess.run([sys.executable, "enqueue.py", "submit", str(dataset), "-t", "Q: {{ text }}",
+                                "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    status = subprocess.run([sys.executable, "enqueue.py", "status", json.loads(submitted.stdout)["run_id"],
+                             "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["rows_total"] == 3
+    assert (data_dir / "pipeline.db").exists()
