@@ -4,6 +4,7 @@ Every outcome but a spent budget or a cancelled run becomes a Result, so one bad
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -74,6 +75,7 @@ class RowAnswerer:
         self.prices = prices
         self.budget = budget
         self.cache = cache
+        self._in_flight: dict[str, asyncio.Future[ProviderResponse | None]] = {}
 
     async def answer(self, row: Row) -> Result:
         """The row's result. Only BudgetExceeded (row left for ``resume``) and Redis errors escape."""
@@ -127,10 +129,33 @@ class RowAnswerer:
     async def _answer_with(self, target: Target, request: ProviderRequest,
                            tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
         key = cache_key(target.spec.provider, request)
-        if self.cache is not None and self.config.use_cache:
-            hit = await self.cache.get(key)
-            if hit is not None:
-                return hit, self._validate(hit.text), True
+        if self.cache is None or not self.config.use_cache:  # --no-cache: ask anew, but keep the answer
+            return (*await self._fresh_answer(target, request, tally, key), False)
+        hit = await self.cache.get(key)
+        while hit is None and key in self._in_flight:  # the same prompt is being asked right now: wait for it
+            hit = await asyncio.shield(self._in_flight[key])
+        if hit is not None:
+            return hit, self._validate(hit.text), True
+        return (*await self._lead(key, target, request, tally), False)
+
+    async def _lead(self, key: str, target: Target, request: ProviderRequest,
+                    tally: _Tally) -> tuple[ProviderResponse, Any]:
+        """Ask for a prompt that no other row of this chunk is asking for; rows that repeat it meanwhile wait
+        and take this answer as a cache hit. If this call fails they ask for themselves."""
+        shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = shared
+        response: ProviderResponse | None = None
+        try:
+            response, parsed = await self._fresh_answer(target, request, tally, key)
+            return response, parsed
+        finally:
+            if self._in_flight.get(key) is shared:
+                del self._in_flight[key]
+            shared.set_result(response)
+
+    async def _fresh_answer(self, target: Target, request: ProviderRequest, tally: _Tally,
+                            key: str) -> tuple[ProviderResponse, Any]:
+        """Call the provider (again, while the answer fails the JSON schema); cache the valid answer."""
         tries = self.config.schema_attempts if self.config.json_schema else 1
         for attempt in range(1, tries + 1):
             response = await self._call(target, request, tally)
@@ -142,7 +167,7 @@ class RowAnswerer:
                 continue
             if self.cache is not None:
                 await self.cache.put(key, response)
-            return response, parsed, False
+            return response, parsed
         raise AssertionError("unreachable")
 
     async def _call(self, target: Target, request: ProviderRequest, tally: _Tally) -> ProviderResponse:

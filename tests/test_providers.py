@@ -177,6 +177,20 @@ def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_
     assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 0, "completed")
 
 
+def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server, tmp_path):
+    """Rows that repeat a prompt still in flight wait for its answer instead of paying for it again."""
+    server.configure(latency=0.2)
+    pipeline = provider_pipeline(worker_concurrency=16)
+    data = [{"id": f"{i:04d}", "text": f"topic {i % 4}"} for i in range(24)]
+    run_id, results = run_all(pipeline, tmp_path, data, provider="openai", model="gpt-4o-mini", chunk_size=24)
+    assert server.stats()["paid"] == {f"Say: topic {t}": 1 for t in range(4)}
+    assert all(r["status"] == "succeeded" and r["answer"] == f"ECHO: Say: {r['input']['text']}"
+               for r in results.values())
+    assert sum(r["cached"] for r in results.values()) == 20
+    run = pipeline.run_row(run_id)
+    assert (run["rows_cached"], run["attempts"]) == (20, 4)
+
+
 def test_an_unexpected_error_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
     """A bug in answering one row (here: a provider object that raises) becomes that row's failed result."""
     import asyncio
