@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -25,7 +28,10 @@ from pipeline.queue import connect
 from pipeline.redaction import redact
 from pipeline.schedules import build_scheduler, firing_key, load_runs_file
 from pipeline.settings import Settings, load_settings
+from pipeline.userfiles import read_text
 from pipeline.workers import run_worker
+
+log = logging.getLogger("pipeline.cli")
 
 
 class Context:
@@ -60,8 +66,15 @@ def fails_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             _die(str(exc))
         except redis.ConnectionError as exc:
             _die(f"cannot reach Redis ({exc}); check REDIS_URL")
+        except redis.RedisError as exc:
+            _die(f"Redis error ({type(exc).__name__}: {exc}); check REDIS_URL")
         except SQLAlchemyError as exc:
             _die(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}; check DATABASE_URL")
+        except OSError as exc:
+            _die(f"{exc.filename or 'file'}: {exc.strerror or exc}")
+        except Exception as exc:  # a bug: still one line, the traceback goes to the log at DEBUG
+            log.debug("unexpected error", exc_info=True)
+            _die(f"unexpected error: {type(exc).__name__}: {exc} (LOG_LEVEL=DEBUG shows where)")
 
     return wrapper
 
@@ -120,10 +133,7 @@ def build_request(dataset: Path | None, runs_file: Path | None, template: str | 
     if (template is None) == (template_file is None):
         raise ConfigError("give exactly one of --template or --template-file")
     if template_file is not None:
-        try:
-            template = template_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{template_file}: cannot read template ({exc.strerror})") from None
+        template = read_text(template_file, "template")
     if model is None:
         if provider != "fake":
             raise ConfigError(f"--model is required for provider {provider}")
@@ -158,9 +168,9 @@ def _read_schema(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable JSON schema ({exc})") from None
+        return json.loads(read_text(path, "JSON schema"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not a JSON schema ({exc})") from None
 
 
 def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.SubmitReport:
@@ -200,7 +210,8 @@ def run(ctx: Context, as_json: bool, **options: Any) -> None:
     quiet = ctx.settings.model_copy(update={"log_level": "WARNING"})  # the summary is the output here
     setup_logging(quiet, "cli")
     run_worker(quiet, burst=True, with_scheduler=False)
-    Collector(ctx.settings, ctx.redis, ctx.engine).run(burst=True)
+    consumer = f"{socket.gethostname()}-run-{os.getpid()}"  # a collector service may be running beside it
+    Collector(ctx.settings, ctx.redis, ctx.engine, consumer=consumer).run(burst=True)
     print_status(runs.run_status(ctx.redis, ctx.engine, report.run_id), as_json)
 
 
@@ -295,7 +306,7 @@ def cancel(ctx: Context, run_id: str) -> None:
 @fails_cleanly
 def resume(ctx: Context, run_id: str, max_cost: float | None) -> None:
     """Enqueue every row of the run that has no result yet."""
-    n = runs.resume(ctx.redis, ctx.settings, run_id, max_cost=max_cost)
+    n = runs.resume(ctx.redis, ctx.settings, run_id, max_cost=max_cost, engine=ctx.engine)
     click.echo(f"run {run_id} resumed: {n} jobs enqueued")
 
 

@@ -9,17 +9,19 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from rq import get_current_job
+from rq.job import Job
 
 from pipeline import handoff, runstate
 from pipeline.answer import RowAnswerer, Target
 from pipeline.budget import RunBudget
 from pipeline.cache import ResponseCache
-from pipeline.errors import BudgetExceeded
+from pipeline.errors import BudgetExceeded, ConfigError, RunCancelled, RunNotFound
 from pipeline.pricing import PriceTable
 from pipeline.providers import build_provider
 from pipeline.queue import async_client, connect
 from pipeline.ratelimit import SharedRateLimiter
-from pipeline.records import Row, RunConfig
+from pipeline.records import FAILED, Result, Row, RunConfig
+from pipeline.redaction import redact
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
 
@@ -50,6 +52,28 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(ChunkRunner(settings, connection, payload).run())
 
 
+def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: BaseException | None,
+                 _traceback: Any) -> None:
+    """RQ's failure callback. After the last retry, rows still without a result get a failed one, so the run
+    can end; ``retry-failed`` sends them again. (A work horse killed on the last try skips callbacks: ``resume``.)
+    """
+    if job.retries_left:
+        return
+    payload = job.args[0]
+    run_id = payload["run_id"]
+    rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
+    done = connection.hmget(handoff.done_key(run_id), [r.key for r in rows]) if rows else []
+    reason = f"{exc_type.__name__}: {exc}" if exc_type is not None else "unknown error"
+    error = redact(f"chunk {payload['chunk']} failed on every try ({reason})")[:2000]
+    handoff.publish_results(connection, worker_settings().result_stream,
+                            [failed_result(run_id, row, error) for row, status in zip(rows, done) if status is None])
+
+
+def failed_result(run_id: str, row: Row, error: str) -> Result:
+    return Result(run_id=run_id, row_key=row.key, row_index=row.index, status=FAILED, input=row.values,
+                  error=error, finished_at=time.time())
+
+
 class ChunkRunner:
     def __init__(self, settings: Settings, connection: redis.Redis, payload: dict[str, Any]) -> None:
         self.settings = settings
@@ -61,22 +85,31 @@ class ChunkRunner:
         self._cancel_checked = float("-inf")
 
     async def run(self) -> dict[str, Any]:
-        config = runstate.load_config(self.connection, self.run_id)
         client = async_client(self.settings, self.connection)
+        targets: list[Target] = []
         try:
             todo = await self._rows_without_result(client)
-            answerer, targets = self._answerer(config, client)
             try:
+                config = runstate.load_config(self.connection, self.run_id)
+                answerer = self._answerer(config, client, targets)
+            except (ConfigError, RunNotFound) as exc:  # retrying the chunk cannot help: its rows fail now
+                answered = self._fail_rows(todo, f"cannot start the chunk: {exc}")
+            else:
                 answered = await self._answer_all(client, answerer, todo)
-            finally:
-                for target in targets:
-                    await target.provider.aclose()
         finally:
+            for target in targets:
+                await target.provider.aclose()
             await client.aclose()
         summary = {"run_id": self.run_id, "chunk": self.chunk, "rows": len(self.rows),
                    "skipped_done": len(self.rows) - len(todo), "answered": answered, "stopped": self.stopped}
         log.info("chunk finished", extra={"run_id": self.run_id, "summary": summary})
         return summary
+
+    def _fail_rows(self, rows: list[Row], error: str) -> int:
+        log.error("chunk %s of run %s: %s", self.chunk, self.run_id, error, extra={"run_id": self.run_id})
+        handoff.publish_results(self.connection, self.settings.result_stream,
+                                [failed_result(self.run_id, row, error) for row in rows])
+        return len(rows)
 
     async def _rows_without_result(self, client: aioredis.Redis) -> list[Row]:
         """Rows whose result an earlier attempt of this chunk already handed over are not paid for again."""
@@ -85,19 +118,19 @@ class ChunkRunner:
         done = await client.hmget(handoff.done_key(self.run_id), [r.key for r in self.rows])
         return [row for row, status in zip(self.rows, done) if status is None]
 
-    def _answerer(self, config: RunConfig, client: aioredis.Redis) -> tuple[RowAnswerer, list[Target]]:
+    def _answerer(self, config: RunConfig, client: aioredis.Redis, targets: list[Target]) -> RowAnswerer:
+        """The row answerer; ``targets`` receives each provider as it is built, so the caller can close them."""
         s = self.settings
-        targets = []
         for spec in config.targets:
             limiter = SharedRateLimiter(client, f"{spec.provider}:{spec.model}",
                                         rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
                                         burst_seconds=s.ratelimit_burst_seconds)
             targets.append(Target(spec, build_provider(spec.provider, s), limiter))
-        policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max)
-        answerer = RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
-                               budget=RunBudget(client, config.run_id, config.max_cost),
-                               cache=ResponseCache(client, s.cache_ttl))
-        return answerer, targets
+        policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
+                             call_deadline=s.request_timeout + 5)
+        return RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
+                           budget=RunBudget(client, config.run_id, config.max_cost),
+                           cache=ResponseCache(client, s.cache_ttl), should_stop=lambda: self._should_stop(client))
 
     async def _answer_all(self, client: aioredis.Redis, answerer: RowAnswerer, rows: list[Row]) -> int:
         slots = asyncio.Semaphore(self.settings.worker_concurrency)
@@ -112,6 +145,8 @@ class ChunkRunner:
                     result = await answerer.answer(row)
                 except BudgetExceeded:
                     await self._stop(client, runstate.BUDGET_EXHAUSTED)
+                    return
+                except RunCancelled:  # cancelled while this row waited (rate limit, backoff): left for resume
                     return
                 await handoff.publish_result(client, self.settings.result_stream, result)
                 answered += 1

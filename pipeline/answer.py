@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,8 @@ from redis.exceptions import RedisError
 
 from .budget import RunBudget
 from .cache import ResponseCache, cache_key
-from .errors import BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, TemplateError
+from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RunCancelled,
+                     TemplateError)
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
@@ -43,8 +45,16 @@ class _Tally:
     attempts: int = 0
     timeouts: int = 0
     rate_limited: int = 0
+    input_tokens: int = 0   # of every answer received (and billed), rejected or fallen back from ones included
+    output_tokens: int = 0
+    cost: float = 0.0
     errors: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+
+    def billed(self, response: ProviderResponse, cost: float) -> None:
+        self.input_tokens += response.input_tokens
+        self.output_tokens += response.output_tokens
+        self.cost += cost
 
     def call(self, target: "Target", outcome: str) -> None:
         key = f"{target.spec.provider}|{target.spec.model}|{outcome}"
@@ -61,13 +71,24 @@ def call_outcome(exc: ProviderError | None) -> str:
 
 
 def estimate_tokens(text: str) -> int:
-    """A cheap upper-ish estimate (4 characters a token) for reservations; settled to real usage later."""
-    return max(1, math.ceil(len(text) / 4))
+    """A cheap estimate on the high side for reservations, settled to real usage later: a third of the UTF-8
+    bytes (about a token per character for CJK text, a third more than real for English)."""
+    return max(1, math.ceil(len(text.encode("utf-8")) / 3))
+
+
+def output_limit(request: ProviderRequest) -> int:
+    """The most output tokens the call may bill: ``--param max_tokens=...`` overrides ``--max-tokens``."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = request.params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return request.max_tokens
 
 
 class RowAnswerer:
     def __init__(self, config: RunConfig, targets: list[Target], *, policy: RetryPolicy, prices: PriceTable,
-                 budget: RunBudget, cache: ResponseCache | None) -> None:
+                 budget: RunBudget, cache: ResponseCache | None,
+                 should_stop: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.config = config
         self.template = PromptTemplate(config.template)
         self.targets = targets
@@ -75,14 +96,15 @@ class RowAnswerer:
         self.prices = prices
         self.budget = budget
         self.cache = cache
+        self.should_stop = should_stop
         self._in_flight: dict[str, asyncio.Future[ProviderResponse | None]] = {}
 
     async def answer(self, row: Row) -> Result:
-        """The row's result. Only BudgetExceeded (row left for ``resume``) and Redis errors escape."""
+        """The row's result. Only BudgetExceeded and RunCancelled (row left for ``resume``) and Redis errors escape."""
         started = time.monotonic()
         try:
             return await self._answer(row, started)
-        except (BudgetExceeded, RedisError):
+        except (BudgetExceeded, RunCancelled, RedisError):
             raise  # a lost Redis fails the chunk job, which RQ retries; done rows are skipped then
         except Exception as exc:  # a bug must cost one row, not its whole chunk
             log.exception("row %s failed unexpectedly", row.key, extra={"run_id": self.config.run_id})
@@ -111,7 +133,9 @@ class RowAnswerer:
             break
         else:
             result.error = " | ".join(tally.errors)[:2000]
+            result.provider, result.model = self.targets[-1].spec.provider, self.targets[-1].spec.model
         result.attempts, result.timeouts, result.rate_limited = tally.attempts, tally.timeouts, tally.rate_limited
+        result.input_tokens, result.output_tokens, result.cost = tally.input_tokens, tally.output_tokens, tally.cost
         result.calls = tally.calls
         return self._finish(result, started)
 
@@ -172,28 +196,44 @@ class RowAnswerer:
 
     async def _call(self, target: Target, request: ProviderRequest, tally: _Tally) -> ProviderResponse:
         """One logical call, retried by the policy; every attempt holds budget and rate limit first."""
-        estimated_tokens = estimate_tokens((request.system or "") + request.prompt) + request.max_tokens
+        input_estimate, output_cap = estimate_tokens((request.system or "") + request.prompt), output_limit(request)
+        estimated_tokens = input_estimate + output_cap
         price = self.prices.price(request.model)
-        worst_case = price.cost(estimated_tokens - request.max_tokens, request.max_tokens)
+        worst_case = price.cost(input_estimate, output_cap)
         async for attempt in self.policy.retrying():
             with attempt:
-                held = await self.budget.reserve(worst_case)
+                await self._unless_cancelled()
+                await target.limiter.acquire(estimated_tokens)
+                await self._unless_cancelled()  # the wait for the rate limit may have been long
+                held = await self.budget.reserve(worst_case)  # after the wait, so the hold cannot expire in it
                 tally.attempts += 1
                 try:
-                    await target.limiter.acquire(estimated_tokens)
-                    response = await target.provider.complete(request)
+                    response = await self._complete(target, request)
                 except ProviderError as exc:
                     tally.call(target, call_outcome(exc))
                     await self._after_failure(exc, held, worst_case, target, tally)
                     raise
                 tally.call(target, "200")
-                await self.budget.settle(held, price.cost(response.input_tokens, response.output_tokens))
+                cost = price.cost(response.input_tokens, response.output_tokens)
+                tally.billed(response, cost)
+                await self.budget.settle(held, cost)
                 await target.limiter.settle(estimated_tokens, response.input_tokens + response.output_tokens)
                 if response.rate_limit is not None:
                     await target.limiter.follow_provider(response.rate_limit.remaining_requests,
                                                          response.rate_limit.remaining_tokens)
                 return response
         raise AssertionError("unreachable")
+
+    async def _complete(self, target: Target, request: ProviderRequest) -> ProviderResponse:
+        try:
+            async with asyncio.timeout(self.policy.call_deadline):
+                return await target.provider.complete(request)
+        except TimeoutError:
+            raise ProviderTimeout(f"{target.spec}: no complete answer in {self.policy.call_deadline:g} s") from None
+
+    async def _unless_cancelled(self) -> None:
+        if self.should_stop is not None and await self.should_stop():
+            raise RunCancelled(f"run {self.config.run_id} was cancelled")
 
     async def _after_failure(self, exc: ProviderError, held: str, worst_case: float, target: Target,
                              tally: _Tally) -> None:
@@ -227,11 +267,7 @@ class RowAnswerer:
         result.parsed = parsed
         result.provider = target.spec.provider
         result.model = response.model or target.spec.model
-        result.input_tokens = response.input_tokens
-        result.output_tokens = response.output_tokens
         result.cached = cached
-        result.cost = 0.0 if cached else self.prices.cost(target.spec.model, response.input_tokens,
-                                                          response.output_tokens)
 
     @staticmethod
     def _finish(result: Result, started: float) -> Result:

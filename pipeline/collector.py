@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import redis
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from . import handoff, store
 from .handoff import Entry, StreamReader
-from .records import Result, RunConfig
+from .records import FAILED, Result, RunConfig
+from .redaction import redact
 from .settings import Settings
 
 log = logging.getLogger("pipeline.collector")
@@ -32,40 +33,91 @@ class BatchOutcome:
 
 class Collector:
     def __init__(self, settings: Settings, connection: redis.Redis, engine: Engine,
-                 observers: list[Observer] | None = None) -> None:
+                 observers: list[Observer] | None = None, consumer: str | None = None) -> None:
+        """``consumer`` names this reader in the stream's group: two collectors running at once need two names
+        (a restarted one takes its old name back, and with it what it had read but not written)."""
         self.settings = settings
         self.engine = engine
-        self.reader = StreamReader(connection, settings.result_stream)
+        self.reader = StreamReader(connection, settings.result_stream, consumer)
         self.observers = list(observers or [])
 
     def step(self, block_ms: int | None = 1000) -> BatchOutcome:
-        """Read one batch, write it in one transaction, then acknowledge it."""
+        """Read one batch, write it in one transaction, then acknowledge it.
+
+        A batch that the database rejects for its content (not for being down) is written entry by entry,
+        so that one unstorable result cannot hold up the others.
+        """
         entries = self.reader.read(self.settings.collector_batch, block_ms)
         if not entries:
             return BatchOutcome(0, 0, [])
-        with self.engine.begin() as conn:
-            applied, finished = self._write(conn, entries)
+        try:
+            with self.engine.begin() as conn:
+                applied, finished = self._write(conn, entries)
+        except DBAPIError as exc:
+            if is_outage(exc):
+                raise
+            applied, finished = self._write_one_by_one(entries)
         self.reader.ack(entries)
         for observer in self.observers:
             observer(applied, finished)
         return BatchOutcome(len(entries), len(applied.changed), finished)
 
     def _write(self, conn, entries: list[Entry]) -> tuple[store.Applied, list[str]]:
-        touched: set[str] = set()
+        """Apply entries in stream order: a run's events and its results may share a batch."""
+        applied, touched, results = store.Applied(), set(), []
         for entry in entries:
-            if entry.kind == handoff.RUN:
-                store.save_run(conn, RunConfig.from_dict(entry.data), "submitted")
-                touched.add(entry.data["run_id"])
-        results = [Result(**e.data) for e in entries if e.kind == handoff.RESULT]
-        applied = store.apply_results(conn, results)
-        touched |= applied.runs
+            if entry.kind == handoff.RESULT:
+                results.append(Result(**entry.data))
+                continue
+            applied.add(store.apply_results(conn, results))
+            results = []
+            self._apply_event(conn, entry)
+            touched.add(entry.data["run_id"])
+        applied.add(store.apply_results(conn, results))
+        return applied, store.finish_complete_runs(conn, touched | applied.runs)
+
+    @staticmethod
+    def _apply_event(conn, entry: Entry) -> None:
+        data = entry.data
+        if entry.kind == handoff.RUN:
+            store.save_run(conn, RunConfig.from_dict(data), "submitted")
+        elif entry.kind == handoff.STATUS:
+            config = data.get("config")
+            store.set_run_status(conn, data["run_id"], data["status"],
+                                 config=RunConfig.from_dict(config) if config else None)
+            if data.get("retrying"):
+                store.reopen_failed(conn, data["run_id"], data["retrying"])
+
+    def _write_one_by_one(self, entries: list[Entry]) -> tuple[store.Applied, list[str]]:
+        applied, finished = store.Applied(), []
         for entry in entries:
-            if entry.kind == handoff.STATUS:
-                config = entry.data.get("config")
-                store.set_run_status(conn, entry.data["run_id"], entry.data["status"],
-                                     config=RunConfig.from_dict(config) if config else None)
-                touched.add(entry.data["run_id"])
-        return applied, store.finish_complete_runs(conn, touched)
+            try:
+                with self.engine.begin() as conn:
+                    one, done = self._write(conn, [entry])
+            except DBAPIError as exc:
+                if is_outage(exc):
+                    raise
+                one, done = self._store_as_failure(entry, exc)
+            applied.add(one)
+            finished += done
+        return applied, finished
+
+    def _store_as_failure(self, entry: Entry, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
+        """The row still gets its one result: failed, saying why its answer could not be stored."""
+        reason = f"{type(exc.orig).__name__ if exc.orig else type(exc).__name__}: {str(exc.orig or exc).splitlines()[0]}"
+        log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
+        if entry.kind != handoff.RESULT:
+            return store.Applied(), []
+        data = dict(entry.data, status=FAILED, answer=None, parsed=None, input={}, model=None,
+                    error=redact(f"the answer could not be stored ({reason})")[:2000])
+        try:
+            with self.engine.begin() as conn:
+                return self._write(conn, [Entry(entry.id, entry.kind, data)])
+        except DBAPIError as again:
+            if is_outage(again):
+                raise
+            log.error("dropped an unstorable result of run %s row %r", data.get("run_id"), data.get("row_key"))
+            return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
         """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage."""
@@ -74,7 +126,7 @@ class Collector:
             try:
                 outcome = self.step(block_ms=200 if burst else 1000)
                 delay = 0.5
-            except (OperationalError, DBAPIError) as exc:
+            except DBAPIError as exc:
                 log.warning("database unavailable, results stay in Redis: %s", type(exc).__name__)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -85,6 +137,11 @@ class Collector:
             if burst and outcome.entries == 0 and self.reader.backlog() == 0:
                 break
         return written
+
+
+def is_outage(exc: DBAPIError) -> bool:
+    """The database is down or the connection broke (retry later), as opposed to refusing this content."""
+    return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from .records import Row
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 READ_BATCH = 10_000
+MAX_ID_LENGTH = 512  # the results table's row_key column
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
-        return None if math.isnan(value) else value
+        return value if math.isfinite(value) else None  # JSON has no NaN or infinity
     if isinstance(value, (dt.date, dt.datetime, dt.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -144,9 +145,12 @@ def _first_line(exc: BaseException) -> str:
 
 def iter_rows(path: Path, id_column: str | None = None) -> Iterator[Row]:
     """Stream the dataset's rows with their keys. Values are made JSON-safe."""
-    for index, record in enumerate(READERS[dataset_format(path)](path)):
-        values = {str(k): json_safe(v) for k, v in record.items()}
-        yield Row(key=_row_key(path, index, values, id_column), index=index, values=values)
+    try:
+        for index, record in enumerate(READERS[dataset_format(path)](path)):
+            values = {str(k): json_safe(v) for k, v in record.items()}
+            yield Row(key=_row_key(path, index, values, id_column), index=index, values=values)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _row_key(path: Path, index: int, values: dict[str, Any], id_column: str | None) -> str:
@@ -155,7 +159,11 @@ def _row_key(path: Path, index: int, values: dict[str, Any], id_column: str | No
     value = values.get(id_column)
     if value is None or value == "":
         raise DatasetError(f"{path}: row {index + 1}: id column {id_column!r} is missing or empty")
-    return str(value)
+    key = str(value)
+    if len(key) > MAX_ID_LENGTH:
+        raise DatasetError(f"{path}: row {index + 1}: id in column {id_column!r} is {len(key)} characters long, "
+                           f"over the limit of {MAX_ID_LENGTH}")
+    return key
 
 
 def iter_chunks(path: Path, chunk_size: int, id_column: str | None = None) -> Iterator[list[Row]]:

@@ -28,11 +28,23 @@ def done_key(run_id: str) -> str:
     return f"run:{run_id}:done"
 
 
+def _stage_result(pipe: Any, stream: str, result: Result) -> None:
+    pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
+    pipe.hset(done_key(result.run_id), result.row_key, result.status)
+
+
 async def publish_result(client: aioredis.Redis, stream: str, result: Result) -> None:
     async with client.pipeline(transaction=True) as pipe:
-        pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
-        pipe.hset(done_key(result.run_id), result.row_key, result.status)
+        _stage_result(pipe, stream, result)
         await pipe.execute()
+
+
+def publish_results(client: redis.Redis, stream: str, results: Iterable[Result]) -> None:
+    """Hand over several results at once (from synchronous code: a failed chunk's rows)."""
+    with client.pipeline(transaction=True) as pipe:
+        for result in results:
+            _stage_result(pipe, stream, result)
+        pipe.execute()
 
 
 def publish_event(client: redis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:

@@ -56,23 +56,30 @@ class PipelineMetrics:
             self._observe_one(result, previous)
 
     def _observe_one(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        """A replaced result (retry-failed) carries its predecessor's calls and spending: count only the rest."""
         provider, model = result["provider"] or "none", result["model"] or "none"
         self.results.labels(provider, model, result["status"]).inc()
+        earlier_calls = (previous or {}).get("calls") or {}
         for key, count in (result.get("calls") or {}).items():
+            count -= earlier_calls.get(key, 0)
+            if count <= 0:
+                continue
             call_provider, call_model, code = key.split("|", 2)
             self.requests.labels(call_provider, call_model, code).inc(count)
             if code == "429":
                 self.rate_limited.labels(call_provider, call_model).inc(count)
             elif code == "timeout":
                 self.timeouts.labels(call_provider, call_model).inc(count)
-        if result["attempts"] > 1:
-            self.retries.labels(provider, model).inc(result["attempts"] - 1)
+        spent = {c: result[c] - (previous[c] if previous else 0)
+                 for c in ("attempts", "input_tokens", "output_tokens", "cost")}
+        if spent["attempts"] > 1:
+            self.retries.labels(provider, model).inc(spent["attempts"] - 1)
         if result["cached"]:
             self.cache_hits.labels(provider, model).inc()
+        self.tokens.labels(provider, model, "in").inc(spent["input_tokens"])
+        self.tokens.labels(provider, model, "out").inc(spent["output_tokens"])
+        self.cost.labels(provider, model).inc(spent["cost"])
         if result["status"] == "succeeded":
-            self.tokens.labels(provider, model, "in").inc(result["input_tokens"])
-            self.tokens.labels(provider, model, "out").inc(result["output_tokens"])
-            self.cost.labels(provider, model).inc(result["cost"])
             self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
 
 from .records import Row
 from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
+JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 
@@ -78,12 +80,28 @@ def enqueue_chunks(
         return 0
     connection = queue.connection
     marker = enqueued_key(run_id)
-    seen = connection.smismember(marker, [n for n, _ in chunks])
-    fresh = [(n, rows) for (n, rows), was_seen in zip(chunks, seen) if not was_seen]
-    if not fresh:
-        return 0
+    labels = [n for n, _ in chunks]
+    with connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(marker)  # two submits at once: only one of them enqueues a given chunk
+                seen = pipe.smismember(marker, labels)
+                fresh = [(n, rows) for (n, rows), was_seen in zip(chunks, seen) if not was_seen]
+                if not fresh:
+                    pipe.unwatch()
+                    return 0
+                pipe.multi()
+                queue.enqueue_many(_job_datas(settings, run_id, fresh), pipeline=pipe)
+                pipe.sadd(marker, *[n for n, _ in fresh])
+                pipe.execute()
+                return len(fresh)
+            except redis.WatchError:
+                continue
+
+
+def _job_datas(settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row]]]) -> list[Any]:
     retry = Retry(max=settings.job_retries, interval=0) if settings.job_retries else None
-    datas = [
+    return [
         Queue.prepare_data(
             JOB_FUNCTION,
             args=(chunk_payload(run_id, n, rows),),
@@ -93,15 +111,11 @@ def enqueue_chunks(
             failure_ttl=7 * 24 * 3600,
             description=f"run {run_id} chunk {n} ({len(rows)} rows)",
             retry=retry,
+            on_failure=Callback(JOB_FAILED_CALLBACK),
             meta={"run_id": run_id, "chunk": n},
         )
-        for n, rows in fresh
+        for n, rows in chunks
     ]
-    with connection.pipeline() as pipe:
-        queue.enqueue_many(datas, pipeline=pipe)
-        pipe.sadd(marker, *[n for n, _ in fresh])
-        pipe.execute()
-    return len(fresh)
 
 
 def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:

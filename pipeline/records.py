@@ -9,6 +9,7 @@ from typing import Any
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+RETRYING = "retrying"  # a failed row that retry-failed sent again, until its new result comes
 
 
 @dataclass(frozen=True)

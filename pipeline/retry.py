@@ -20,6 +20,7 @@ class RetryPolicy:
     max_timeout_attempts: int = 2
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    call_deadline: float | None = None  # a whole call, however slowly its bytes trickle in (the SDKs time reads)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1``."""

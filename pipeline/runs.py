@@ -18,7 +18,8 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 
 from . import handoff, store
-from .datasets import check_path, iter_chunks, scan
+from .budget import NANO, spend_key
+from .datasets import check_path, file_sha256, iter_chunks, scan
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
@@ -29,6 +30,7 @@ from .settings import Settings
 from .templates import PromptTemplate
 
 ENQUEUE_BATCH = 200  # chunk jobs per Redis transaction
+RETRY_EVENT_KEYS = 1000  # row keys per "retrying" event
 PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
@@ -73,16 +75,25 @@ class SubmitReport:
     existing: bool
 
 
+def submitted_key(run_id: str) -> str:
+    """Set once every chunk of the run's first generation is enqueued."""
+    return f"run:{run_id}:submitted"
+
+
 def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
            progress: Callable[[int], None] | None = None) -> SubmitReport:
-    """Validate everything, then enqueue. Any error is raised before the first job is enqueued."""
+    """Validate everything, then enqueue. Any error is raised before the first job is enqueued.
+
+    Submitting again what an earlier submit started (same content, or same idempotency key) enqueues only
+    what that submit did not get to, e.g. because it was killed half-way; usually nothing.
+    """
     if request.idempotency_key:
         known = connection.get(idempotency_key(request.idempotency_key))
         if known is not None:
-            run_id = known.decode()
-            config = load_config(connection, run_id)
-            return SubmitReport(run_id, config.total_rows, config.total_chunks, 0, existing=True)
+            config = load_config(connection, known.decode())
+            return _finish_enqueue(connection, settings, config, _unchanged_dataset(config), existing=True)
     config = validate(settings, request, progress)
+    dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
     existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
     if existing:
         config = load_config(connection, config.run_id)
@@ -90,10 +101,28 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
     if request.idempotency_key:
         connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
-    chunks = ((chunk_label(n), rows) for n, rows in
-              enumerate(iter_chunks(Path(config.dataset), config.chunk_size, config.id_column)))
-    enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks)
+    return _finish_enqueue(connection, settings, config, dataset, existing)
+
+
+def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
+                    existing: bool) -> SubmitReport:
+    enqueued = 0
+    if not connection.exists(submitted_key(config.run_id)):
+        if dataset is None:
+            raise DatasetError(f"{config.dataset}: gone or changed, and run {config.run_id} was not fully "
+                               "enqueued; restore the file or submit it as a new run")
+        chunks = ((chunk_label(n), rows) for n, rows in
+                  enumerate(iter_chunks(dataset, config.chunk_size, config.id_column)))
+        enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks)
+        connection.set(submitted_key(config.run_id), "1")
     return SubmitReport(config.run_id, config.total_rows, config.total_chunks, enqueued, existing)
+
+
+def _unchanged_dataset(config: RunConfig) -> Path | None:
+    path = Path(config.dataset)
+    if not path.is_file() or file_sha256(path) != config.dataset_hash:
+        return None
+    return path
 
 
 def validate(settings: Settings, request: RunRequest,
@@ -104,6 +133,7 @@ def validate(settings: Settings, request: RunRequest,
         check_provider_config(provider, settings)
         if not model:
             raise ConfigError(f"fallback {target!r} needs a model: PROVIDER:MODEL")
+    _check_fields(request)
     template = PromptTemplate(request.template)
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
@@ -132,11 +162,40 @@ def validate(settings: Settings, request: RunRequest,
     return config
 
 
+def _check_fields(request: RunRequest) -> None:
+    """The CLI's option types check these; a runs file or a library caller reaches here unchecked."""
+    def number(name: str, value: Any, *, integer: bool, minimum: float | None) -> None:
+        kinds = (int,) if integer else (int, float)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, kinds) or (minimum is not None and value < minimum):
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{name} must be {kind}" + (f" >= {minimum:g}" if minimum is not None else "")
+                              + f", got {value!r}")
+
+    number("max_tokens", request.max_tokens, integer=True, minimum=1)
+    number("chunk_size", request.chunk_size, integer=True, minimum=1)
+    number("rpm", request.rpm, integer=True, minimum=1)
+    number("tpm", request.tpm, integer=True, minimum=1)
+    number("max_cost", request.max_cost, integer=False, minimum=0)
+    number("temperature", request.temperature, integer=False, minimum=None)
+    for name, value, limit in (("model", request.model, 200), ("name", request.name, 200),
+                               ("idempotency_key", request.idempotency_key, 200)):
+        if value is not None and (not isinstance(value, str) or len(value) > limit):
+            raise ConfigError(f"{name} must be text of at most {limit} characters")
+    if not isinstance(request.params, dict):
+        raise ConfigError("params must be a table of provider parameters")
+    if not isinstance(request.fallbacks, (list, tuple)) or not all(isinstance(f, str) for f in request.fallbacks):
+        raise ConfigError("fallbacks must be a list of PROVIDER:MODEL")
+
+
 def _check_schema(schema: dict[str, Any] | None) -> None:
     if schema is None:
         return
     import jsonschema
 
+    if not isinstance(schema, dict):
+        raise ConfigError(f"invalid JSON schema: expected a JSON object, got {type(schema).__name__}")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -177,26 +236,27 @@ def _run_jobs(connection: redis.Redis, run_id: str) -> Iterator[Job]:
                 yield job
 
 
-def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost: float | None = None) -> int:
+def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost: float | None = None,
+           engine: Engine | None = None) -> int:
     """Re-enqueue every row that has no result yet (after a cancel, a crash or a spent budget).
 
-    Reads the dataset again (its hash must not have changed). Chunks whose job is still queued or running are
-    left alone so that no row is ever requested by two jobs at once. Returns the number of jobs enqueued.
+    Reads the dataset again (its hash must not have changed). Refused while any of the run's jobs is queued or
+    running, so that no row is ever requested by two jobs at once. Returns the number of jobs enqueued.
     """
     config = load_config(connection, run_id)
     path = Path(config.dataset)
     if not path.exists():
         raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
-    from .datasets import file_sha256
-
     if file_sha256(path) != config.dataset_hash:
         raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
+    _refuse_if_busy(connection, run_id)
     if max_cost is not None:
+        if config.max_cost is None and engine is not None:  # spend was not tracked without a cap: start from SQL
+            with engine.connect() as conn:
+                row = store.get_run(conn, run_id)
+            connection.set(spend_key(run_id), int(round((row["cost"] if row else 0.0) * NANO)))
         config.max_cost = max_cost
         save_config(connection, config)
-    busy = {job.id for job in _run_jobs(connection, run_id) if job.get_status(refresh=False) in PENDING_JOB_STATES}
-    if busy:
-        raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
     connection.delete(cancelled_key(run_id))
     handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
                           {"run_id": run_id, "status": "running", "config": config.to_dict()})
@@ -208,24 +268,40 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         todo = [row for row, s in zip(rows, status) if s is None]
         if todo:
             chunks.append((chunk_label(n, generation), todo))
-    return _enqueue_in_batches(connection, settings, run_id, chunks)
+    enqueued = _enqueue_in_batches(connection, settings, run_id, chunks)
+    connection.set(submitted_key(run_id), "1")  # every row is covered now: a repeated submit adds nothing
+    return enqueued
 
 
 def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, run_id: str) -> int:
-    """Send only the failed rows again (inputs come from the results table). Returns jobs enqueued."""
+    """Send only the failed rows again (inputs come from the results table). Returns jobs enqueued.
+
+    The collector is told which rows are being retried, so the run is not complete until they are answered.
+    """
     config = load_config(connection, run_id)
+    _refuse_if_busy(connection, run_id)
     with engine.connect() as conn:
         failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
                   for r in store.iter_results(conn, run_id) if r["status"] == "failed"]
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))
-    connection.hdel(handoff.done_key(run_id), *[r.key for r in failed])
-    handoff.publish_event(connection, settings.result_stream, handoff.STATUS, {"run_id": run_id, "status": "running"})
+    keys = [r.key for r in failed]
+    for start in range(0, len(keys), RETRY_EVENT_KEYS):
+        connection.hdel(handoff.done_key(run_id), *keys[start:start + RETRY_EVENT_KEYS])
+        handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
+                              {"run_id": run_id, "status": "running", "retrying": keys[start:start + RETRY_EVENT_KEYS]})
     generation = int(connection.incr(generation_key(run_id)))
     size = config.chunk_size
     chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
     return _enqueue_in_batches(connection, settings, run_id, chunks)
+
+
+def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
+    """No row may be asked for by two jobs at once: resume and retry-failed wait for the run's jobs."""
+    busy = [job.id for job in _run_jobs(connection, run_id) if job.get_status(refresh=False) in PENDING_JOB_STATES]
+    if busy:
+        raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
 
 
 def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str, Any]:

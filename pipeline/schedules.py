@@ -30,6 +30,7 @@ from rq.cron import CronJob, CronScheduler
 from .errors import ConfigError
 from .queue import SERIALIZER
 from .runs import RunRequest
+from .userfiles import read_text
 
 SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"
 
@@ -43,10 +44,9 @@ class NamedRun:
 
 
 def load_runs_file(path: Path) -> dict[str, NamedRun]:
+    text = read_text(path, "runs file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read runs file ({exc.strerror})") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     entries = data.get("runs")
@@ -73,10 +73,7 @@ def _named_run(path: Path, name: str, entry: dict[str, Any]) -> NamedRun:
     if (template is None) == (template_file is None):
         raise ConfigError(f"{where}: give exactly one of 'template' or 'template_file'")
     if template_file is not None:
-        try:
-            template = (base / template_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read template_file ({exc.strerror})") from None
+        template = read_text(base / template_file, f"[runs.{name}] template_file")
     unknown = set(entry) - _REQUEST_FIELDS
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")

@@ -6,6 +6,7 @@ so a batch delivered twice changes nothing the second time.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, Me
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .records import FAILED, SUCCEEDED, Result, RunConfig
+from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
 
 metadata = MetaData()
 
@@ -146,6 +147,11 @@ class Applied:
     previous: list[dict[str, Any] | None] = field(default_factory=list)
     runs: set[str] = field(default_factory=set)
 
+    def add(self, other: "Applied") -> None:
+        self.changed += other.changed
+        self.previous += other.previous
+        self.runs |= other.runs
+
 
 def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     """Upsert a batch of results and move run totals by exactly what changed.
@@ -154,12 +160,17 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     (``retry-failed``). Within the batch, the last outcome for a row wins the same way.
     """
     incoming = _latest_per_row(batch)
+    run_ids = sorted({run_id for run_id, _ in incoming})
+    if run_ids:  # serialises collectors that write the same run at once (PostgreSQL; SQLite has one writer)
+        conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(run_ids)).with_for_update())
     existing = _existing(conn, incoming.keys())
     applied = Applied()
     for key, result in incoming.items():
         old = existing.get(key)
-        if old is not None and not _replaces(result, old):
-            continue
+        if old is not None:
+            if not _replaces(result, old):
+                continue
+            result = _with_spending_of(old, result)
         applied.changed.append(result)
         applied.previous.append(old)
         applied.runs.add(result["run_id"])
@@ -173,6 +184,16 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     return applied
 
 
+def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str]) -> int:
+    """Failed rows that retry-failed sent again count as pending until their new result comes."""
+    reopened = conn.execute(update(results).where(results.c.run_id == run_id, results.c.row_key.in_(row_keys),
+                                                  results.c.status == FAILED).values(status=RETRYING)).rowcount
+    if reopened:
+        conn.execute(update(runs).where(runs.c.run_id == run_id)
+                     .values(rows_failed=runs.c.rows_failed - reopened))
+    return reopened
+
+
 def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
     if old["status"] == SUCCEEDED:
         return False
@@ -183,11 +204,47 @@ def _latest_per_row(batch: Sequence[Result]) -> dict[tuple[str, str], dict[str, 
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for item in batch:
         row = {c: getattr(item, c) for c in RESULT_COLUMNS}
+        for column in _FREE_FORM:
+            row[column] = storable(row[column])
         key = (item.run_id, item.row_key)
         kept = latest.get(key)
-        if kept is None or _replaces(row, kept):
+        if kept is None:
             latest[key] = row
+        elif _replaces(row, kept):
+            latest[key] = _with_spending_of(kept, row)
     return latest
+
+
+# Columns whose content comes from datasets or providers: anything may be in them.
+_FREE_FORM = ("input", "answer", "parsed", "error")
+
+
+def storable(value: Any) -> Any:
+    """What every database takes: no NUL characters (PostgreSQL text refuses them), no NaN or infinity in JSON."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
+# What a row's calls consumed: a newer result for the row (retry-failed) adds to it instead of replacing it.
+_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens", "cost")
+
+
+def _with_spending_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(new)
+    for column in _SPENDING:
+        merged[column] = old[column] + new[column]
+    calls = dict(old.get("calls") or {})
+    for outcome, count in (new.get("calls") or {}).items():
+        calls[outcome] = calls.get(outcome, 0) + count
+    merged["calls"] = calls
+    return merged
 
 
 def _existing(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -225,7 +282,8 @@ FINAL_STATUSES = {"completed", "cancelled", "budget_exhausted"}
 
 
 def finish_complete_runs(conn: Connection, run_ids: Iterable[str]) -> list[str]:
-    """Mark runs whose every row has a result as completed (unless cancelled). Returns the ones finished now."""
+    """Mark runs whose every row has a result as completed (a cancel that came too late to stop any row
+    included). Returns the ones finished now."""
     finished = []
     for run_id in run_ids:
         row = conn.execute(select(runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed)

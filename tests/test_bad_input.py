@@ -55,7 +55,22 @@ BAD_INPUTS = {
                          ["unknown provider", "nosuch"]),
     "missing api key": (lambda p: write(p / "d.csv", tricky_rows(2)), ["--provider", "openai", "--model", "gpt"],
                         ["OPENAI_API_KEY"]),
+    "template not utf-8": (lambda p: _beside(write(p / "d.csv", tricky_rows(2)), p / "t.j2", b"caf\xe9 {{ text }}"),
+                           ["--template-file", "__tmp__/t.j2"], ["t.j2", "template", "not UTF-8"]),
+    "schema not an object": (lambda p: _beside(write(p / "d.csv", tricky_rows(2)), p / "s.json", b"5"),
+                             ["--json-schema", "__tmp__/s.json"], ["JSON schema", "expected a JSON object"]),
+    "id too long": (lambda p: write(p / "long.csv", [{"id": "x" * 600, "text": "a"}]), ["--id-column", "id"],
+                    ["long.csv", "row 1", "600 characters", "limit of 512"]),
+    "runs file bad value": (lambda p: _beside(write(p / "d.csv", tricky_rows(2)), p / "runs.toml",
+                                              b'[runs.x]\ndataset = "d.csv"\ntemplate = "{{ text }}"\nmax_cost = "5"\n'),
+                            ["--config", "__tmp__/runs.toml", "--name", "x"], ["max_cost must be a number", "'5'"]),
 }
+
+
+def _beside(dataset: Path, other: Path, content: bytes) -> Path:
+    """The dataset, with another file the command is pointed at (template, schema, runs file)."""
+    other.write_bytes(content)
+    return dataset
 
 
 def _text(path: Path, content: str) -> Path:
@@ -73,9 +88,9 @@ def test_bad_input_is_one_clear_line_and_nothing_enqueued(pipeline, tmp_path, ca
     make, extra, words = BAD_INPUTS[case]
     dataset = make(tmp_path)
     env = pipeline.env()
-    args = [a for a in extra if not a.startswith("__env__")]
+    args = [a.replace("__tmp__", str(tmp_path)) for a in extra if not a.startswith("__env__")]
     env.update(a[len("__env__"):].split("=", 1) for a in extra if a.startswith("__env__"))
-    if "--template" not in args:
+    if not {"--template", "--template-file", "--config"} & set(args):
         args += ["--template", "Classify: {{ text }}"]
     done = subprocess.run([sys.executable, "enqueue.py", "submit", str(dataset), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.pricing import PriceTable
 
 from . import processes
@@ -167,14 +168,23 @@ def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_
     pipeline = provider_pipeline(max_attempts=2)
     run_id, results = run_all(pipeline, tmp_path, rows(8), provider="openai", model="gpt-4o-mini")
     assert sorted(k for k, r in results.items() if r["status"] == "failed") == ["0002", "0005"]
+    assert pipeline.run_row(run_id)["attempts"] == 6 + 2 * 2
     server.configure(rules=[])
     server.reset()
     assert runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id) == 1
+    with pytest.raises(ConfigError, match="still has 1 chunk job"):   # not twice at once: that would pay twice
+        runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id)
+    pipeline.collect()                                   # the collector hears of the retry before any answer
+    reopened = pipeline.run_row(run_id)
+    assert (reopened["status"], reopened["rows_failed"], reopened["rows_succeeded"]) == ("running", 0, 6)
     pipeline.work()
     pipeline.collect()
     assert server.stats()["requests"] == 2
     run = pipeline.run_row(run_id)
     assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 0, "completed")
+    retried = {r["row_key"]: r for r in pipeline.results(run_id)}["0002"]
+    assert (retried["attempts"], retried["calls"]) == (3, {"openai|gpt-4o-mini|500": 2, "openai|gpt-4o-mini|200": 1})
+    assert run["attempts"] == 12                         # every call made, the failed ones before the retry too
 
 
 def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server, tmp_path):
@@ -191,8 +201,9 @@ def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server
     assert (run["rows_cached"], run["attempts"]) == (20, 4)
 
 
-def test_an_unexpected_error_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
-    """A bug in answering one row (here: a provider object that raises) becomes that row's failed result."""
+def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
+    """A bug in answering one row (here: a provider object that raises) becomes that row's failed result; so does
+    a call that never completes (a server trickling bytes defeats the SDK's read timeout, not the deadline)."""
     import asyncio
 
     from pipeline.answer import RowAnswerer, Target
@@ -209,6 +220,8 @@ def test_an_unexpected_error_costs_one_row_not_its_chunk(provider_pipeline, tmp_
         async def complete(self, request):
             if "boom" in request.prompt:
                 raise KeyError("unexpected")
+            if "stall" in request.prompt:
+                await asyncio.sleep(60)
             return ProviderResponse(text="ok", input_tokens=1, output_tokens=1, model=request.model)
 
         async def aclose(self):
@@ -221,17 +234,20 @@ def test_an_unexpected_error_costs_one_row_not_its_chunk(provider_pipeline, tmp_
     async def answer_all():
         client = async_client(pipeline.settings, pipeline.redis)
         target = Target(ModelTarget("flaky", "m"), Flaky(), SharedRateLimiter(client, "flaky:m", rpm=None, tpm=None))
-        answerer = RowAnswerer(config, [target], policy=RetryPolicy(), prices=PriceTable.load(),
+        policy = RetryPolicy(max_timeout_attempts=2, backoff_base=0.01, call_deadline=0.2)
+        answerer = RowAnswerer(config, [target], policy=policy, prices=PriceTable.load(),
                                budget=RunBudget(client, "rtest", None), cache=None)
         try:
             return await asyncio.gather(*(answerer.answer(Row(str(i), i, {"text": t}))
-                                          for i, t in enumerate(["fine", "boom", "fine too"])))
+                                          for i, t in enumerate(["fine", "boom", "fine too", "stall"])))
         finally:
             await client.aclose()
 
     results = asyncio.run(answer_all())
-    assert [r.status for r in results] == ["succeeded", "failed", "succeeded"]
+    assert [r.status for r in results] == ["succeeded", "failed", "succeeded", "failed"]
     assert results[1].error == "internal error: KeyError: 'unexpected'"
+    assert (results[3].timeouts, results[3].attempts) == (2, 2)
+    assert "no complete answer in 0.2 s" in results[3].error
 
 
 def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline, server, tmp_path):

@@ -123,3 +123,116 @@ def test_idempotency_key_returns_the_existing_run(pipeline, tmp_path):
     assert second.existing and second.run_id == first.run_id and second.jobs_enqueued == 0
     third = pipeline.submit(dataset, TEMPLATE, idempotency_key="2026-11-25")
     assert third.run_id != first.run_id
+
+
+def test_two_submits_at_once_enqueue_each_chunk_once(pipeline, tmp_path):
+    """A scheduler that fires twice at the same moment: both submits race, every chunk is enqueued once."""
+    import threading
+
+    from pipeline.queue import connect
+
+    dataset = write(tmp_path / "d.csv", tricky_rows(200))
+    start = threading.Barrier(4)
+    reports = []
+
+    def submit() -> None:
+        connection = connect(pipeline.settings)
+        start.wait()
+        reports.append(runs.submit(connection, pipeline.settings, runs.RunRequest(
+            dataset=dataset, template=TEMPLATE, id_column="id", chunk_size=5, idempotency_key="nightly@1")))
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(reports) == 4 and len({r.run_id for r in reports}) == 1
+    assert sum(r.jobs_enqueued for r in reports) == 40
+    queued = pipeline.redis.lrange(f"rq:queue:{pipeline.settings.queue_name}", 0, -1)
+    assert len(queued) == len(set(queued)) == 40
+
+
+def test_a_submit_cut_off_half_way_is_finished_by_the_next_one(pipeline, tmp_path):
+    """The idempotency key was recorded, then the submitting process died before its last chunks: submitting
+    again enqueues just those, and the run completes."""
+    from pipeline.queue import enqueued_key, job_id
+
+    dataset = write(tmp_path / "d.csv", tricky_rows(30))
+    report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10, idempotency_key="day-1")
+    queue_key = f"rq:queue:{pipeline.settings.queue_name}"
+    lost = ["c000001", "c000002"]                          # as if the process died before these
+    for label in lost:
+        pipeline.redis.lrem(queue_key, 0, job_id(report.run_id, label))
+        pipeline.redis.srem(enqueued_key(report.run_id), label)
+    pipeline.redis.delete(runs.submitted_key(report.run_id))
+
+    again = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10, idempotency_key="day-1")
+    assert (again.run_id, again.existing, again.jobs_enqueued) == (report.run_id, True, 2)
+    assert pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10,
+                           idempotency_key="day-1").jobs_enqueued == 0
+    pipeline.work()
+    pipeline.collect()
+    run = pipeline.run_row(report.run_id)
+    assert (run["status"], run["rows_succeeded"]) == ("completed", 30)
+
+
+def test_a_chunk_that_cannot_start_fails_its_rows_so_the_run_ends(pipeline, tmp_path):
+    """The worker lacks the fallback's API key: retrying cannot help, so each row gets a failed result."""
+    from pydantic import SecretStr
+
+    pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": SecretStr("sk-ant-submitter")})
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(12)), TEMPLATE, id_column="id", chunk_size=5,
+                             fallbacks=["anthropic:claude-haiku-4-5"])
+    pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": None})
+    pipeline.work()
+    pipeline.collect()
+    results = pipeline.results(report.run_id)
+    assert len(results) == 12 and {r["status"] for r in results} == {"failed"}
+    assert all("cannot start the chunk" in r["error"] and "ANTHROPIC_API_KEY" in r["error"] for r in results)
+    assert "sk-ant-submitter" not in str(results)
+    run = pipeline.run_row(report.run_id)
+    assert (run["status"], run["rows_failed"]) == ("completed", 12)
+
+
+def test_a_chunk_failing_its_last_try_leaves_failed_rows_not_gaps(pipeline, tmp_path):
+    """RQ calls the failure callback on every failure; after the last retry the rows that have no result yet
+    get a failed one (retry-failed can send them again), rows already answered keep their answer."""
+    from rq.job import Job
+
+    from jobs.process_chunk import chunk_failed
+    from pipeline import handoff
+    from pipeline.queue import SERIALIZER, job_id
+    from pipeline.records import SUCCEEDED, Result
+
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(6)), TEMPLATE, id_column="id")
+    job = Job.fetch(job_id(report.run_id, "c000000"), connection=pipeline.redis, serializer=SERIALIZER)
+    assert job.failure_callback is chunk_failed and job.retries_left == pipeline.settings.job_retries
+    answered = Result(run_id=report.run_id, row_key="id-00000", row_index=0, status=SUCCEEDED,
+                      input={"text": "x"}, answer="kept", finished_at=1.0)
+    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [answered])
+
+    chunk_failed(job, pipeline.redis, RuntimeError, RuntimeError("boom"), None)   # retries left: nothing yet
+    pipeline.collect()
+    assert len(pipeline.results(report.run_id)) == 1
+    job.retries_left = 0
+    chunk_failed(job, pipeline.redis, RuntimeError, RuntimeError("boom"), None)
+    pipeline.collect()
+    results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
+    assert len(results) == 6 and results["id-00000"]["answer"] == "kept"
+    assert all(r["status"] == "failed" and "failed on every try (RuntimeError: boom)" in r["error"]
+               for k, r in results.items() if k != "id-00000")
+    assert pipeline.run_row(report.run_id)["status"] == "completed"
+
+
+def test_a_cap_given_at_resume_counts_what_the_run_already_spent(pipeline, tmp_path):
+    """Without a cap, spend is not tracked in Redis; a cap added by resume must start from the SQL total."""
+    from pipeline.budget import NANO
+
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(20)), TEMPLATE, id_column="id")
+    pipeline.work()
+    pipeline.collect()
+    spent = pipeline.run_row(report.run_id)["cost"]
+    assert spent > 0 and pipeline.redis.get(spend_key(report.run_id)) is None
+    runs.resume(pipeline.redis, pipeline.settings, report.run_id, max_cost=spent * 3, engine=pipeline.engine)
+    assert int(pipeline.redis.get(spend_key(report.run_id))) == round(spent * NANO)
+    assert runs.load_config(pipeline.redis, report.run_id).max_cost == spent * 3

@@ -50,6 +50,8 @@ class OpenAIProvider:
                 "json_schema": {"name": "answer", "schema": json.loads(json.dumps(request.json_schema))},
             }
         args.update(request.params)
+        if "max_completion_tokens" in request.params:  # newer models take only this one
+            args.pop("max_tokens", None)
         return args
 
     async def aclose(self) -> None:
