@@ -204,8 +204,12 @@ class RowAnswerer:
             with attempt:
                 await self._unless_cancelled()
                 await target.limiter.acquire(estimated_tokens)
-                await self._unless_cancelled()  # the wait for the rate limit may have been long
-                held = await self.budget.reserve(worst_case)  # after the wait, so the hold cannot expire in it
+                try:
+                    await self._unless_cancelled()  # the wait for the rate limit may have been long
+                    held = await self.budget.reserve(worst_case)  # after the wait: the hold cannot expire in it
+                except (RunCancelled, BudgetExceeded):
+                    await target.limiter.release(estimated_tokens)  # the limit is shared with other runs
+                    raise
                 tally.attempts += 1
                 try:
                     response = await self._complete(target, request)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from . import handoff, store
 from .handoff import Entry, StreamReader
@@ -86,7 +86,7 @@ class Collector:
             store.set_run_status(conn, data["run_id"], data["status"],
                                  config=RunConfig.from_dict(config) if config else None)
             if data.get("retrying"):
-                store.reopen_failed(conn, data["run_id"], data["retrying"])
+                store.reopen_failed(conn, data["run_id"], data["retrying"], before=data["at"])
 
     def _write_one_by_one(self, entries: list[Entry]) -> tuple[store.Applied, list[str]]:
         applied, finished = store.Applied(), []
@@ -107,6 +107,7 @@ class Collector:
         reason = f"{type(exc.orig).__name__ if exc.orig else type(exc).__name__}: {str(exc.orig or exc).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
         if entry.kind != handoff.RESULT:
+            self.reader.park(entry, reason)
             return store.Applied(), []
         data = dict(entry.data, status=FAILED, answer=None, parsed=None, input={}, model=None,
                     error=redact(f"the answer could not be stored ({reason})")[:2000])
@@ -116,7 +117,8 @@ class Collector:
         except DBAPIError as again:
             if is_outage(again):
                 raise
-            log.error("dropped an unstorable result of run %s row %r", data.get("run_id"), data.get("row_key"))
+            self.reader.park(entry, reason)
+            log.error("parked an unstorable result of run %s in %s", data.get("run_id"), self.reader.parked_stream)
             return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
@@ -140,8 +142,9 @@ class Collector:
 
 
 def is_outage(exc: DBAPIError) -> bool:
-    """The database is down or the connection broke (retry later), as opposed to refusing this content."""
-    return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+    """Anything but a refusal of this content (bad data, a broken constraint) is the database's problem, not the
+    entry's: down, read-only after a failover, permissions, a missing table. Those are retried, never dropped."""
+    return exc.connection_invalidated or not isinstance(exc, (DataError, IntegrityError))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -160,6 +160,8 @@ def _row_key(path: Path, index: int, values: dict[str, Any], id_column: str | No
     if value is None or value == "":
         raise DatasetError(f"{path}: row {index + 1}: id column {id_column!r} is missing or empty")
     key = str(value)
+    if "\x00" in key:
+        raise DatasetError(f"{path}: row {index + 1}: id in column {id_column!r} contains a NUL character")
     if len(key) > MAX_ID_LENGTH:
         raise DatasetError(f"{path}: row {index + 1}: id in column {id_column!r} is {len(key)} characters long, "
                            f"over the limit of {MAX_ID_LENGTH}")

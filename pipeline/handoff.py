@@ -104,6 +104,15 @@ class StreamReader:
             return None
         return Entry(entry_id, fields[b"kind"].decode(), json.loads(fields[b"data"]))
 
+    @property
+    def parked_stream(self) -> str:
+        return f"{self.stream}:parked"
+
+    def park(self, entry: Entry, reason: str) -> None:
+        """Keep an entry the database refuses even as a failure, for a person to look at (it is acked next)."""
+        self.client.xadd(self.parked_stream, {"kind": entry.kind, "data": json.dumps(entry.data, default=str),
+                                              "reason": reason})
+
     def ack(self, entries: Iterable[Entry]) -> None:
         ids = [e.id for e in entries]
         if ids:

@@ -13,16 +13,17 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 from rq import Queue, Worker
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from . import store
 from .queue import SERIALIZER
 from .settings import Settings
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+RECENT_RUNS = 50
 
 
 class PipelineMetrics:
@@ -116,18 +117,20 @@ class _ScrapeTime(PromCollector):
         yield backlog
 
     def _run_metrics(self) -> Iterable[Any]:
-        rows = CounterMetricFamily("pipeline_rows", "Rows with a result, per run and status (from the runs table)",
-                                   labels=["run", "status"])
+        """Per-run row gauges for the RECENT_RUNS newest runs (a bounded label set), and runs by status."""
+        rows = GaugeMetricFamily("pipeline_run_rows", f"Rows per run by status, for the {RECENT_RUNS} newest runs "
+                                 "(from the runs table; failed rows sent again by retry-failed count as pending)",
+                                 labels=["run", "status"])
         active = GaugeMetricFamily("pipeline_runs", "Runs by status", labels=["status"])
-        by_status: dict[str, int] = {}
-        query = select(store.runs.c.run_id, store.runs.c.status, store.runs.c.rows_succeeded,
-                       store.runs.c.rows_failed)
+        query = select(store.runs.c.run_id, store.runs.c.rows_total, store.runs.c.rows_succeeded,
+                       store.runs.c.rows_failed).order_by(store.runs.c.created_at.desc()).limit(RECENT_RUNS)
+        by_status = select(store.runs.c.status, func.count()).group_by(store.runs.c.status)
         with self.engine.connect() as conn:
-            for run_id, status, succeeded, failed in conn.execute(query):
+            for run_id, total, succeeded, failed in conn.execute(query):
                 rows.add_metric([run_id, "succeeded"], succeeded)
                 rows.add_metric([run_id, "failed"], failed)
-                by_status[status] = by_status.get(status, 0) + 1
-        for status, count in by_status.items():
-            active.add_metric([status], count)
+                rows.add_metric([run_id, "pending"], max(total - succeeded - failed, 0))
+            for status, count in conn.execute(by_status):
+                active.add_metric([status], count)
         yield rows
         yield active

@@ -97,6 +97,13 @@ class SharedRateLimiter:
         if self.tokens and actual_tokens != estimated_tokens:
             await self._move(self.tokens, refund=estimated_tokens - actual_tokens)
 
+    async def release(self, estimated_tokens: int) -> None:
+        """Give back a whole reservation whose call was never sent (the run was cancelled or its budget spent)."""
+        if self.requests:
+            await self._move(self.requests, refund=1)
+        if self.tokens:
+            await self._move(self.tokens, refund=estimated_tokens)
+
     async def pause(self, seconds: float) -> None:
         """After a 429, make every worker wait ``seconds`` before its next call to this model."""
         for limit in (self.requests, self.tokens):

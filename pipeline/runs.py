@@ -23,7 +23,7 @@ from .datasets import check_path, file_sha256, iter_chunks, scan
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
-from .records import Row, RunConfig, stable_hash
+from .records import FAILED, RETRYING, Row, RunConfig, stable_hash
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
                        save_config)
 from .settings import Settings
@@ -91,7 +91,9 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         known = connection.get(idempotency_key(request.idempotency_key))
         if known is not None:
             config = load_config(connection, known.decode())
-            return _finish_enqueue(connection, settings, config, _unchanged_dataset(config), existing=True)
+            finished = connection.exists(submitted_key(config.run_id))
+            return _finish_enqueue(connection, settings, config, None if finished else _unchanged_dataset(config),
+                                   existing=True)
     config = validate(settings, request, progress)
     dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
     existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
@@ -282,15 +284,16 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
     _refuse_if_busy(connection, run_id)
     with engine.connect() as conn:
         failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
-                  for r in store.iter_results(conn, run_id) if r["status"] == "failed"]
+                  for r in store.iter_results(conn, run_id) if r["status"] in (FAILED, RETRYING)]
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))
-    keys = [r.key for r in failed]
+    keys, at = [r.key for r in failed], time.time()
     for start in range(0, len(keys), RETRY_EVENT_KEYS):
         connection.hdel(handoff.done_key(run_id), *keys[start:start + RETRY_EVENT_KEYS])
         handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
-                              {"run_id": run_id, "status": "running", "retrying": keys[start:start + RETRY_EVENT_KEYS]})
+                              {"run_id": run_id, "status": "running", "at": at,
+                               "retrying": keys[start:start + RETRY_EVENT_KEYS]})
     generation = int(connection.incr(generation_key(run_id)))
     size = config.chunk_size
     chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, create_engine, event, func, select, update)
+                        UniqueConstraint, case, create_engine, event, func, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -125,7 +125,33 @@ def save_run(conn: Connection, config: RunConfig, status: str) -> None:
         "config": config.to_dict(), "status": status, "rows_total": config.total_rows,
         "chunks_total": config.total_chunks, "created_at": config.created_at or time.time(),
     }
-    conn.execute(_insert(conn, runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"]))
+    inserted = conn.execute(_insert(conn, runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"]))
+    if inserted.rowcount:
+        _recount_totals(conn, config.run_id)
+
+
+def _recount_totals(conn: Connection, run_id: str) -> None:
+    """Totals from the run's results: with several collectors, results can reach SQL before their run's row."""
+    def count(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    def total(column: Any) -> Any:
+        return func.coalesce(func.sum(column), 0)
+
+    c = results.c
+    sql_totals = {"rows_succeeded": count(c.status == SUCCEEDED), "rows_failed": count(c.status == FAILED),
+                  "rows_cached": count(c.cached.is_(True)), "attempts": total(c.attempts),
+                  "timeouts": total(c.timeouts), "rate_limited": total(c.rate_limited),
+                  "input_tokens": total(c.input_tokens), "output_tokens": total(c.output_tokens),
+                  "cost": total(c.cost), "latency_ms_sum": total(c.latency_ms)}
+    query = select(func.count(), func.min(c.finished_at), func.max(c.finished_at),
+                   *sql_totals.values()).where(c.run_id == run_id)
+    found, first, last, *sums = conn.execute(query).one()
+    if not found:
+        return
+    values = dict(zip(sql_totals, sums))
+    conn.execute(update(runs).where(runs.c.run_id == run_id)
+                 .values(**values, first_result_at=first, last_result_at=last))
 
 
 def set_run_status(conn: Connection, run_id: str, status: str, *, config: RunConfig | None = None) -> None:
@@ -184,10 +210,12 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     return applied
 
 
-def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str]) -> int:
-    """Failed rows that retry-failed sent again count as pending until their new result comes."""
+def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before: float) -> int:
+    """Failed rows that retry-failed sent again (at ``before``) count as pending until their new result comes.
+    A result newer than the retry is that new result: a redelivered event must not reopen it."""
     reopened = conn.execute(update(results).where(results.c.run_id == run_id, results.c.row_key.in_(row_keys),
-                                                  results.c.status == FAILED).values(status=RETRYING)).rowcount
+                                                  results.c.status == FAILED, results.c.finished_at < before)
+                            .values(status=RETRYING)).rowcount
     if reopened:
         conn.execute(update(runs).where(runs.c.run_id == run_id)
                      .values(rows_failed=runs.c.rows_failed - reopened))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from sqlalchemy.exc import DBAPIError
+
 from pipeline import handoff
 from pipeline.records import SUCCEEDED, Result
 
@@ -53,3 +56,97 @@ def test_a_result_the_database_refuses_does_not_hold_up_the_batch(pipeline, tmp_
     else:                                                   # SQLite does not enforce the length
         assert (run["rows_succeeded"], run["rows_failed"]) == (5, 0)
     assert run["status"] == "completed"
+
+
+def _publish(pipeline, run_id: str, keys: list[str], **fields) -> None:
+    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [
+        Result(run_id=run_id, row_key=key, row_index=i, status=fields.get("status", SUCCEEDED), input={"text": key},
+               answer=f"answer {key}", provider="openai", model="gpt-4o-mini", attempts=1, input_tokens=3,
+               output_tokens=2, cost=0.001, finished_at=fields.get("finished_at", 1000.0 + i))
+        for i, key in enumerate(keys)])
+
+
+def _played_run(pipeline, tmp_path, rows: int = 3):
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(rows)))
+    report = pipeline.submit(dataset, TEMPLATE, id_column="id")
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")      # this test plays the worker
+    return report.run_id
+
+
+def test_a_database_that_refuses_every_write_is_an_outage_not_bad_content(pipeline, tmp_path):
+    """A missing table (a migration gone wrong) refuses each entry alike: nothing is dropped or parked, the
+    results wait in Redis until the table is back."""
+    from sqlalchemy import text
+
+    from pipeline.collector import Collector
+
+    run_id = _played_run(pipeline, tmp_path)
+    collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
+    collector.step(block_ms=None)                                           # the run's own row first
+    assert pipeline.results(run_id) == []
+    _publish(pipeline, run_id, ["r0", "r1", "r2"])
+    with pipeline.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE results RENAME TO results_away"))
+    try:
+        with pytest.raises(DBAPIError):
+            collector.step(block_ms=None)
+    finally:
+        with pipeline.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE results_away RENAME TO results"))
+    assert pipeline.redis.xlen(collector.reader.parked_stream) == 0
+    pipeline.collect()
+    assert len(pipeline.results(run_id)) == 3
+    assert pipeline.run_row(run_id)["rows_succeeded"] == 3
+
+
+def test_an_entry_refused_even_as_a_failure_is_parked_not_lost(pipeline, tmp_path):
+    run_id = _played_run(pipeline, tmp_path)
+    _publish(pipeline, run_id, ["r0", "bad\x00key", "r2"])
+    pipeline.collect()
+    stored = {r["row_key"] for r in pipeline.results(run_id)}
+    parked = pipeline.redis.xrange(f"{pipeline.settings.result_stream}:parked")
+    if pipeline.engine.dialect.name == "postgresql":                        # NUL in the key itself
+        assert stored == {"r0", "r2"} and len(parked) == 1
+        assert b"bad\\u0000key" in parked[0][1][b"data"] and parked[0][1][b"reason"]
+    else:
+        assert stored == {"r0", "bad\x00key", "r2"} and parked == []
+    assert pipeline.redis.xlen(pipeline.settings.result_stream) == 0
+
+
+def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_path):
+    """With two collectors, one may write a run's results before the other writes the run's row."""
+    from pipeline import store
+    from pipeline.runstate import load_config
+
+    run_id = _played_run(pipeline, tmp_path)
+    config = load_config(pipeline.redis, run_id)
+    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, attempts=2, cost=0.5,
+                   finished_at=10.0 + i) for i in range(3)]
+    with pipeline.engine.begin() as conn:
+        store.apply_results(conn, rows)
+        store.save_run(conn, config, "submitted")
+        assert store.finish_complete_runs(conn, [run_id]) == [run_id]
+    run = pipeline.run_row(run_id)
+    assert (run["rows_succeeded"], run["attempts"], run["cost"], run["first_result_at"]) == (3, 6, 1.5, 10.0)
+
+
+def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_path):
+    """retry-failed's event and the retried row's (failed again) result, delivered twice: the row stays failed
+    with its newer result and the run ends."""
+    from pipeline import store
+
+    run_id = _played_run(pipeline, tmp_path, rows=1)
+    _publish(pipeline, run_id, ["r0"], status="failed", finished_at=100.0)
+    pipeline.collect()
+    with pipeline.engine.begin() as conn:
+        assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 1
+    _publish(pipeline, run_id, ["r0"], status="failed", finished_at=300.0)
+    pipeline.collect()
+    with pipeline.engine.begin() as conn:                                    # the same event again
+        assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 0
+        store.finish_complete_runs(conn, [run_id])
+    (row,) = pipeline.results(run_id)
+    assert (row["status"], row["finished_at"], row["attempts"]) == ("failed", 300.0, 2)
+    run = pipeline.run_row(run_id)
+    assert (run["status"], run["rows_failed"]) == ("completed", 1)

@@ -73,12 +73,13 @@ def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
 
     if during is not None:  # mid-run: the counters never run ahead of what SQL holds
         assert total(during, "pipeline_results_total") <= 300
-        assert total(during, "pipeline_rows_total", run=report.run_id) <= 300
+        assert total(during, "pipeline_run_rows", run=report.run_id, status="succeeded") <= 300
     run = pipeline.run_row(report.run_id)
     results = pipeline.results(report.run_id)
     assert total(after, "pipeline_results_total", status="succeeded") == run["rows_succeeded"] == 300
-    assert total(after, "pipeline_rows_total", run=report.run_id, status="succeeded") == 300
-    assert total(after, "pipeline_rows_total", run=report.run_id, status="failed") == 0
+    assert total(after, "pipeline_run_rows", run=report.run_id, status="succeeded") == 300
+    assert total(after, "pipeline_run_rows", run=report.run_id, status="failed") == 0
+    assert total(after, "pipeline_run_rows", run=report.run_id, status="pending") == 0
     assert total(after, "pipeline_tokens_total", direction="in") == run["input_tokens"]
     assert total(after, "pipeline_tokens_total", direction="out") == run["output_tokens"]
     assert total(after, "pipeline_cost_usd_total") == pytest.approx(run["cost"])

@@ -72,3 +72,13 @@ def test_two_limiters_share_one_budget(redis_url):
     waits = run(scenario, redis_url)
     assert waits[:4] == [0, 0, 0, 0]
     assert waits[9] == pytest.approx(0.5, abs=0.02)  # ten requests at 10/s with 0.5 s of burst
+
+
+def test_a_reservation_never_sent_is_given_back_whole(redis_url):
+    """A row cancelled (or out of budget) after its rate-limit wait must not cost other runs their budget."""
+    async def scenario(client):
+        limiter = SharedRateLimiter(client, "t:release", rpm=60, tpm=60_000, burst_seconds=1.0)  # 1 req/s
+        await limiter.acquire(1000)
+        await limiter.release(1000)
+        return (await quoted_wait(limiter, limiter.requests, 1), await quoted_wait(limiter, limiter.tokens, 1000))
+    assert run(scenario, redis_url) == (0, 0)
