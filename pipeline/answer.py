@@ -17,7 +17,7 @@ import jsonschema
 from redis.exceptions import RedisError
 
 from .budget import RunBudget
-from .cache import ResponseCache, cache_key
+from .cache import ASK, HIT, ResponseCache, cache_key
 from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RunCancelled,
                      TemplateError)
 from .pricing import PriceTable
@@ -29,6 +29,7 @@ from .retry import RetryPolicy
 from .templates import PromptTemplate
 
 log = logging.getLogger("pipeline.answer")
+CLAIM_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -155,27 +156,39 @@ class RowAnswerer:
         key = cache_key(target.spec.provider, request)
         if self.cache is None or not self.config.use_cache:  # --no-cache: ask anew, but keep the answer
             return (*await self._fresh_answer(target, request, tally, key), False)
-        hit = await self.cache.get(key)
-        while hit is None and key in self._in_flight:  # the same prompt is being asked right now: wait for it
-            hit = await asyncio.shield(self._in_flight[key])
-        if hit is not None:
-            return hit, self._validate(hit.text), True
-        return (*await self._lead(key, target, request, tally), False)
+        while True:
+            if key in self._in_flight:  # a row of this chunk is asking the same prompt: wait for its answer
+                hit = await asyncio.shield(self._in_flight[key])
+                if hit is not None:
+                    return hit, self._validate(hit.text), True
+                continue
+            verdict, hit = await self.cache.get_or_claim(key)
+            if verdict == HIT:
+                assert hit is not None
+                return hit, self._validate(hit.text), True
+            if verdict == ASK and key not in self._in_flight:  # (a row of this chunk may have just claimed it)
+                return (*await self._lead(key, target, request, tally), False)
+            if verdict == ASK:
+                continue
+            await asyncio.sleep(CLAIM_POLL_SECONDS)  # another worker is asking it: its answer lands in the cache
+            await self._unless_cancelled()
 
     async def _lead(self, key: str, target: Target, request: ProviderRequest,
                     tally: _Tally) -> tuple[ProviderResponse, Any]:
-        """Ask for a prompt that no other row of this chunk is asking for; rows that repeat it meanwhile wait
-        and take this answer as a cache hit. If this call fails they ask for themselves."""
+        """Ask for a prompt this worker has claimed; rows of this chunk that repeat it meanwhile wait and take
+        this answer as a cache hit. If the call fails, the claim is dropped and they ask for themselves."""
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
         response: ProviderResponse | None = None
         try:
-            response, parsed = await self._fresh_answer(target, request, tally, key)
+            response, parsed = await self._fresh_answer(target, request, tally, key)  # storing it drops the claim
             return response, parsed
         finally:
             if self._in_flight.get(key) is shared:
                 del self._in_flight[key]
             shared.set_result(response)
+            if response is None:
+                await self.cache.release(key)
 
     async def _fresh_answer(self, target: Target, request: ProviderRequest, tally: _Tally,
                             key: str) -> tuple[ProviderResponse, Any]:

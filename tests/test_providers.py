@@ -201,6 +201,23 @@ def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server
     assert (run["rows_cached"], run["attempts"]) == (20, 4)
 
 
+def test_a_prompt_asked_by_two_workers_at_once_is_paid_once(provider_pipeline, server, tmp_path):
+    """Two chunks repeating the same prompts run on two worker processes at once: a cache miss claims the
+    prompt, and the other worker waits for that answer instead of paying for it again."""
+    server.configure(latency=0.3)
+    pipeline = provider_pipeline(worker_concurrency=16)
+    data = [{"id": f"{i:04d}", "text": f"topic {i % 4}"} for i in range(32)]
+    run_id = pipeline.submit(write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", chunk_size=8,
+                             provider="openai", model="gpt-4o-mini").run_id
+    workers = processes.start(["worker.py", "--burst", "--processes", "2"], pipeline.env())
+    assert workers.wait(timeout=120) == 0
+    pipeline.collect()
+    assert server.stats()["paid"] == {f"Say: topic {t}": 1 for t in range(4)}
+    run = pipeline.run_row(run_id)
+    assert (run["rows_succeeded"], run["rows_cached"], run["attempts"]) == (32, 28, 4)
+    assert not list(pipeline.redis.scan_iter("cache:*:asking"))          # every claim went with its answer
+
+
 def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
     """A bug in answering one row (here: a provider object that raises) becomes that row's failed result; so does
     a call that never completes (a server trickling bytes defeats the SDK's read timeout, not the deadline)."""
