@@ -7,11 +7,13 @@ import decimal
 import hashlib
 import json
 import math
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,6 +181,32 @@ def iter_chunks(path: Path, chunk_size: int, id_column: str | None = None) -> It
         yield chunk
 
 
+class _IdHashes:
+    """Duplicate-id detection in 8 bytes an id (a set of a million id strings takes about 100 MB): 64-bit
+    hashes while streaming, then an exact look, in a second pass, at the few ids whose hash repeats."""
+
+    def __init__(self) -> None:
+        self._hashes = array("Q")
+
+    def add(self, key: str) -> None:
+        self._hashes.append(hash(key) & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def first_repeat(self, rows: Callable[[], Iterator[Row]]) -> Row | None:
+        """The first row whose id an earlier row had, or None (a repeated hash may be a mere collision)."""
+        ordered = np.frombuffer(self._hashes, dtype=np.uint64)
+        ordered.sort()  # in place: no second copy of the hashes
+        suspects = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        if not suspects:
+            return None
+        seen: set[str] = set()
+        for row in rows():
+            if hash(row.key) & 0xFFFF_FFFF_FFFF_FFFF in suspects:
+                if row.key in seen:
+                    return row
+                seen.add(row.key)
+        return None
+
+
 def scan(
     path: Path,
     *,
@@ -190,19 +218,17 @@ def scan(
     """The validating pass: read every row once, so that a bad file fails before anything is enqueued.
 
     Catches unreadable rows, duplicate or missing ids, oversized rows and whatever ``check_row`` rejects
-    (the template check). Memory grows only with the set of ids seen (for duplicate detection).
+    (the template check). Memory grows only by 8 bytes an id (for duplicate detection).
     """
     fmt = dataset_format(path)
     columns: dict[str, None] = {}
-    seen_ids: set[str] = set()
+    ids = _IdHashes()
     count = 0
     for row in iter_rows(path, id_column):
         if id_column is not None and id_column not in row.values:
             raise DatasetError(f"{path}: id column {id_column!r} not found (columns: {', '.join(row.values)})")
-        if row.key in seen_ids:
-            raise DatasetError(f"{path}: row {row.index + 1}: duplicate id {row.key!r} in column {id_column!r}")
         if id_column is not None:
-            seen_ids.add(row.key)
+            ids.add(row.key)
         if max_row_bytes is not None:
             size = len(json.dumps(row.values, ensure_ascii=False).encode("utf-8"))
             if size > max_row_bytes:
@@ -216,4 +242,7 @@ def scan(
             progress(1)
     if count == 0:
         raise DatasetError(f"{path}: no rows (the file is empty or has only a header)")
+    duplicate = ids.first_repeat(lambda: iter_rows(path, id_column))
+    if duplicate is not None:
+        raise DatasetError(f"{path}: row {duplicate.index + 1}: duplicate id {duplicate.key!r} in column {id_column!r}")
     return DatasetSummary(path=path, format=fmt, columns=list(columns), rows=count, sha256=file_sha256(path))

@@ -29,7 +29,7 @@ from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_con
 from .settings import Settings
 from .templates import PromptTemplate
 
-ENQUEUE_BATCH = 200  # chunk jobs per Redis transaction
+ENQUEUE_BATCH_ROWS = 10_000  # rows per Redis transaction of chunk jobs (bounds the submitter's memory)
 RETRY_EVENT_KEYS = 1000  # row keys per "retrying" event
 PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
@@ -207,12 +207,13 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
 def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
                         chunks: Iterable[tuple[str, list[Row]]]) -> int:
     queue = chunk_queue(connection, settings)
-    total, batch = 0, []
+    total, batch, rows = 0, [], 0
     for chunk in chunks:
         batch.append(chunk)
-        if len(batch) >= ENQUEUE_BATCH:
+        rows += len(chunk[1])
+        if rows >= ENQUEUE_BATCH_ROWS:
             total += enqueue_chunks(queue, settings, run_id, batch)
-            batch = []
+            batch, rows = [], 0
     return total + enqueue_chunks(queue, settings, run_id, batch)
 
 
