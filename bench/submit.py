@@ -4,8 +4,9 @@
     python bench/submit.py --rows 200000 --format parquet
 
 The submit reads the file twice (a validating pass, then the enqueue pass), streaming both: its peak memory
-must stay nearly flat as the file grows (8 bytes an id for the duplicate check), well below the file's size. Uses REDIS_URL (default redis://127.0.0.1:6379/13,
-flushed before and after). Prints rows/s and the submitting process's peak RSS next to the file size.
+must stay nearly flat as the file grows (8 bytes an id for the duplicate check), well below the file's size.
+Uses REDIS_URL (default redis://127.0.0.1:6379/13, flushed before and after). Prints rows/s and the submitting
+process's peak RSS next to the file size.
 """
 from __future__ import annotations
 

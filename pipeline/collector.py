@@ -104,7 +104,8 @@ class Collector:
 
     def _store_as_failure(self, entry: Entry, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
         """The row still gets its one result: failed, saying why its answer could not be stored."""
-        reason = f"{type(exc.orig).__name__ if exc.orig else type(exc).__name__}: {str(exc.orig or exc).splitlines()[0]}"
+        cause = exc.orig or exc
+        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
         if entry.kind != handoff.RESULT:
             self.reader.park(entry, reason)

@@ -130,12 +130,12 @@ def _unchanged_dataset(config: RunConfig) -> Path | None:
 def validate(settings: Settings, request: RunRequest,
              progress: Callable[[int], None] | None = None) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
+    _check_fields(request)
     for target in [f"{request.provider}:{request.model}", *request.fallbacks]:
         provider, _, model = target.partition(":")
         check_provider_config(provider, settings)
         if not model:
             raise ConfigError(f"fallback {target!r} needs a model: PROVIDER:MODEL")
-    _check_fields(request)
     template = PromptTemplate(request.template)
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
