@@ -4,7 +4,8 @@
     python bench/run.py --scenario unlimited    # 200 ms latency, no limit, 128 calls in flight per worker
     python bench/run.py --rows 5000 --latency 0.2 --rpm 3000 --workers 2 --concurrency 128
 
-Uses REDIS_URL (default redis://127.0.0.1:6379/13, flushed) and a fresh SQLite file unless DATABASE_URL is set.
+Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed: never point it at a Redis in use) and a fresh
+SQLite file unless DATABASE_URL is set.
 Prints rows/s, the fraction of the rate limit and of the in-flight capacity used, 429s, retries, and rows lost
 or duplicated, as measured by the SQL tables and the fake server's own counters.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,7 +67,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     server, url = start_fake_provider(config["latency"], config["rpm"])
-    settings = Settings(_env_file=None, data_dir=work, redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13"),
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    settings = Settings(_env_file=None, data_dir=work, redis_url=redis_url,
                         database_url=os.environ.get("DATABASE_URL", f"sqlite:///{work / 'bench.db'}"),
                         openai_api_key="sk-bench", openai_base_url=f"{url}/v1", worker_concurrency=config["concurrency"],
                         log_level="WARNING", metrics_port=0, chunk_size=args.chunk_size)
@@ -103,6 +106,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+        connection.flushdb()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def report_figures(config, run_id, engine, stats, started, submitted, work_started, finished) -> None:

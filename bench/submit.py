@@ -5,14 +5,15 @@
 
 The submit reads the file twice (a validating pass, then the enqueue pass), streaming both: its peak memory
 must stay nearly flat as the file grows (8 bytes an id for the duplicate check), well below the file's size.
-Uses REDIS_URL (default redis://127.0.0.1:6379/13, flushed before and after). Prints rows/s and the submitting
-process's peak RSS next to the file size.
+Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed before and after: never a Redis in use).
+Prints rows/s and the submitting process's peak RSS next to the file size.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1000)
     args = parser.parse_args()
 
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     work = Path(tempfile.mkdtemp(prefix="bench-submit-"))
@@ -98,6 +99,7 @@ def main() -> None:
         print(f"redis            {client.info('memory')['used_memory_human']} used by the queued chunks")
     finally:
         client.flushdb()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,7 @@ class ChunkRunner:
                              call_deadline=s.request_timeout + 5)
         return RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
                            budget=RunBudget(client, config.run_id, config.max_cost),
-                           cache=ResponseCache(client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",
-                                               claim_seconds=policy.longest_call()),
+                           cache=ResponseCache(client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}"),
                            should_stop=lambda: self._should_stop(client))
 
     async def _answer_all(self, client: aioredis.Redis, answerer: RowAnswerer, rows: list[Row]) -> int:

@@ -17,7 +17,7 @@ import jsonschema
 from redis.exceptions import RedisError
 
 from .budget import RunBudget
-from .cache import ASK, HIT, ResponseCache, cache_key
+from .cache import ALONE, ASK, ResponseCache, cache_key
 from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RunCancelled,
                      TemplateError)
 from .pricing import PriceTable
@@ -29,7 +29,7 @@ from .retry import RetryPolicy
 from .templates import PromptTemplate
 
 log = logging.getLogger("pipeline.answer")
-CLAIM_POLL_SECONDS = 0.05
+CLAIM_POLL_SECONDS, CLAIM_POLL_MAX_SECONDS = 0.05, 0.5
 
 
 @dataclass
@@ -156,39 +156,44 @@ class RowAnswerer:
         key = cache_key(target.spec.provider, request)
         if self.cache is None or not self.config.use_cache:  # --no-cache: ask anew, but keep the answer
             return (*await self._fresh_answer(target, request, tally, key), False)
-        while True:
-            if key in self._in_flight:  # a row of this chunk is asking the same prompt: wait for its answer
-                hit = await asyncio.shield(self._in_flight[key])
-                if hit is not None:
-                    return hit, self._validate(hit.text), True
-                continue
-            verdict, hit = await self.cache.get_or_claim(key)
-            if verdict == HIT:
-                assert hit is not None
-                return hit, self._validate(hit.text), True
-            if verdict == ASK and key not in self._in_flight:  # (a row of this chunk may have just claimed it)
-                return (*await self._lead(key, target, request, tally), False)
-            if verdict == ASK:
-                continue
-            await asyncio.sleep(CLAIM_POLL_SECONDS)  # another worker is asking it: its answer lands in the cache
-            await self._unless_cancelled()
+        shared = self._in_flight.get(key)
+        if shared is None:
+            return await self._speak_for_chunk(key, target, request, tally)
+        hit = await asyncio.shield(shared)  # another row of this chunk speaks for this prompt: take its answer
+        if hit is not None:
+            return hit, self._validate(hit.text), True
+        return (*await self._fresh_answer(target, request, tally, key), False)  # its call failed: ask alone
 
-    async def _lead(self, key: str, target: Target, request: ProviderRequest,
-                    tally: _Tally) -> tuple[ProviderResponse, Any]:
-        """Ask for a prompt this worker has claimed; rows of this chunk that repeat it meanwhile wait and take
-        this answer as a cache hit. If the call fails, the claim is dropped and they ask for themselves."""
+    async def _speak_for_chunk(self, key: str, target: Target, request: ProviderRequest,
+                               tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
+        """Get a prompt's answer for every row of this chunk that has it: from the cache, by waiting while another
+        worker asks for it, or by claiming it and asking. Rows repeating it meanwhile wait on ``_in_flight``."""
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
-        response: ProviderResponse | None = None
+        answer: ProviderResponse | None = None
         try:
-            response, parsed = await self._fresh_answer(target, request, tally, key)  # storing it drops the claim
-            return response, parsed
+            delay = CLAIM_POLL_SECONDS
+            while True:
+                verdict, answer = await self.cache.get_or_claim(key)
+                if answer is not None:
+                    return answer, self._validate(answer.text), True
+                if verdict == ASK:
+                    async with self.cache.holding(key):
+                        answer, parsed = await self._fresh_answer(target, request, tally, key)
+                    return answer, parsed, False
+                if verdict == ALONE:
+                    answer, parsed = await self._fresh_answer(target, request, tally, key)
+                    return answer, parsed, False
+                await asyncio.sleep(delay)  # another worker is asking it: its answer lands in the cache
+                delay = min(delay * 2, CLAIM_POLL_MAX_SECONDS)
+                await self._unless_cancelled()
         finally:
-            if self._in_flight.get(key) is shared:
+            try:
+                if answer is None:
+                    await self.cache.failed(key)  # (only if this chunk held the claim) before waiters wake
+            finally:
                 del self._in_flight[key]
-            shared.set_result(response)
-            if response is None:
-                await self.cache.release(key)
+                shared.set_result(answer)
 
     async def _fresh_answer(self, target: Target, request: ProviderRequest, tally: _Tally,
                             key: str) -> tuple[ProviderResponse, Any]:

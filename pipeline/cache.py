@@ -2,12 +2,17 @@
 
 Lives in Redis, not SQL, because workers never talk to the database (the collector is its only writer).
 A cache miss claims the prompt in the same round trip, so a worker that meets a prompt another worker is
-asking right now waits for that answer instead of paying for it again; storing the answer drops the claim.
+asking right now waits for that answer instead of paying for it again. A claim is short and renewed while its
+call runs, so a dead worker's claim soon lapses; storing the answer drops it; a failed call turns it into a
+short "failed" mark, so the others then ask for themselves, at once and side by side.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,12 +20,16 @@ import redis.asyncio as aioredis
 from .providers.base import ProviderRequest, ProviderResponse
 from .records import stable_hash
 
-# KEYS: answer, claim. ARGV: claimant, claim ms. Returns {1, answer} | {0, ""}: yours to ask | {2, ""}: being asked.
-# A claimant that finds its own claim (its chunk is running again after a crash) takes it back.
+HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for it just failed, ask unclaimed
+FAILED_MARK = "!failed"
+
+# KEYS: answer, claim. ARGV: claimant, claim ms.
 _LOOKUP = """
 local answer = redis.call('GET', KEYS[1])
 if answer then return {1, answer} end
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+local owner = redis.call('GET', KEYS[2])
+if owner == '!failed' then return {3, ''} end
+if owner == ARGV[1] then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return {0, ''}
 end
@@ -28,7 +37,13 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, ''} 
 return {2, ''}
 """
 
-HIT, ASK, WAIT = 1, 0, 2  # what get_or_claim found
+# KEYS: claim. ARGV: claimant, new value or '' to keep it, ms. Only the claim's owner may touch it.
+_IF_OWNER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 
 
 def cache_key(provider: str, request: ProviderRequest) -> str:
@@ -45,32 +60,51 @@ def _claim_key(key: str) -> str:
 
 class ResponseCache:
     def __init__(self, client: aioredis.Redis, ttl_seconds: int | None = None, *, claimant: str | None = None,
-                 claim_seconds: float = 600.0) -> None:
-        """``claimant`` names who asks (a chunk: when RQ runs it again it owns its claims again);
-        ``claim_seconds`` bounds how long others wait on a claim whose owner died and never came back."""
+                 claim_seconds: float = 30.0, failed_seconds: float = 60.0) -> None:
+        """``claimant`` names who asks (a chunk: when RQ runs it again it owns its claims again). A claim lapses
+        ``claim_seconds`` after its owner stopped renewing it; a failed mark after ``failed_seconds``."""
         self._client = client
         self._ttl = ttl_seconds
         self._claim_ms = int(claim_seconds * 1000)
+        self._failed_ms = int(failed_seconds * 1000)
         self._claimant = claimant or uuid.uuid4().hex
         self._lookup = client.register_script(_LOOKUP)
+        self._if_owner = client.register_script(_IF_OWNER)
 
     async def get_or_claim(self, key: str) -> tuple[int, ProviderResponse | None]:
-        """(HIT, answer), (ASK, None): nobody is asking, now you are, or (WAIT, None): someone else is asking."""
+        """(HIT, answer); (ASK, None): the prompt is now claimed by you; (WAIT, None): someone else is asking;
+        (ALONE, None): a call for it failed a moment ago, ask for yourself without a claim."""
         verdict, raw = await self._lookup(keys=[key, _claim_key(key)], args=[self._claimant, self._claim_ms])
         verdict = int(verdict)
         return verdict, (_decode(raw) if verdict == HIT else None)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: str) -> AsyncIterator[None]:
+        """Keep renewing this claimant's claim on ``key`` while the call for it runs."""
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self._claim_ms / 3000)
+                await self._if_owner(keys=[_claim_key(key)], args=[self._claimant, "", self._claim_ms])
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
 
     async def put(self, key: str, response: ProviderResponse) -> None:
         data = {"text": response.text, "input_tokens": response.input_tokens,
                 "output_tokens": response.output_tokens, "model": response.model}
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.set(key, json.dumps(data, ensure_ascii=False), ex=self._ttl)
-            pipe.delete(_claim_key(key))
+            pipe.delete(_claim_key(key))  # whoever claimed it: the answer is there now
             await pipe.execute()
 
-    async def release(self, key: str) -> None:
-        """Drop a claim without an answer (the call failed): the next one to look asks for itself."""
-        await self._client.delete(_claim_key(key))
+    async def failed(self, key: str) -> None:
+        """This claimant's call failed: mark the prompt so that those waiting ask for themselves."""
+        await self._if_owner(keys=[_claim_key(key)], args=[self._claimant, FAILED_MARK, self._failed_ms])
 
 
 def _decode(raw: bytes | str) -> ProviderResponse:

@@ -28,10 +28,6 @@ class RetryPolicy:
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
 
-    def longest_call(self) -> float:
-        """About the longest one row's calls can take, every attempt used up: bounds claims on a prompt."""
-        return self.max_attempts * ((self.call_deadline or 60.0) + self.backoff_max)
-
     def retrying(self) -> AsyncRetrying:
         """A fresh tenacity controller for one row's call (it counts that row's attempts and timeouts)."""
         return AsyncRetrying(

@@ -29,7 +29,9 @@ from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_con
 from .settings import Settings
 from .templates import PromptTemplate
 
-ENQUEUE_BATCH_ROWS = 10_000  # rows per Redis transaction of chunk jobs (bounds the submitter's memory)
+# A Redis transaction of chunk jobs holds at most this many jobs and rows (the submitter's memory, and how long
+# one MULTI/EXEC holds Redis up for everyone else).
+ENQUEUE_BATCH_JOBS, ENQUEUE_BATCH_ROWS = 200, 10_000
 RETRY_EVENT_KEYS = 1000  # row keys per "retrying" event
 PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
@@ -211,7 +213,7 @@ def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str
     for chunk in chunks:
         batch.append(chunk)
         rows += len(chunk[1])
-        if rows >= ENQUEUE_BATCH_ROWS:
+        if rows >= ENQUEUE_BATCH_ROWS or len(batch) >= ENQUEUE_BATCH_JOBS:
             total += enqueue_chunks(queue, settings, run_id, batch)
             batch, rows = [], 0
     return total + enqueue_chunks(queue, settings, run_id, batch)
