@@ -30,6 +30,7 @@ from .templates import PromptTemplate
 
 log = logging.getLogger("pipeline.answer")
 CLAIM_POLL_SECONDS, CLAIM_POLL_MAX_SECONDS = 0.05, 0.5
+BACKOFF_STEP_SECONDS = 0.25
 
 
 @dataclass
@@ -218,12 +219,11 @@ class RowAnswerer:
         estimated_tokens = input_estimate + output_cap
         price = self.prices.price(request.model)
         worst_case = price.cost(input_estimate, output_cap)
-        async for attempt in self.policy.retrying():
+        async for attempt in self.policy.retrying(sleep=self._sleep_unless_cancelled):
             with attempt:
                 await self._unless_cancelled()
-                await target.limiter.acquire(estimated_tokens)
                 try:
-                    await self._unless_cancelled()  # the wait for the rate limit may have been long
+                    await target.limiter.acquire(estimated_tokens, sleep=self._sleep_unless_cancelled)
                     held = await self.budget.reserve(worst_case)  # after the wait: the hold cannot expire in it
                 except (RunCancelled, BudgetExceeded):
                     await target.limiter.release(estimated_tokens)  # the limit is shared with other runs
@@ -252,6 +252,13 @@ class RowAnswerer:
                 return await target.provider.complete(request)
         except TimeoutError:
             raise ProviderTimeout(f"{target.spec}: no complete answer in {self.policy.call_deadline:g} s") from None
+
+    async def _sleep_unless_cancelled(self, seconds: float) -> None:
+        """Sleep (a backoff, a rate-limit wait) in short steps, so that a cancel is noticed even in a long one."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, BACKOFF_STEP_SECONDS))
+            await self._unless_cancelled()
 
     async def _unless_cancelled(self) -> None:
         if self.should_stop is not None and await self.should_stop():

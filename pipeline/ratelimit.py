@@ -9,6 +9,7 @@ instead of polling, and the bucket never lets more than ``burst_seconds`` of bud
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -79,8 +80,10 @@ class SharedRateLimiter:
     def enabled(self) -> bool:
         return self.requests is not None or self.tokens is not None
 
-    async def acquire(self, estimated_tokens: int) -> float:
-        """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited."""
+    async def acquire(self, estimated_tokens: int,
+                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
+        """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited.
+        ``sleep`` may raise to give up the wait (a cancelled run): the caller then ``release``s the reservation."""
         pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
         if not pairs:
             return 0.0
@@ -89,7 +92,7 @@ class SharedRateLimiter:
             argv += [limit.rate, limit.burst_seconds, cost]
         wait = int(await self._reserve(keys=[lim.key for lim, _ in pairs], args=argv)) / 1e6
         if wait > 0:
-            await asyncio.sleep(wait)
+            await sleep(wait)
         return wait
 
     async def settle(self, estimated_tokens: int, actual_tokens: int) -> None:

@@ -6,7 +6,9 @@ because a call that timed out may still have been billed.
 """
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -28,12 +30,14 @@ class RetryPolicy:
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
 
-    def retrying(self) -> AsyncRetrying:
-        """A fresh tenacity controller for one row's call (it counts that row's attempts and timeouts)."""
+    def retrying(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
+        """A fresh tenacity controller for one row's call (it counts that row's attempts and timeouts).
+        ``sleep`` waits out the backoff; the caller's may stop early (a cancelled run) by raising."""
         return AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
             stop=_Stop(self),
             wait=self._wait,
+            sleep=sleep,
             reraise=True,
         )
 

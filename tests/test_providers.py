@@ -161,6 +161,27 @@ def test_shared_rate_limit_holds_across_two_worker_processes(provider_pipeline, 
     assert (run["rows_succeeded"], run["rate_limited"]) == (120, 0)
 
 
+def test_cancel_reaches_rows_waiting_out_a_long_retry_after(provider_pipeline, server, tmp_path):
+    """The provider says "retry after 10 minutes": the rows sit in backoff and rate-limit waits. A cancel must
+    end them all promptly (the burst worker exits), leaving them without a result for resume."""
+    from pipeline import runs
+
+    server.configure(fail_next=[429] * 50, retry_after=600)
+    pipeline = provider_pipeline(worker_concurrency=8)
+    run_id = pipeline.submit(write(tmp_path / "d.jsonl", rows(8)), TEMPLATE, id_column="id", provider="openai",
+                             model="gpt-4o-mini").run_id
+    worker = processes.start(["worker.py", "--burst"], pipeline.env())
+    try:
+        processes.wait_for(lambda: server.stats()["by_status"].get("429", 0) >= 1, 30, "the first 429")
+        runs.cancel(pipeline.redis, pipeline.settings, run_id)
+        assert worker.wait(timeout=60) == 0                  # not 600 s later
+    finally:
+        processes.kill_tree(worker)
+    pipeline.collect()
+    assert pipeline.results(run_id) == []
+    assert pipeline.run_row(run_id)["status"] == "cancelled"
+
+
 def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_path):
     from pipeline import runs
 
