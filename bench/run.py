@@ -70,8 +70,9 @@ def main() -> None:
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     settings = Settings(_env_file=None, data_dir=work, redis_url=redis_url,
                         database_url=os.environ.get("DATABASE_URL", f"sqlite:///{work / 'bench.db'}"),
-                        openai_api_key="sk-bench", openai_base_url=f"{url}/v1", worker_concurrency=config["concurrency"],
-                        log_level="WARNING", metrics_port=0, chunk_size=args.chunk_size)
+                        openai_api_key="sk-bench", openai_base_url=f"{url}/v1",
+                        worker_concurrency=config["concurrency"], log_level="WARNING", metrics_port=0,
+                        chunk_size=args.chunk_size)
     connection = connect(settings)
     connection.flushdb()
     engine = store.make_engine(settings.resolved_database_url)
