@@ -20,7 +20,7 @@ from pipeline.pricing import PriceTable
 from pipeline.providers import build_provider
 from pipeline.queue import async_client, connect
 from pipeline.ratelimit import SharedRateLimiter
-from pipeline.records import FAILED, Result, Row, RunConfig
+from pipeline.records import Result, Row, RunConfig
 from pipeline.redaction import redact
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
@@ -66,12 +66,7 @@ def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: 
     reason = f"{exc_type.__name__}: {exc}" if exc_type is not None else "unknown error"
     error = redact(f"chunk {payload['chunk']} failed on every try ({reason})")[:2000]
     handoff.publish_results(connection, worker_settings().result_stream,
-                            [failed_result(run_id, row, error) for row, status in zip(rows, done) if status is None])
-
-
-def failed_result(run_id: str, row: Row, error: str) -> Result:
-    return Result(run_id=run_id, row_key=row.key, row_index=row.index, status=FAILED, input=row.values,
-                  error=error, finished_at=time.time())
+                            [Result.failure(run_id, row, error) for row, status in zip(rows, done) if status is None])
 
 
 class ChunkRunner:
@@ -108,7 +103,7 @@ class ChunkRunner:
     def _fail_rows(self, rows: list[Row], error: str) -> int:
         log.error("chunk %s of run %s: %s", self.chunk, self.run_id, error, extra={"run_id": self.run_id})
         handoff.publish_results(self.connection, self.settings.result_stream,
-                                [failed_result(self.run_id, row, error) for row in rows])
+                                [Result.failure(self.run_id, row, error) for row in rows])
         return len(rows)
 
     async def _rows_without_result(self, client: aioredis.Redis) -> list[Row]:

@@ -5,6 +5,7 @@ Every outcome but a spent budget or a cancelled run becomes a Result, so one bad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeo
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
-from .records import FAILED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
+from .records import SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
 from .redaction import redact
 from .retry import RetryPolicy
 from .templates import PromptTemplate
@@ -110,13 +111,11 @@ class RowAnswerer:
             raise  # a lost Redis fails the chunk job, which RQ retries; done rows are skipped then
         except Exception as exc:  # a bug must cost one row, not its whole chunk
             log.exception("row %s failed unexpectedly", row.key, extra={"run_id": self.config.run_id})
-            result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,
-                            input=row.values, error=redact(f"internal error: {type(exc).__name__}: {exc}"))
-            return self._finish(result, started)
+            error = redact(f"internal error: {type(exc).__name__}: {exc}")
+            return self._finish(Result.failure(self.config.run_id, row, error), started)
 
     async def _answer(self, row: Row, started: float) -> Result:
-        result = Result(run_id=self.config.run_id, row_key=row.key, row_index=row.index, status=FAILED,
-                        input=row.values)
+        result = Result.failure(self.config.run_id, row)
         try:
             prompt = self._render(row)
         except TemplateError as exc:
@@ -178,12 +177,9 @@ class RowAnswerer:
                 verdict, answer = await self.cache.get_or_claim(key)
                 if answer is not None:
                     return answer, self._validate(answer.text), True
-                if verdict == ASK:
-                    async with self.cache.holding(key):
+                if verdict in (ASK, ALONE):  # ALONE: a call for it just failed, so ask without a claim
+                    async with self.cache.holding(key) if verdict == ASK else contextlib.nullcontext():
                         answer, parsed = await self._fresh_answer(target, request, tally, key)
-                    return answer, parsed, False
-                if verdict == ALONE:
-                    answer, parsed = await self._fresh_answer(target, request, tally, key)
                     return answer, parsed, False
                 await asyncio.sleep(delay)  # another worker is asking it: its answer lands in the cache
                 delay = min(delay * 2, CLAIM_POLL_MAX_SECONDS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,16 +106,14 @@ class Result:
     finished_at: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)  # "provider|model|outcome" -> provider calls made
 
-    def count_call(self, provider: str, model: str, outcome: str) -> None:
-        key = f"{provider}|{model}|{outcome}"
-        self.calls[key] = self.calls.get(key, 0) + 1
+    @classmethod
+    def failure(cls, run_id: str, row: "Row", error: str | None = None) -> "Result":
+        """A failed result for ``row``: the start of every row's result, and the whole of one that cannot run."""
+        return cls(run_id=run_id, row_key=row.key, row_index=row.index, status=FAILED, input=row.values,
+                   error=error, finished_at=time.time())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Result":
-        return cls(**json.loads(text))
 
 
 def stable_hash(*parts: Any) -> str:
