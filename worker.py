@@ -5,22 +5,19 @@ import click
 
 from pipeline.logs import setup_logging
 from pipeline.settings import load_settings
-from pipeline.workers import run_pool, run_worker
+from pipeline.workers import run_pool
 
 
 @click.command()
 @click.option("--burst", is_flag=True, help="Drain the queue, then exit.")
 @click.option("--processes", "-n", default=1, show_default=True, type=click.IntRange(1),
-              help="Worker processes (a supervised pool that respawns dead workers).")
+              help="Worker processes, supervised: a dead one is respawned and its running chunks requeued at once.")
 @click.option("--concurrency", type=click.IntRange(1), help="Provider calls in flight per process.")
 def main(burst: bool, processes: int, concurrency: int | None) -> None:
     overrides = {"worker_concurrency": concurrency} if concurrency else {}
     settings = load_settings(**overrides)
     setup_logging(settings, "worker")
-    if processes == 1:
-        run_worker(settings, burst=burst)
-    else:
-        run_pool(settings, processes, burst=burst)
+    run_pool(settings, processes, burst=burst)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The RQ job: answer the rows of one chunk, many calls in flight, and hand each result to the collector."""
+"""The RQ job: answer the rows of one chunk in this process's call window, and hand each result to the collector."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
@@ -16,24 +17,25 @@ from pipeline.answer import RowAnswerer, Target
 from pipeline.budget import RunBudget
 from pipeline.cache import ResponseCache
 from pipeline.errors import BudgetExceeded, ConfigError, RunCancelled, RunNotFound
-from pipeline.pricing import PriceTable
-from pipeline.providers import build_provider
-from pipeline.queue import async_client, connect
+from pipeline.queue import connect
 from pipeline.ratelimit import SharedRateLimiter
 from pipeline.records import Result, Row, RunConfig
 from pipeline.redaction import redact
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
+from pipeline.window import CallWindow, Ticket, process_window
 
 log = logging.getLogger("pipeline.job")
 CANCEL_CHECK_SECONDS = 0.25
 
 
 _settings: Settings | None = None
+# The worker reserves a chunk's rows in the window before the job's thread starts (see pipeline.workers).
+current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("current_ticket", default=None)
 
 
 def use_settings(settings: Settings) -> None:
-    """The worker process hands its settings over before it forks, so each job needs no re-read."""
+    """The worker process hands its settings over at start, so each job needs no re-read."""
     global _settings
     _settings = settings
 
@@ -49,13 +51,24 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     settings = worker_settings()
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings)
-    return asyncio.run(ChunkRunner(settings, connection, payload).run())
+    window = process_window(settings, connection)
+    ticket = current_ticket.get() or window.reserve(len(payload["rows"]))
+    timeout = job.timeout if job is not None and job.timeout and job.timeout > 0 else None
+    try:
+        config = runstate.load_config(connection, payload["run_id"])
+    except RunNotFound as exc:
+        config = exc
+    runner = ChunkRunner(settings, window, payload, ticket)
+    try:
+        return window.run(runner.run(config, timeout))
+    finally:
+        ticket.close()
 
 
 def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: BaseException | None,
                  _traceback: Any) -> None:
     """RQ's failure callback. After the last retry, rows still without a result get a failed one, so the run
-    can end; ``retry-failed`` sends them again. (A work horse killed on the last try skips callbacks: ``resume``.)
+    can end; ``retry-failed`` sends them again. (A worker killed on the last try skips callbacks: ``resume``.)
     """
     if job.retries_left:
         return
@@ -70,97 +83,98 @@ def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: 
 
 
 class ChunkRunner:
-    def __init__(self, settings: Settings, connection: redis.Redis, payload: dict[str, Any]) -> None:
+    """One chunk's rows on the window's loop; its rows share the window's places with every other chunk's."""
+
+    def __init__(self, settings: Settings, window: CallWindow, payload: dict[str, Any], ticket: Ticket) -> None:
         self.settings = settings
-        self.connection = connection
+        self.window = window
+        self.client: aioredis.Redis = window.client
+        self.ticket = ticket
         self.run_id: str = payload["run_id"]
         self.chunk: str = payload["chunk"]
         self.rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
         self.stopped: str | None = None
         self._cancel_checked = float("-inf")
 
-    async def run(self) -> dict[str, Any]:
-        client = async_client(self.settings, self.connection)
-        targets: list[Target] = []
+    async def run(self, config: RunConfig | Exception, timeout: float | None) -> dict[str, Any]:
+        todo = await self._rows_without_result()
+        self.ticket.started(len(self.rows) - len(todo))
         try:
-            todo = await self._rows_without_result(client)
-            try:
-                config = runstate.load_config(self.connection, self.run_id)
-                answerer = self._answerer(config, client, targets)
-            except (ConfigError, RunNotFound) as exc:  # retrying the chunk cannot help: its rows fail now
-                answered = self._fail_rows(todo, f"cannot start the chunk: {exc}")
-            else:
-                answered = await self._answer_all(client, answerer, todo)
-        finally:
-            for target in targets:
-                await target.provider.aclose()
-            await client.aclose()
+            if isinstance(config, Exception):
+                raise config
+            answerer = self._answerer(config)
+        except (ConfigError, RunNotFound) as exc:  # retrying the chunk cannot help: its rows fail now
+            answered = await self._fail_rows(todo, f"cannot start the chunk: {exc}")
+        else:
+            async with asyncio.timeout(timeout):  # RQ's job timeout, kept by the loop (no signal in a thread)
+                answered = await self._answer_all(answerer, todo)
         summary = {"run_id": self.run_id, "chunk": self.chunk, "rows": len(self.rows),
                    "skipped_done": len(self.rows) - len(todo), "answered": answered, "stopped": self.stopped}
         log.info("chunk finished", extra={"run_id": self.run_id, "summary": summary})
         return summary
 
-    def _fail_rows(self, rows: list[Row], error: str) -> int:
+    async def _fail_rows(self, rows: list[Row], error: str) -> int:
         log.error("chunk %s of run %s: %s", self.chunk, self.run_id, error, extra={"run_id": self.run_id})
-        handoff.publish_results(self.connection, self.settings.result_stream,
-                                [Result.failure(self.run_id, row, error) for row in rows])
+        await handoff.publish_results_async(self.client, self.settings.result_stream,
+                                            [Result.failure(self.run_id, row, error) for row in rows])
         return len(rows)
 
-    async def _rows_without_result(self, client: aioredis.Redis) -> list[Row]:
+    async def _rows_without_result(self) -> list[Row]:
         """Rows whose result an earlier attempt of this chunk already handed over are not paid for again."""
         if not self.rows:
             return []
-        done = await client.hmget(handoff.done_key(self.run_id), [r.key for r in self.rows])
+        done = await self.client.hmget(handoff.done_key(self.run_id), [r.key for r in self.rows])
         return [row for row, status in zip(self.rows, done) if status is None]
 
-    def _answerer(self, config: RunConfig, client: aioredis.Redis, targets: list[Target]) -> RowAnswerer:
-        """The row answerer; ``targets`` receives each provider as it is built, so the caller can close them."""
+    def _answerer(self, config: RunConfig) -> RowAnswerer:
         s = self.settings
+        targets = []
         for spec in config.targets:
-            limiter = SharedRateLimiter(client, f"{spec.provider}:{spec.model}",
+            limiter = SharedRateLimiter(self.client, f"{spec.provider}:{spec.model}",
                                         rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
                                         burst_seconds=s.ratelimit_burst_seconds)
-            targets.append(Target(spec, build_provider(spec.provider, s), limiter))
+            targets.append(Target(spec, self.window.provider(spec.provider), limiter))
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
                              call_deadline=s.request_timeout + 5)
-        return RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
-                           budget=RunBudget(client, config.run_id, config.max_cost),
-                           cache=ResponseCache(client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}"),
-                           should_stop=lambda: self._should_stop(client))
+        return RowAnswerer(config, targets, policy=policy, prices=self.window.prices,
+                           budget=RunBudget(self.client, config.run_id, config.max_cost),
+                           cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}"),
+                           should_stop=self._should_stop, in_flight=self.window.prompts_in_flight)
 
-    async def _answer_all(self, client: aioredis.Redis, answerer: RowAnswerer, rows: list[Row]) -> int:
-        slots = asyncio.Semaphore(self.settings.worker_concurrency)
+    async def _answer_all(self, answerer: RowAnswerer, rows: list[Row]) -> int:
         answered = 0
 
         async def one(row: Row) -> None:
             nonlocal answered
-            async with slots:
-                if self.stopped or await self._should_stop(client):
+            async with self.window.place(self.ticket):
+                if self.stopped or await self._should_stop():
                     return
                 try:
                     result = await answerer.answer(row)
                 except BudgetExceeded:
-                    await self._stop(client, runstate.BUDGET_EXHAUSTED)
+                    await self._stop(runstate.BUDGET_EXHAUSTED)
                     return
                 except RunCancelled:  # cancelled while this row waited (rate limit, backoff): left for resume
                     return
-                await handoff.publish_result(client, self.settings.result_stream, result)
+                await handoff.publish_result(self.client, self.settings.result_stream, result)
                 answered += 1
 
-        await asyncio.gather(*(one(row) for row in rows))
+        async with asyncio.TaskGroup() as group:  # a row that raises (Redis lost) stops its chunk's other rows
+            for row in rows:
+                group.create_task(one(row))
         return answered
 
-    async def _should_stop(self, client: aioredis.Redis) -> bool:
+    async def _should_stop(self) -> bool:
         """Looks at the cancel flag at most every CANCEL_CHECK_SECONDS, not once per row."""
         now = time.monotonic()
         if self.stopped is None and now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
             self._cancel_checked = now
-            if await client.exists(runstate.cancelled_key(self.run_id)):
+            if await self.client.exists(runstate.cancelled_key(self.run_id)):
                 self.stopped = runstate.CANCELLED
         return self.stopped is not None
 
-    async def _stop(self, client: aioredis.Redis, status: str) -> None:
+    async def _stop(self, status: str) -> None:
         if self.stopped is None:
             self.stopped = status
-            await handoff.publish_event_async(client, self.settings.result_stream, handoff.STATUS,
+            await handoff.publish_event_async(self.client, self.settings.result_stream, handoff.STATUS,
                                               {"run_id": self.run_id, "status": status})

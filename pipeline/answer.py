@@ -91,7 +91,9 @@ def output_limit(request: ProviderRequest) -> int:
 class RowAnswerer:
     def __init__(self, config: RunConfig, targets: list[Target], *, policy: RetryPolicy, prices: PriceTable,
                  budget: RunBudget, cache: ResponseCache | None,
-                 should_stop: Callable[[], Awaitable[bool]] | None = None) -> None:
+                 should_stop: Callable[[], Awaitable[bool]] | None = None,
+                 in_flight: dict[str, asyncio.Future[ProviderResponse | None]] | None = None) -> None:
+        """``in_flight``: prompts being asked right now, shared by every chunk of the process's call window."""
         self.config = config
         self.template = PromptTemplate(config.template)
         self.targets = targets
@@ -100,7 +102,7 @@ class RowAnswerer:
         self.budget = budget
         self.cache = cache
         self.should_stop = should_stop
-        self._in_flight: dict[str, asyncio.Future[ProviderResponse | None]] = {}
+        self._in_flight = {} if in_flight is None else in_flight
 
     async def answer(self, row: Row) -> Result:
         """The row's result. Only BudgetExceeded and RunCancelled (row left for ``resume``) and Redis errors escape."""
@@ -158,16 +160,16 @@ class RowAnswerer:
             return (*await self._fresh_answer(target, request, tally, key), False)
         shared = self._in_flight.get(key)
         if shared is None:
-            return await self._speak_for_chunk(key, target, request, tally)
-        hit = await asyncio.shield(shared)  # another row of this chunk speaks for this prompt: take its answer
+            return await self._speak_for_process(key, target, request, tally)
+        hit = await asyncio.shield(shared)  # another row of this process speaks for this prompt: take its answer
         if hit is not None:
             return hit, self._validate(hit.text), True
         return (*await self._fresh_answer(target, request, tally, key), False)  # its call failed: ask alone
 
-    async def _speak_for_chunk(self, key: str, target: Target, request: ProviderRequest,
+    async def _speak_for_process(self, key: str, target: Target, request: ProviderRequest,
                                tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
-        """Get a prompt's answer for every row of this chunk that has it: from the cache, by waiting while another
-        worker asks for it, or by claiming it and asking. Rows repeating it meanwhile wait on ``_in_flight``."""
+        """Get a prompt's answer for every row of this process that has it: from the cache, by waiting while
+        another worker asks for it, or by claiming it and asking. Rows repeating it meanwhile wait on ``_in_flight``."""
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
         answer: ProviderResponse | None = None

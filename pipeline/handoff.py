@@ -34,8 +34,13 @@ def _stage_result(pipe: Any, stream: str, result: Result) -> None:
 
 
 async def publish_result(client: aioredis.Redis, stream: str, result: Result) -> None:
+    await publish_results_async(client, stream, [result])
+
+
+async def publish_results_async(client: aioredis.Redis, stream: str, results: Iterable[Result]) -> None:
     async with client.pipeline(transaction=True) as pipe:
-        _stage_result(pipe, stream, result)
+        for result in results:
+            _stage_result(pipe, stream, result)
         await pipe.execute()
 
 

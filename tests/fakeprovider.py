@@ -1,9 +1,11 @@
 """A fake LLM provider: a real HTTP server speaking the OpenAI Chat Completions and Anthropic Messages wire formats.
 
 Tests and the benchmark point the official SDKs at it (``base_url``). It can add latency, enforce request and
-token limits as token buckets (answering 429 with ``Retry-After`` and the providers' rate-limit headers), and
-inject 5xx, 4xx, hanging requests and malformed bodies, either for the next N requests or for prompts that
-contain a given text. It counts what it saw, including how often each prompt was answered (paid for).
+token limits as token buckets or as sliding windows (answering 429 with ``Retry-After`` and the providers'
+rate-limit headers), and inject 5xx, 4xx, hanging requests and malformed bodies, either for the next N requests,
+for prompts that contain a given text, or at random for a share of all calls (``error_rate``, ``hang_rate``).
+It counts what it saw, including how often each prompt was answered (paid for), what it admitted per second,
+and (with ``sample_in_flight``) the calls in flight over time.
 
 In-process: ``with FakeProvider(latency=0.2, rpm=3000) as server: ... server.url ...``.
 As a process: ``python -m tests.fakeprovider --port 0 --latency 0.2 --rpm 3000`` prints its URL first;
@@ -37,8 +39,13 @@ class Config:
     rpm: float | None = None
     tpm: float | None = None
     burst_seconds: float = 1.0
+    window: str = "bucket"              # "bucket": token buckets; "sliding": at most a window's share of the limit
+    window_seconds: float = 10.0        # in any window_seconds ("sliding" only)
     retry_after: float = 1.0            # for injected 429s
     hang_seconds: float = 30.0
+    error_rate: float = 0.0             # share of calls answered 500 at random
+    hang_rate: float = 0.0              # share of calls that hang hang_seconds at random (then 504, never paid)
+    sample_in_flight: float = 0.0       # seconds between samples of the calls in flight; 0 = no sampling
     fail_next: list[Instruction] = field(default_factory=list)
     rules: list[dict[str, Any]] = field(default_factory=list)     # {"match", "action", "times": N | None}
     answers: list[dict[str, str]] = field(default_factory=list)   # {"match", "content"}
@@ -74,6 +81,47 @@ class Bucket:
         return (self.capacity - self.level) / self.rate if self.rate else 0.0
 
 
+class SlidingWindow:
+    """At most ``per_minute / 60 * window_seconds`` admitted in any ``window_seconds``: no refill between, so
+    the whole window's budget may go at once (as some providers count)."""
+
+    def __init__(self, per_minute: float, window_seconds: float) -> None:
+        self.rate = per_minute / 60.0
+        self.seconds = window_seconds
+        self.limit = max(1.0, self.rate * window_seconds)
+        self.taken: collections.deque[tuple[float, float]] = collections.deque()  # (stamp, cost), oldest first
+        self.total = 0.0
+
+    def _expire(self) -> float:
+        now = time.monotonic()
+        while self.taken and self.taken[0][0] <= now - self.seconds:
+            self.total -= self.taken.popleft()[1]
+        return now
+
+    def wait_for(self, cost: float) -> float:
+        """0 if ``cost`` fits in the window now (and takes it), else the seconds until it would."""
+        now = self._expire()
+        needed = self.total + min(cost, self.limit) - self.limit
+        if needed <= 1e-9:
+            self.taken.append((now, cost))
+            self.total += cost
+            return 0.0
+        freed = 0.0
+        for stamp, taken in self.taken:
+            freed += taken
+            if freed >= needed - 1e-9:
+                return stamp + self.seconds - now
+        return self.seconds
+
+    def remaining(self) -> int:
+        self._expire()
+        return max(0, int(self.limit - self.total))
+
+    def reset_seconds(self) -> float:
+        now = self._expire()
+        return self.taken[0][0] + self.seconds - now if self.taken else 0.0
+
+
 @dataclass
 class Stats:
     requests: int = 0
@@ -86,8 +134,25 @@ class Stats:
     max_per_second: int = 0
     max_per_minute: int = 0
     admitted: collections.deque = field(default_factory=collections.deque)
+    admitted_total: int = 0
+    admitted_tokens: int = 0                 # as charged to the token limit: input + max output tokens
+    first_admitted: float | None = None      # monotonic
+    last_admitted: float | None = None
+    admitted_per_second: list[int] = field(default_factory=list)   # by whole seconds since first_admitted
+    tokens_per_second: list[int] = field(default_factory=list)
+    in_flight_samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, calls in flight)
 
-    def admit(self, now: float) -> None:
+    def admit(self, now: float, tokens: int = 0) -> None:
+        if self.first_admitted is None:
+            self.first_admitted = now
+        self.last_admitted = now
+        self.admitted_total += 1
+        self.admitted_tokens += tokens
+        second = int(now - self.first_admitted)
+        for series in (self.admitted_per_second, self.tokens_per_second):
+            series.extend([0] * (second + 1 - len(series)))
+        self.admitted_per_second[second] += 1
+        self.tokens_per_second[second] += tokens
         self.admitted.append(now)
         while self.admitted and self.admitted[0] <= now - 60:
             self.admitted.popleft()
@@ -104,7 +169,11 @@ class Stats:
             "requests": self.requests, "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_path": dict(self.by_path), "paid": dict(self.paid), "auth_seen": self.auth_seen,
             "in_flight_max": self.in_flight_max, "max_per_second": self.max_per_second,
-            "max_per_minute": self.max_per_minute,
+            "max_per_minute": self.max_per_minute, "in_flight": self.in_flight,
+            "admitted_total": self.admitted_total, "admitted_tokens": self.admitted_tokens,
+            "first_admitted": self.first_admitted, "last_admitted": self.last_admitted,
+            "admitted_per_second": list(self.admitted_per_second), "tokens_per_second": list(self.tokens_per_second),
+            "in_flight_samples": list(self.in_flight_samples),
         }
 
 
@@ -118,6 +187,7 @@ class FakeProvider:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task | None = None
 
     # --- control -------------------------------------------------------------------------------------------
     @property
@@ -127,7 +197,7 @@ class FakeProvider:
     def configure(self, **changes: Any) -> None:
         with self._lock:
             self.config = dataclasses.replace(self.config, **changes)
-            if {"rpm", "tpm", "burst_seconds"} & changes.keys():
+            if {"rpm", "tpm", "burst_seconds", "window", "window_seconds"} & changes.keys():
                 self._buckets = self._make_buckets()
 
     def stats(self) -> dict[str, Any]:
@@ -139,13 +209,21 @@ class FakeProvider:
             self._stats = Stats()
             self._buckets = self._make_buckets()
 
-    def _make_buckets(self) -> dict[str, Bucket]:
+    def _make_buckets(self) -> dict[str, Bucket | SlidingWindow]:
         c = self.config
+        if c.window not in ("bucket", "sliding"):
+            raise ValueError(f"window must be 'bucket' or 'sliding', not {c.window!r}")
+
+        def limit(per_minute: float) -> Bucket | SlidingWindow:
+            if c.window == "sliding":
+                return SlidingWindow(per_minute, c.window_seconds)
+            return Bucket(per_minute, c.burst_seconds)
+
         buckets = {}
         if c.rpm:
-            buckets["requests"] = Bucket(c.rpm, c.burst_seconds)
+            buckets["requests"] = limit(c.rpm)
         if c.tpm:
-            buckets["tokens"] = Bucket(c.tpm, c.burst_seconds)
+            buckets["tokens"] = limit(c.tpm)
         return buckets
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -165,6 +243,21 @@ class FakeProvider:
         site = web.TCPSite(self._runner, self.host, self.port, backlog=2048, reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the real port when asked for 0
+        if self.config.sample_in_flight > 0:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_in_flight())
+
+    async def _sample_in_flight(self) -> None:
+        """Record (time, calls in flight) every ``sample_in_flight`` seconds, into the current stats."""
+        while True:
+            await asyncio.sleep(self.config.sample_in_flight)
+            with self._lock:
+                self._stats.in_flight_samples.append((time.monotonic(), self._stats.in_flight))
+
+    async def cleanup(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
+        await self._runner.cleanup()
 
     def start(self) -> "FakeProvider":
         ready = threading.Event()
@@ -184,7 +277,7 @@ class FakeProvider:
     def stop(self) -> None:
         if self._loop is None:
             return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop = None
@@ -208,7 +301,7 @@ class FakeProvider:
         input_text = _all_input_text(body, style)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         with self._lock:
-            stats = self._stats
+            stats = self._stats  # all of this request is counted here, even if a reset replaces them meanwhile
             stats.requests += 1
             stats.by_path[request.path] += 1
             if request.headers.get("authorization") or request.headers.get("x-api-key"):
@@ -220,29 +313,30 @@ class FakeProvider:
             prompt_tokens = _tokens(input_text)
             wait = 0.0
             if instruction is None:
-                wait = self._take_budget(prompt_tokens + (max_tokens or 0))
+                charged = prompt_tokens + (max_tokens or 0)
+                wait = self._take_budget(charged)
                 if not wait:
-                    stats.admit(time.monotonic())
+                    stats.admit(time.monotonic(), charged)
             headers = self._limit_headers(style)
         try:
             if instruction is None and wait:
-                return self._finish(style, 429, headers, wait)
+                return self._finish(stats, style, 429, headers, wait)
             if instruction is not None:
-                return await self._inject(style, instruction, headers, config, request)
+                return await self._inject(stats, style, instruction, headers, config, request)
             await asyncio.sleep(config.latency + random.uniform(0, config.jitter))
             content = self._content(prompt)
             finish = "stop"
             if max_tokens and _tokens(content) > max_tokens:
                 content, finish = content[: max_tokens * 4], "length"
             with self._lock:
-                self._stats.paid[prompt] += 1
-                self._stats.by_status[200] += 1
+                stats.paid[prompt] += 1
+                stats.by_status[200] += 1
             payload = (_openai_body if style == "openai" else _anthropic_body)(
                 body.get("model", "unknown"), content, prompt_tokens, _tokens(content), finish)
             return web.json_response(payload, headers=headers)
         finally:
             with self._lock:
-                self._stats.in_flight -= 1
+                stats.in_flight -= 1
 
     def _instruction(self, prompt: str) -> Instruction | None:
         config = self.config
@@ -253,6 +347,11 @@ class FakeProvider:
                 if rule.get("times") is not None:
                     rule["times"] -= 1
                 return rule["action"]
+        draw = random.random() if config.error_rate or config.hang_rate else 1.0
+        if draw < config.error_rate:
+            return 500
+        if draw < config.error_rate + config.hang_rate:
+            return "hang"
         return None
 
     def _take_budget(self, tokens: int) -> float:
@@ -267,26 +366,26 @@ class FakeProvider:
                 return answer["content"]
         return "ECHO: " + prompt
 
-    async def _inject(self, style: str, instruction: Instruction, headers: dict[str, str],
+    async def _inject(self, stats: Stats, style: str, instruction: Instruction, headers: dict[str, str],
                       config: Config, request: web.Request) -> web.StreamResponse:
         if instruction == "hang":
             await asyncio.sleep(config.hang_seconds)
-            return self._finish(style, 504, headers)
+            return self._finish(stats, style, 504, headers)
         if instruction == "malformed":
             with self._lock:
-                self._stats.by_status["malformed"] += 1
+                stats.by_status["malformed"] += 1
             return web.Response(status=200, text='{"id": "oops", "choices": [', content_type="application/json",
                                 headers=headers)
         status = int(instruction)
         if status == 401:  # like the real APIs, echo the key back, so tests can check that we redact it
             key = request.headers.get("x-api-key") or request.headers.get("authorization", "").split(" ")[-1]
-            return self._finish(style, status, headers, message=f"Incorrect API key provided: {key}")
-        return self._finish(style, status, headers, config.retry_after if status == 429 else None)
+            return self._finish(stats, style, status, headers, message=f"Incorrect API key provided: {key}")
+        return self._finish(stats, style, status, headers, config.retry_after if status == 429 else None)
 
-    def _finish(self, style: str, status: int, headers: dict[str, str], retry_after: float | None = None,
-                message: str | None = None) -> web.Response:
+    def _finish(self, stats: Stats, style: str, status: int, headers: dict[str, str],
+                retry_after: float | None = None, message: str | None = None) -> web.Response:
         with self._lock:
-            self._stats.by_status[status] += 1
+            stats.by_status[status] += 1
         headers = dict(headers)
         if retry_after is not None:
             headers["retry-after"] = str(max(1, math.ceil(retry_after)))
@@ -398,10 +497,23 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.0)
     parser.add_argument("--rpm", type=float)
     parser.add_argument("--tpm", type=float)
-    parser.add_argument("--burst-seconds", type=float, default=1.0)
+    parser.add_argument("--burst-seconds", type=float, default=1.0, help="bucket size of --window bucket")
+    parser.add_argument("--window", choices=("bucket", "sliding"), default="bucket",
+                        help="bucket: token buckets refilled continuously; sliding: at most rpm/60 * "
+                             "--window-seconds (and the same for tpm) admitted in any --window-seconds")
+    parser.add_argument("--window-seconds", type=float, default=10.0)
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share of calls answered 500 at random")
+    parser.add_argument("--hang-rate", type=float, default=0.0,
+                        help="share of calls that hang --hang-seconds at random (then 504; never paid)")
+    parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument("--sample-in-flight", type=float, default=0.0, metavar="SECONDS",
+                        help="sample the calls in flight this often into /_stats' in_flight_samples")
     args = parser.parse_args()
     server = FakeProvider(args.host, args.port, latency=args.latency, jitter=args.jitter, rpm=args.rpm,
-                          tpm=args.tpm, burst_seconds=args.burst_seconds)
+                          tpm=args.tpm, burst_seconds=args.burst_seconds, window=args.window,
+                          window_seconds=args.window_seconds, error_rate=args.error_rate,
+                          hang_rate=args.hang_rate, hang_seconds=args.hang_seconds,
+                          sample_in_flight=args.sample_in_flight)
 
     async def run() -> None:
         await server.serve()
@@ -410,7 +522,7 @@ def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
-        await server._runner.cleanup()
+        await server.cleanup()
 
     asyncio.run(run())
 

@@ -39,17 +39,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def horse_of(worker_pid: int) -> int | None:
-    """RQ's work horse is the worker's child that leads its own process group (it calls setpgrp)."""
-    for child in children(worker_pid):
-        try:
-            if os.getpgid(child) == child:
-                return child
-        except ProcessLookupError:
-            continue
-    return None
-
-
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process, its children and their process groups: a machine losing the worker at once."""
     pids = [process.pid, *children(process.pid)]

@@ -1,9 +1,11 @@
 """Anthropic Messages through the official SDK."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anthropic
+import httpx2
 
 from .base import ProviderRequest, ProviderResponse, rate_limit_state
 from .sdk_errors import translate
@@ -17,13 +19,15 @@ class AnthropicProvider:
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
-            raw = await self._client.messages.with_raw_response.create(**self._arguments(request))
-            message = await raw.parse()
+            # The client's own post (auth, version header, error classes) without its typed model layer.
+            raw = await self._client.post("/v1/messages", body=self._arguments(request), cast_to=httpx2.Response)
+            message = json.loads(raw.content)
+            usage = message.get("usage") or {}
             return ProviderResponse(
-                text="".join(block.text for block in message.content if getattr(block, "type", "") == "text"),
-                input_tokens=message.usage.input_tokens,
-                output_tokens=message.usage.output_tokens,
-                model=message.model or request.model,
+                text="".join(block["text"] for block in message["content"] if block.get("type") == "text"),
+                input_tokens=int(usage.get("input_tokens") or 0),
+                output_tokens=int(usage.get("output_tokens") or 0),
+                model=message.get("model") or request.model,
                 rate_limit=rate_limit_state(raw.headers, style="anthropic"),
             )
         except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error

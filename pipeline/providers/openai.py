@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx2
 import openai
 
 from .base import ProviderRequest, ProviderResponse, rate_limit_state
@@ -22,14 +23,17 @@ class OpenAIProvider:
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**self._arguments(request))
-            completion = raw.parse()  # openai's raw response parses synchronously; anthropic's is awaited
-            usage = completion.usage
+            # The client's own post (auth, base URL, headers, error classes) without its typed model layer:
+            # building and validating the pydantic models cost more CPU than the rest of a call.
+            raw = await self._client.post("/chat/completions", body=self._arguments(request),
+                                          cast_to=httpx2.Response)
+            completion = json.loads(raw.content)
+            usage = completion.get("usage") or {}
             return ProviderResponse(
-                text=completion.choices[0].message.content or "",
-                input_tokens=usage.prompt_tokens if usage else 0,
-                output_tokens=usage.completion_tokens if usage else 0,
-                model=completion.model or request.model,
+                text=completion["choices"][0]["message"].get("content") or "",
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                model=completion.get("model") or request.model,
                 rate_limit=rate_limit_state(raw.headers, style="openai"),
             )
         except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
