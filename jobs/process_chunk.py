@@ -138,7 +138,8 @@ class ChunkRunner:
                              call_deadline=s.request_timeout + 5)
         return RowAnswerer(config, targets, policy=policy, prices=self.window.prices,
                            budget=RunBudget(self.client, config.run_id, config.max_cost),
-                           cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}"),
+                           cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",
+                                               reads=self.window.reads, writes=self.window.writes),
                            should_stop=self._should_stop, in_flight=self.window.prompts_in_flight)
 
     async def _answer_all(self, answerer: RowAnswerer, rows: list[Row]) -> int:
@@ -156,7 +157,8 @@ class ChunkRunner:
                     return
                 except RunCancelled:  # cancelled while this row waited (rate limit, backoff): left for resume
                     return
-                await handoff.publish_result(self.client, self.settings.result_stream, result)
+                stream = self.settings.result_stream
+                await self.window.writes.run(lambda pipe: handoff.stage_result(pipe, stream, result))
                 answered += 1
 
         async with asyncio.TaskGroup() as group:  # a row that raises (Redis lost) stops its chunk's other rows

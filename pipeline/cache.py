@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from .providers.base import ProviderRequest, ProviderResponse
 from .records import stable_hash
+from .redis_batch import RedisBatcher, stage_script
 
 HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for it just failed, ask unclaimed
 FAILED_MARK = "!failed"
@@ -60,10 +61,14 @@ def _claim_key(key: str) -> str:
 
 class ResponseCache:
     def __init__(self, client: aioredis.Redis, ttl_seconds: int | None = None, *, claimant: str | None = None,
-                 claim_seconds: float = 30.0, failed_seconds: float = 60.0) -> None:
+                 claim_seconds: float = 30.0, failed_seconds: float = 60.0,
+                 reads: RedisBatcher | None = None, writes: RedisBatcher | None = None) -> None:
         """``claimant`` names who asks (a chunk: when RQ runs it again it owns its claims again). A claim lapses
-        ``claim_seconds`` after its owner stopped renewing it; a failed mark after ``failed_seconds``."""
+        ``claim_seconds`` after its owner stopped renewing it; a failed mark after ``failed_seconds``.
+        ``reads`` / ``writes``: the process's shared batchers (lookups; answers stored)."""
         self._client = client
+        self._reads = reads or RedisBatcher(client, transaction=False)
+        self._writes = writes or RedisBatcher(client, transaction=True)
         self._ttl = ttl_seconds
         self._claim_ms = int(claim_seconds * 1000)
         self._failed_ms = int(failed_seconds * 1000)
@@ -74,7 +79,8 @@ class ResponseCache:
     async def get_or_claim(self, key: str) -> tuple[int, ProviderResponse | None]:
         """(HIT, answer); (ASK, None): the prompt is now claimed by you; (WAIT, None): someone else is asking;
         (ALONE, None): a call for it failed a moment ago, ask for yourself without a claim."""
-        verdict, raw = await self._lookup(keys=[key, _claim_key(key)], args=[self._claimant, self._claim_ms])
+        [(verdict, raw)] = await self._reads.run(
+            lambda pipe: stage_script(pipe, self._lookup, [key, _claim_key(key)], [self._claimant, self._claim_ms]))
         verdict = int(verdict)
         return verdict, (_decode(raw) if verdict == HIT else None)
 
@@ -97,10 +103,13 @@ class ResponseCache:
     async def put(self, key: str, response: ProviderResponse) -> None:
         data = {"text": response.text, "input_tokens": response.input_tokens,
                 "output_tokens": response.output_tokens, "model": response.model}
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(key, json.dumps(data, ensure_ascii=False), ex=self._ttl)
+        text = json.dumps(data, ensure_ascii=False)
+
+        def stage(pipe: Any) -> None:
+            pipe.set(key, text, ex=self._ttl)
             pipe.delete(_claim_key(key))  # whoever claimed it: the answer is there now
-            await pipe.execute()
+
+        await self._writes.run(stage)
 
     async def failed(self, key: str) -> None:
         """This claimant's call failed: mark the prompt so that those waiting ask for themselves."""

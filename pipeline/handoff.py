@@ -28,19 +28,16 @@ def done_key(run_id: str) -> str:
     return f"run:{run_id}:done"
 
 
-def _stage_result(pipe: Any, stream: str, result: Result) -> None:
+def stage_result(pipe: Any, stream: str, result: Result) -> None:
+    """Queue a result's hand-over on a (transactional) pipeline: the stream entry and the row's done mark."""
     pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
     pipe.hset(done_key(result.run_id), result.row_key, result.status)
-
-
-async def publish_result(client: aioredis.Redis, stream: str, result: Result) -> None:
-    await publish_results_async(client, stream, [result])
 
 
 async def publish_results_async(client: aioredis.Redis, stream: str, results: Iterable[Result]) -> None:
     async with client.pipeline(transaction=True) as pipe:
         for result in results:
-            _stage_result(pipe, stream, result)
+            stage_result(pipe, stream, result)
         await pipe.execute()
 
 
@@ -48,7 +45,7 @@ def publish_results(client: redis.Redis, stream: str, results: Iterable[Result])
     """Hand over several results at once (from synchronous code: a failed chunk's rows)."""
     with client.pipeline(transaction=True) as pipe:
         for result in results:
-            _stage_result(pipe, stream, result)
+            stage_result(pipe, stream, result)
         pipe.execute()
 
 

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from .pricing import PriceTable
 from .providers import Provider, build_provider
 from .queue import async_client
+from .redis_batch import RedisBatcher
 from .settings import Settings
 
 T = TypeVar("T")
@@ -64,7 +65,10 @@ class CallWindow:
 
     async def _open(self) -> aioredis.Redis:
         self._slots = asyncio.Semaphore(self.capacity)
-        return async_client(self.settings, self.connection)
+        client = async_client(self.settings, self.connection)
+        self.reads = RedisBatcher(client, transaction=False)   # cache lookups of every row of the process
+        self.writes = RedisBatcher(client, transaction=True)   # hand-overs and answers stored
+        return client
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the window's loop and wait for it (from any other thread)."""

@@ -1,34 +1,31 @@
 """Anthropic Messages through the official SDK."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anthropic
-import httpx2
 
 from .base import ProviderRequest, ProviderResponse, rate_limit_state
 from .sdk_errors import translate
+from .wire import SdkWire
 
 
 class AnthropicProvider:
     def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
         self.name = "anthropic"
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
-                                                http_client=anthropic.DefaultAioHttpClient(timeout=timeout))
+        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self._wire = SdkWire(client, anthropic, timeout=timeout)
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
-            # The client's own post (auth, version header, error classes) without its typed model layer.
-            raw = await self._client.post("/v1/messages", body=self._arguments(request), cast_to=httpx2.Response)
-            message = json.loads(raw.content)
+            message, headers = await self._wire.post_json("/v1/messages", self._arguments(request))
             usage = message.get("usage") or {}
             return ProviderResponse(
                 text="".join(block["text"] for block in message["content"] if block.get("type") == "text"),
                 input_tokens=int(usage.get("input_tokens") or 0),
                 output_tokens=int(usage.get("output_tokens") or 0),
                 model=message.get("model") or request.model,
-                rate_limit=rate_limit_state(raw.headers, style="anthropic"),
+                rate_limit=rate_limit_state(headers, style="anthropic"),
             )
         except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
             raise translate(exc, anthropic, self.name) from None
@@ -48,4 +45,4 @@ class AnthropicProvider:
         return args
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._wire.aclose()
