@@ -116,6 +116,11 @@ class ChunkRunner:
     def _answerer(self, config: RunConfig, client: aioredis.Redis, targets: list[Target]) -> RowAnswerer:
         """The row answerer; ``targets`` receives each provider as it is built, so the caller can close them."""
         s = self.settings
+        prices = PriceTable.load(s.price_file).with_price(config.model, config.price_in, config.price_out)
+        unpriced = prices.unpriced([spec.model for spec in config.targets])
+        if unpriced and config.max_cost is not None:  # submit checked with its own PRICE_FILE, not this one
+            raise ConfigError(f"no price for {', '.join(unpriced)} on this worker, and the run has a --max-cost; "
+                              "add it to the worker's PRICE_FILE")
         for spec in config.targets:
             limiter = SharedRateLimiter(client, f"{spec.provider}:{spec.model}",
                                         rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
@@ -123,7 +128,7 @@ class ChunkRunner:
             targets.append(Target(spec, build_provider(spec.provider, s), limiter))
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
                              call_deadline=s.request_timeout + 5)
-        return RowAnswerer(config, targets, policy=policy, prices=PriceTable.load(s.price_file),
+        return RowAnswerer(config, targets, policy=policy, prices=prices,
                            budget=RunBudget(client, config.run_id, config.max_cost),
                            cache=ResponseCache(client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}"),
                            should_stop=lambda: self._should_stop(client))

@@ -19,6 +19,7 @@ from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
 
 from . import store
+from .pricing import NANO
 from .queue import SERIALIZER
 from .settings import Settings
 
@@ -72,14 +73,16 @@ class PipelineMetrics:
             elif code == "timeout":
                 self.timeouts.labels(call_provider, call_model).inc(count)
         spent = {c: result[c] - (previous[c] if previous else 0)
-                 for c in ("attempts", "input_tokens", "output_tokens", "cost")}
+                 for c in ("attempts", "input_tokens", "output_tokens")}
         if spent["attempts"] > 1:
             self.retries.labels(provider, model).inc(spent["attempts"] - 1)
         if result["cached"]:
             self.cache_hits.labels(provider, model).inc()
         self.tokens.labels(provider, model, "in").inc(spent["input_tokens"])
         self.tokens.labels(provider, model, "out").inc(spent["output_tokens"])
-        self.cost.labels(provider, model).inc(spent["cost"])
+        cost_nano = result["cost_nano"]
+        if cost_nano is not None:  # unknown (a model without a price) is left out, never counted as free
+            self.cost.labels(provider, model).inc((cost_nano - ((previous or {}).get("cost_nano") or 0)) / NANO)
         if result["status"] == "succeeded":
             self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
 

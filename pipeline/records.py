@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .pricing import NANO
+
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 RETRYING = "retrying"  # a failed row that retry-failed sent again, until its new result comes
@@ -60,6 +62,8 @@ class RunConfig:
     total_rows: int = 0
     total_chunks: int = 0
     max_cost: float | None = None
+    price_in: float | None = None   # USD per million tokens of ``model`` for this run (--price-in/--price-out)
+    price_out: float | None = None
     use_cache: bool = True
     rpm: int | None = None
     tpm: int | None = None
@@ -100,7 +104,7 @@ class Result:
     rate_limited: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    cost: float = 0.0
+    cost_nano: int | None = 0  # nano-dollars billed; None when a call was billed by a model without a price
     latency_ms: float = 0.0
     cached: bool = False
     finished_at: float = 0.0

@@ -3,6 +3,8 @@
 Only the collector writes here. ``apply_results`` is the exactly-once point: results are upserted on
 (run_id, row_key) and the run's totals move by the difference each upsert makes, inside one transaction,
 so a batch delivered twice changes nothing the second time.
+
+Money is integer nano-dollars (``cost_nano``), the unit the budget keeps in Redis: SQL sums are exact.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, case, create_engine, event, func, select, update)
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table,
+                        Text, UniqueConstraint, case, create_engine, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from .errors import ConfigError
 from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
 
 metadata = MetaData()
@@ -42,7 +45,8 @@ runs = Table(
     Column("rate_limited", Integer, nullable=False, default=0),
     Column("input_tokens", Integer, nullable=False, default=0),
     Column("output_tokens", Integer, nullable=False, default=0),
-    Column("cost", Float, nullable=False, default=0.0),
+    Column("cost_nano", BigInteger, nullable=False, default=0),     # of the results with a known cost
+    Column("rows_unpriced", Integer, nullable=False, default=0),    # results billed by a model without a price
     Column("latency_ms_sum", Float, nullable=False, default=0.0),
     Column("created_at", Float, nullable=False),
     Column("first_result_at", Float),
@@ -69,7 +73,7 @@ results = Table(
     Column("rate_limited", Integer, nullable=False, default=0),
     Column("input_tokens", Integer, nullable=False, default=0),
     Column("output_tokens", Integer, nullable=False, default=0),
-    Column("cost", Float, nullable=False, default=0.0),
+    Column("cost_nano", BigInteger),  # nano-dollars; NULL: billed by a model without a price, cost unknown
     Column("latency_ms", Float, nullable=False, default=0.0),
     Column("cached", Boolean, nullable=False, default=False),
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
@@ -88,7 +92,8 @@ _TOTALS: dict[str, Any] = {
     "rate_limited": lambda r: r["rate_limited"],
     "input_tokens": lambda r: r["input_tokens"],
     "output_tokens": lambda r: r["output_tokens"],
-    "cost": lambda r: r["cost"],
+    "cost_nano": lambda r: r["cost_nano"] or 0,
+    "rows_unpriced": lambda r: int(r["cost_nano"] is None),
     "latency_ms_sum": lambda r: r["latency_ms"],
 }
 RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
@@ -102,7 +107,17 @@ def make_engine(url: str) -> Engine:
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
+    _refuse_old_schema(engine)
     return engine
+
+
+def _refuse_old_schema(engine: Engine) -> None:
+    """Tables made by a version that kept money as a float ``cost``: create_all leaves them as they are."""
+    tables = inspect(engine)
+    for table in (runs, results):
+        if "cost_nano" not in {c["name"] for c in tables.get_columns(table.name)}:
+            raise ConfigError(f"the database's {table.name} table is from an older version (cost as a float); "
+                              "upgrade it as the README's 'Upgrading a database' says")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -143,7 +158,8 @@ def _recount_totals(conn: Connection, run_id: str) -> None:
                   "rows_cached": count(c.cached.is_(True)), "attempts": total(c.attempts),
                   "timeouts": total(c.timeouts), "rate_limited": total(c.rate_limited),
                   "input_tokens": total(c.input_tokens), "output_tokens": total(c.output_tokens),
-                  "cost": total(c.cost), "latency_ms_sum": total(c.latency_ms)}
+                  "cost_nano": total(c.cost_nano), "rows_unpriced": count(c.cost_nano.is_(None)),
+                  "latency_ms_sum": total(c.latency_ms)}
     query = select(func.count(), func.min(c.finished_at), func.max(c.finished_at),
                    *sql_totals.values()).where(c.run_id == run_id)
     found, first, last, *sums = conn.execute(query).one()
@@ -261,13 +277,15 @@ def storable(value: Any) -> Any:
 
 
 # What a row's calls consumed: a newer result for the row (retry-failed) adds to it instead of replacing it.
-_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens", "cost")
+_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens")
 
 
 def _with_spending_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged = dict(new)
     for column in _SPENDING:
         merged[column] = old[column] + new[column]
+    unknown = old["cost_nano"] is None or new["cost_nano"] is None
+    merged["cost_nano"] = None if unknown else old["cost_nano"] + new["cost_nano"]
     calls = dict(old.get("calls") or {})
     for outcome, count in (new.get("calls") or {}).items():
         calls[outcome] = calls.get(outcome, 0) + count

@@ -41,7 +41,7 @@ def test_a_result_the_database_refuses_does_not_hold_up_the_batch(pipeline, tmp_
     def answer(i: int, model: str) -> Result:
         return Result(run_id=report.run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": f"t{i}"},
                       answer=f"answer {i}", provider="openai", model=model, attempts=1, input_tokens=3,
-                      output_tokens=2, cost=0.001, finished_at=1000.0 + i)
+                      output_tokens=2, cost_nano=1_000_000, finished_at=1000.0 + i)
 
     handoff.publish_results(pipeline.redis, pipeline.settings.result_stream,
                             [answer(i, "m" * 300 if i == 2 else "gpt-4o-mini") for i in range(5)])
@@ -62,7 +62,7 @@ def _publish(pipeline, run_id: str, keys: list[str], **fields) -> None:
     handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [
         Result(run_id=run_id, row_key=key, row_index=i, status=fields.get("status", SUCCEEDED), input={"text": key},
                answer=f"answer {key}", provider="openai", model="gpt-4o-mini", attempts=1, input_tokens=3,
-               output_tokens=2, cost=0.001, finished_at=fields.get("finished_at", 1000.0 + i))
+               output_tokens=2, cost_nano=1_000_000, finished_at=fields.get("finished_at", 1000.0 + i))
         for i, key in enumerate(keys)])
 
 
@@ -121,14 +121,16 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
 
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
-    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, attempts=2, cost=0.5,
+    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, attempts=2,
+                   cost_nano=500_000_000,
                    finished_at=10.0 + i) for i in range(3)]
     with pipeline.engine.begin() as conn:
         store.apply_results(conn, rows)
         store.save_run(conn, config, "submitted")
         assert store.finish_complete_runs(conn, [run_id]) == [run_id]
     run = pipeline.run_row(run_id)
-    assert (run["rows_succeeded"], run["attempts"], run["cost"], run["first_result_at"]) == (3, 6, 1.5, 10.0)
+    assert (run["rows_succeeded"], run["attempts"], run["cost_nano"], run["first_result_at"]) == \
+        (3, 6, 1_500_000_000, 10.0)
 
 
 def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_path):
