@@ -48,12 +48,18 @@ class PipelineMetrics:
                                   registry=self.registry)
         self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
         self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
+        self.parked = Counter("pipeline_parked_entries", "Hand-over entries the collector could not write and "
+                              "moved to the parked stream (unreadable, or refused by the database)",
+                              registry=self.registry)
         self.latency = Histogram("pipeline_row_latency_seconds", "Time to answer a row, retries included", labels,
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
-    def observe(self, applied: store.Applied, _finished: list[str]) -> None:
-        """Count each result that the collector's write changed (a redelivered duplicate changes nothing)."""
+    def observe(self, outcome: Any, applied: store.Applied) -> None:
+        """Count each result that the collector's write changed (a redelivered duplicate changes nothing), and
+        the entries it parked (``outcome`` is the collector's BatchOutcome)."""
+        if outcome.parked:
+            self.parked.inc(outcome.parked)
         for result, previous in zip(applied.changed, applied.previous):
             self._observe_one(result, previous)
 

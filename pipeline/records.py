@@ -119,6 +119,35 @@ class Result:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Result":
+        """A result as any worker version sent it: fields this version does not know are ignored (a newer
+        worker in a rolling deploy), an older worker's dollar ``cost`` becomes nano-dollars. Raises ValueError
+        for data that is not a result."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "cost_nano" not in data and isinstance(data.get("cost"), (int, float)):
+            values["cost_nano"] = int(round(data["cost"] * NANO))
+        try:
+            result = cls(**values)
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(str(exc)) from None
+        result._check()
+        return result
+
+    def _check(self) -> None:
+        texts = (self.run_id, self.row_key, self.status)
+        if not all(isinstance(v, str) for v in texts) or self.status not in (SUCCEEDED, FAILED):
+            raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED} or {FAILED}")
+        counts = (self.row_index, self.attempts, self.timeouts, self.rate_limited, self.input_tokens,
+                  self.output_tokens)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise ValueError("row_index, attempts and token counts must be integers")
+        if self.cost_nano is not None and (not isinstance(self.cost_nano, int) or isinstance(self.cost_nano, bool)):
+            raise ValueError("cost_nano must be an integer or null")
+        if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
+            raise ValueError("input must be an object and finished_at a number")
+
 
 def stable_hash(*parts: Any) -> str:
     """A SHA-256 hex digest over JSON-encoded parts: the same inputs always give the same key."""

@@ -152,3 +152,44 @@ def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_
     assert (row["status"], row["finished_at"], row["attempts"]) == ("failed", 300.0, 2)
     run = pipeline.run_row(run_id)
     assert (run["status"], run["rows_failed"]) == ("completed", 1)
+
+
+def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipeline, tmp_path):
+    """A rolling deploy: a newer worker adds a field, an older one still sends dollars. Then entries no version
+    can read: not JSON, a result without its row key, an unknown kind. (Before: TypeError on every restart.)"""
+    from pipeline.collector import Collector
+    from pipeline.metrics import PipelineMetrics
+
+    run_id = _played_run(pipeline, tmp_path, rows=4)
+    stream = pipeline.settings.result_stream
+
+    def entry(i: int, **changes) -> dict:
+        data = json.loads(Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": "t"},
+                                 answer="a", attempts=1, cost_nano=7, finished_at=5.0).to_json())
+        data.update(changes)
+        return {k: v for k, v in data.items() if v is not None}
+
+    newer = entry(0, reasoning_tokens=12, cache_read_tokens=3)
+    older = entry(1, cost=0.000002, cost_nano=None)
+    for fields in ({"kind": "result", "data": json.dumps(newer)}, {"kind": "result", "data": "{not json"},
+                   {"kind": "result", "data": json.dumps(entry(9, row_key=None))},
+                   {"kind": "result", "data": json.dumps(entry(8, status="maybe"))},
+                   {"kind": "shiny-new-kind", "data": json.dumps({"run_id": run_id})},
+                   {"kind": "result", "data": json.dumps(older)},
+                   {"kind": "result", "data": json.dumps(entry(2))}, {"kind": "result", "data": json.dumps(entry(3))}):
+        pipeline.redis.xadd(stream, fields)
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
+    Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
+
+    results = {r["row_key"]: r for r in pipeline.results(run_id)}
+    assert sorted(results) == ["r0", "r1", "r2", "r3"] and pipeline.redis.xlen(stream) == 0
+    assert (results["r0"]["cost_nano"], results["r1"]["cost_nano"]) == (7, 2000)
+    run = pipeline.run_row(run_id)
+    assert (run["status"], run["rows_succeeded"], run["cost_nano"]) == ("completed", 4, 7 * 3 + 2000)
+    parked = pipeline.redis.xrange(f"{stream}:parked")
+    reasons = [p[1][b"reason"].decode() for p in parked]
+    assert len(parked) == 4 and all(reasons)
+    assert "not JSON" in reasons[0] and "row_key" in reasons[1] and "unknown entry kind" in reasons[3]
+    assert parked[0][1][b"data"] == json.dumps({"raw": "{not json"}).encode()
+    assert metrics.registry.get_sample_value("pipeline_parked_entries_total") == 4
+
