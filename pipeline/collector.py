@@ -57,7 +57,7 @@ class Collector:
         self._parked = 0
         readable = self._readable(entries)
         try:
-            with self.engine.begin() as conn:
+            with store.writing(self.engine) as conn:
                 applied, finished = self._write(conn, readable)
         except DBAPIError as exc:
             if is_outage(exc):
@@ -115,7 +115,7 @@ class Collector:
         applied, finished = store.Applied(), []
         for entry, record in entries:
             try:
-                with self.engine.begin() as conn:
+                with store.writing(self.engine) as conn:
                     one, done = self._write(conn, [(entry, record)])
             except DBAPIError as exc:
                 if is_outage(exc):
@@ -136,7 +136,7 @@ class Collector:
         failure = replace(record, status=FAILED, answer=None, parsed=None, input={}, model=None,
                           error=redact(f"the answer could not be stored ({reason})")[:2000])
         try:
-            with self.engine.begin() as conn:
+            with store.writing(self.engine) as conn:
                 return self._write(conn, [(entry, failure)])
         except DBAPIError as again:
             if is_outage(again):

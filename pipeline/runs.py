@@ -357,7 +357,7 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
     try:
         config = load_config(connection, run_id)
     except RunNotFound:
-        if row is None:
+        if row is None or row["dataset_hash"] == store.UNREGISTERED:
             raise
         config = RunConfig.from_dict(row["config"])
     total = config.total_rows
