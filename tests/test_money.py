@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import runs
 from pipeline.budget import spend_key
 from pipeline.pricing import Price, PriceTable
@@ -95,3 +97,18 @@ def test_sql_spend_equals_redis_spend_to_the_nano_dollar_after_a_long_run(make_p
     assert run["cost_nano"] == sum(r["cost_nano"] for r in results) == redis_spend
     info = runs.run_status(pipeline.redis, pipeline.engine, report.run_id)
     assert info["cost_usd"] == redis_spend / 1e9
+
+
+def test_tables_from_the_float_version_are_refused_with_one_line(database_url):
+    """create_all never changes an existing table: a float ``cost`` table must not take nano-dollars silently."""
+    from sqlalchemy import create_engine, text
+
+    from pipeline import store
+    from pipeline.errors import ConfigError
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE runs (run_id VARCHAR(64) PRIMARY KEY, cost FLOAT NOT NULL)"))
+    engine.dispose()
+    with pytest.raises(ConfigError, match="older version .* 'Upgrading a database'"):
+        store.make_engine(database_url)
