@@ -111,6 +111,9 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--id-column", help="Column holding a unique row id (default: row position)."),
         click.option("--chunk-size", type=click.IntRange(1), help="Rows per job."),
         click.option("--max-cost", type=click.FloatRange(0), help="Stop the run before spending more USD."),
+        click.option("--price-in", type=click.FloatRange(0),
+                     help="USD per million input tokens of --model, for a model without a price (with --price-out)."),
+        click.option("--price-out", type=click.FloatRange(0), help="USD per million output tokens of --model."),
         click.option("--no-cache", is_flag=True, help="Call the provider even for answers already cached."),
         click.option("--rpm", type=click.IntRange(1), help="Requests/minute shared by all workers."),
         click.option("--tpm", type=click.IntRange(1), help="Tokens/minute shared by all workers."),
@@ -176,6 +179,9 @@ def _read_schema(path: Path | None) -> dict[str, Any] | None:
 def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.SubmitReport:
     with tqdm(desc="reading", unit=" rows", disable=quiet or None, file=sys.stderr) as bar:
         report = runs.submit(ctx.redis, ctx.settings, request, progress=bar.update)
+    if report.unpriced:  # said once, here: status and runs then show the cost as unknown
+        click.echo(f"note: no price for {', '.join(report.unpriced)}: the run's cost will show as unknown "
+                   "(PRICE_FILE or --price-in/--price-out give one)", err=True)
     return report
 
 
@@ -234,7 +240,7 @@ def watch_run(ctx: Context, run_id: str, interval: float = 1.0) -> None:
         while True:
             done = info["rows_succeeded"] + info["rows_failed"]
             bar.update(done - bar.n)
-            bar.set_postfix(failed=info["rows_failed"], spend=f"${info['cost_usd']:.4f}", status=info["status"])
+            bar.set_postfix(failed=info["rows_failed"], spend=_dollars(info["cost_usd"], 4), status=info["status"])
             if info["status"] in store.FINAL_STATUSES:
                 return
             time.sleep(interval)
@@ -253,9 +259,15 @@ def print_status(info: dict[str, Any], as_json: bool) -> None:
                f"429s {info['rate_limited']}, timeouts {info['timeouts']}")
     click.echo(f"  tokens     {info['input_tokens']} in, {info['output_tokens']} out")
     budget = f" of ${info['max_cost']:.4f}" if info["max_cost"] is not None else ""
-    click.echo(f"  cost       ${info['cost_usd']:.6f}{budget}")
+    unpriced = (f" ({info['rows_unpriced']} rows answered by a model without a price; PRICE_FILE or "
+                "--price-in/--price-out give one)") if info["rows_unpriced"] else ""
+    click.echo(f"  cost       {_dollars(info['cost_usd'], 6)}{budget}{unpriced}")
     latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
     click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
+
+
+def _dollars(amount: float | None, places: int) -> str:
+    return "unknown" if amount is None else f"${amount:.{places}f}"
 
 
 @cli.command()
@@ -280,13 +292,16 @@ def list_runs(ctx: Context, limit: int, as_json: bool) -> None:
     with ctx.engine.connect() as conn:
         rows = store.list_runs(conn, limit)
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows], default=str))
+        click.echo(json.dumps([{**{k: v for k, v in r.items() if k != "config"}, "cost_usd": runs.cost_usd(r)}
+                               for r in rows], default=str))
         return
     click.echo(f"{'run':18} {'status':17} {'rows':>7} {'ok':>7} {'failed':>7} {'cost $':>10}  created")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        cost = runs.cost_usd(r)
         click.echo(f"{r['run_id']:18} {r['status']:17} {r['rows_total']:>7} {r['rows_succeeded']:>7} "
-                   f"{r['rows_failed']:>7} {r['cost']:>10.4f}  {created}  {r['name'] or ''}")
+                   f"{r['rows_failed']:>7} {'unknown' if cost is None else f'{cost:.4f}':>10}  {created}  "
+                   f"{r['name'] or ''}")
 
 
 @cli.command()

@@ -128,6 +128,11 @@ class ChunkRunner:
 
     def _answerer(self, config: RunConfig) -> RowAnswerer:
         s = self.settings
+        prices = self.window.prices.with_price(config.model, config.price_in, config.price_out)
+        unpriced = prices.unpriced([spec.model for spec in config.targets])
+        if unpriced and config.max_cost is not None:  # submit checked with its own PRICE_FILE, not this one
+            raise ConfigError(f"no price for {', '.join(unpriced)} on this worker, and the run has a --max-cost; "
+                              "add it to the worker's PRICE_FILE")
         targets = []
         for spec in config.targets:
             limiter = SharedRateLimiter(self.client, f"{spec.provider}:{spec.model}",
@@ -136,7 +141,7 @@ class ChunkRunner:
             targets.append(Target(spec, self.window.provider(spec.provider), limiter))
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
                              call_deadline=s.request_timeout + 5)
-        return RowAnswerer(config, targets, policy=policy, prices=self.window.prices,
+        return RowAnswerer(config, targets, policy=policy, prices=prices,
                            budget=RunBudget(self.client, config.run_id, config.max_cost),
                            cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",
                                                reads=self.window.reads, writes=self.window.writes),

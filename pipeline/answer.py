@@ -50,14 +50,14 @@ class _Tally:
     rate_limited: int = 0
     input_tokens: int = 0   # of every answer received (and billed), rejected or fallen back from ones included
     output_tokens: int = 0
-    cost: float = 0.0
+    cost_nano: int | None = 0  # None once an answer came from a model without a price
     errors: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
 
-    def billed(self, response: ProviderResponse, cost: float) -> None:
+    def billed(self, response: ProviderResponse, cost_nano: int | None) -> None:
         self.input_tokens += response.input_tokens
         self.output_tokens += response.output_tokens
-        self.cost += cost
+        self.cost_nano = None if cost_nano is None or self.cost_nano is None else self.cost_nano + cost_nano
 
     def call(self, target: "Target", outcome: str) -> None:
         key = f"{target.spec.provider}|{target.spec.model}|{outcome}"
@@ -138,7 +138,8 @@ class RowAnswerer:
             result.error = " | ".join(tally.errors)[:2000]
             result.provider, result.model = self.targets[-1].spec.provider, self.targets[-1].spec.model
         result.attempts, result.timeouts, result.rate_limited = tally.attempts, tally.timeouts, tally.rate_limited
-        result.input_tokens, result.output_tokens, result.cost = tally.input_tokens, tally.output_tokens, tally.cost
+        result.input_tokens, result.output_tokens = tally.input_tokens, tally.output_tokens
+        result.cost_nano = tally.cost_nano
         result.calls = tally.calls
         return self._finish(result, started)
 
@@ -215,8 +216,8 @@ class RowAnswerer:
         """One logical call, retried by the policy; every attempt holds budget and rate limit first."""
         input_estimate, output_cap = estimate_tokens((request.system or "") + request.prompt), output_limit(request)
         estimated_tokens = input_estimate + output_cap
-        price = self.prices.price(request.model)
-        worst_case = price.cost(input_estimate, output_cap)
+        price = self.prices.price(request.model)  # None: the run has no cap (submit refuses a cap without a price)
+        worst_case = price.cost_nano(input_estimate, output_cap) if price else 0
         async for attempt in self.policy.retrying(sleep=self._sleep_unless_cancelled):
             with attempt:
                 await self._unless_cancelled()
@@ -234,9 +235,9 @@ class RowAnswerer:
                     await self._after_failure(exc, held, worst_case, target, tally)
                     raise
                 tally.call(target, "200")
-                cost = price.cost(response.input_tokens, response.output_tokens)
+                cost = price.cost_nano(response.input_tokens, response.output_tokens) if price else None
                 tally.billed(response, cost)
-                await self.budget.settle(held, cost)
+                await self.budget.settle(held, cost or 0)
                 await target.limiter.settle(estimated_tokens, response.input_tokens + response.output_tokens)
                 if response.rate_limit is not None:
                     await target.limiter.follow_provider(response.rate_limit.remaining_requests,
@@ -262,14 +263,14 @@ class RowAnswerer:
         if self.should_stop is not None and await self.should_stop():
             raise RunCancelled(f"run {self.config.run_id} was cancelled")
 
-    async def _after_failure(self, exc: ProviderError, held: str, worst_case: float, target: Target,
+    async def _after_failure(self, exc: ProviderError, held: str, worst_case: int, target: Target,
                              tally: _Tally) -> None:
         """Settle the budget hold and tell the limiter. A timed-out call may still be billed: keep its hold."""
         if isinstance(exc, ProviderTimeout):
             tally.timeouts += 1
             await self.budget.settle(held, worst_case)
             return
-        await self.budget.settle(held, 0.0)
+        await self.budget.settle(held, 0)
         if isinstance(exc, RateLimited):
             tally.rate_limited += 1
             await target.limiter.pause(exc.retry_after or self.policy.backoff_base)

@@ -14,6 +14,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from .errors import BudgetExceeded
+from .pricing import NANO
 
 # KEYS: spend, holds. ARGV: cap (-1 = none), amount, now, hold expiry, member. 1 = held, 0 = wait, -1 = exhausted.
 _RESERVE = """
@@ -34,7 +35,6 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
 return 1
 """
 
-NANO = 1_000_000_000
 WAIT_SECONDS = 0.05
 
 
@@ -51,15 +51,15 @@ class RunBudget:
                  hold_seconds: float = 600.0) -> None:
         self._client = client
         self._keys = [spend_key(run_id), holds_key(run_id)]
-        self._cap = -1 if max_cost is None else int(max_cost * NANO)
+        self._cap = -1 if max_cost is None else int(round(max_cost * NANO))
         self._hold_seconds = hold_seconds
         self._reserve = client.register_script(_RESERVE)
 
-    async def reserve(self, estimated_cost: float) -> str:
-        """Hold ``estimated_cost`` against the cap (waiting while other holds are out) or raise BudgetExceeded."""
+    async def reserve(self, amount: int) -> str:
+        """Hold ``amount`` nano-dollars against the cap (waiting while other holds are out) or raise
+        BudgetExceeded."""
         if self._cap < 0:
             return ""  # no cap: nothing to enforce, and the spend is summed from the results anyway
-        amount = int(round(estimated_cost * NANO))
         member = f"{uuid.uuid4().hex}:{amount}"
         while True:
             now = await self._now()
@@ -71,13 +71,14 @@ class RunBudget:
                 raise BudgetExceeded(f"the run's budget of ${self._cap / NANO:.4f} is spent")
             await asyncio.sleep(WAIT_SECONDS)
 
-    async def settle(self, hold: str, actual_cost: float) -> None:
-        """Release the hold and add what the call really cost."""
+    async def settle(self, hold: str, actual: int) -> None:
+        """Release the hold and add what the call really cost (nano-dollars: the very amount its result carries
+        to SQL)."""
         if not hold:
             return
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zrem(self._keys[1], hold)
-            pipe.incrby(self._keys[0], int(round(actual_cost * NANO)))
+            pipe.incrby(self._keys[0], actual)
             await pipe.execute()
 
     async def _now(self) -> float:

@@ -7,21 +7,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from . import handoff, store
-from .handoff import Entry, StreamReader
+from .handoff import Entry, StreamReader, UnreadableEntry
 from .records import FAILED, Result, RunConfig
 from .redaction import redact
 from .settings import Settings
 
 log = logging.getLogger("pipeline.collector")
+Decoded = Result | RunConfig | dict[str, Any]
 
-Observer = Callable[[store.Applied, list[str]], None]
+Observer = Callable[["BatchOutcome", store.Applied], None]
 
 
 @dataclass
@@ -29,6 +31,7 @@ class BatchOutcome:
     entries: int
     results_written: int
     runs_finished: list[str]
+    parked: int = 0
 
 
 class Collector:
@@ -40,6 +43,7 @@ class Collector:
         self.engine = engine
         self.reader = StreamReader(connection, settings.result_stream, consumer)
         self.observers = list(observers or [])
+        self._parked = 0
 
     def step(self, block_ms: int | None = 1000) -> BatchOutcome:
         """Read one batch, write it in one transaction, then acknowledge it.
@@ -50,76 +54,94 @@ class Collector:
         entries = self.reader.read(self.settings.collector_batch, block_ms)
         if not entries:
             return BatchOutcome(0, 0, [])
+        self._parked = 0
+        readable = self._readable(entries)
         try:
-            with self.engine.begin() as conn:
-                applied, finished = self._write(conn, entries)
+            with store.writing(self.engine) as conn:
+                applied, finished = self._write(conn, readable)
         except DBAPIError as exc:
             if is_outage(exc):
                 raise
-            applied, finished = self._write_one_by_one(entries)
+            applied, finished = self._write_one_by_one(readable)
         self.reader.ack(entries)
+        outcome = BatchOutcome(len(entries), len(applied.changed), finished, self._parked)
         for observer in self.observers:
-            observer(applied, finished)
-        return BatchOutcome(len(entries), len(applied.changed), finished)
+            observer(outcome, applied)
+        return outcome
 
-    def _write(self, conn, entries: list[Entry]) -> tuple[store.Applied, list[str]]:
+    def _readable(self, entries: list[Entry]) -> list[tuple[Entry, Decoded]]:
+        """Entries with what they say; one that cannot be read (a newer worker's change that this version cannot
+        take, a damaged entry) is parked, so that it cannot stop the others, now or after a restart."""
+        readable = []
+        for entry in entries:
+            try:
+                readable.append((entry, handoff.decode(entry)))
+            except UnreadableEntry as exc:
+                self._park(entry, str(exc))
+        return readable
+
+    def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
         """Apply entries in stream order: a run's events and its results may share a batch."""
         applied, touched, results = store.Applied(), set(), []
-        for entry in entries:
-            if entry.kind == handoff.RESULT:
-                results.append(Result(**entry.data))
+        for entry, record in entries:
+            if isinstance(record, Result):
+                results.append(record)
                 continue
             applied.add(store.apply_results(conn, results))
             results = []
-            self._apply_event(conn, entry)
+            self._apply_event(conn, entry.kind, record)
             touched.add(entry.data["run_id"])
         applied.add(store.apply_results(conn, results))
         return applied, store.finish_complete_runs(conn, touched | applied.runs)
 
     @staticmethod
-    def _apply_event(conn, entry: Entry) -> None:
-        data = entry.data
-        if entry.kind == handoff.RUN:
-            store.save_run(conn, RunConfig.from_dict(data), "submitted")
-        elif entry.kind == handoff.STATUS:
-            config = data.get("config")
-            store.set_run_status(conn, data["run_id"], data["status"],
+    def _apply_event(conn, kind: str, record: Decoded) -> None:
+        if isinstance(record, RunConfig):
+            store.save_run(conn, record, "submitted")
+        elif kind == handoff.STATUS:
+            config = record.get("config")
+            store.set_run_status(conn, record["run_id"], record["status"],
                                  config=RunConfig.from_dict(config) if config else None)
-            if data.get("retrying"):
-                store.reopen_failed(conn, data["run_id"], data["retrying"], before=data["at"])
+            if record.get("retrying"):
+                store.reopen_failed(conn, record["run_id"], record["retrying"], before=record["at"])
 
-    def _write_one_by_one(self, entries: list[Entry]) -> tuple[store.Applied, list[str]]:
+    def _park(self, entry: Entry, reason: str) -> None:
+        self.reader.park(entry, reason)
+        self._parked += 1
+        log.error("parked an entry of run %s in %s: %s", entry.data.get("run_id"), self.reader.parked_stream,
+                  reason)
+
+    def _write_one_by_one(self, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
         applied, finished = store.Applied(), []
-        for entry in entries:
+        for entry, record in entries:
             try:
-                with self.engine.begin() as conn:
-                    one, done = self._write(conn, [entry])
+                with store.writing(self.engine) as conn:
+                    one, done = self._write(conn, [(entry, record)])
             except DBAPIError as exc:
                 if is_outage(exc):
                     raise
-                one, done = self._store_as_failure(entry, exc)
+                one, done = self._store_as_failure(entry, record, exc)
             applied.add(one)
             finished += done
         return applied, finished
 
-    def _store_as_failure(self, entry: Entry, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
+    def _store_as_failure(self, entry: Entry, record: Decoded, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
         """The row still gets its one result: failed, saying why its answer could not be stored."""
         cause = exc.orig or exc
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
-        if entry.kind != handoff.RESULT:
-            self.reader.park(entry, reason)
+        if not isinstance(record, Result):
+            self._park(entry, reason)
             return store.Applied(), []
-        data = dict(entry.data, status=FAILED, answer=None, parsed=None, input={}, model=None,
-                    error=redact(f"the answer could not be stored ({reason})")[:2000])
+        failure = replace(record, status=FAILED, answer=None, parsed=None, input={}, model=None,
+                          error=redact(f"the answer could not be stored ({reason})")[:2000])
         try:
-            with self.engine.begin() as conn:
-                return self._write(conn, [Entry(entry.id, entry.kind, data)])
+            with store.writing(self.engine) as conn:
+                return self._write(conn, [(entry, failure)])
         except DBAPIError as again:
             if is_outage(again):
                 raise
-            self.reader.park(entry, reason)
-            log.error("parked an unstorable result of run %s in %s", data.get("run_id"), self.reader.parked_stream)
+            self._park(entry, reason)
             return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from . import store
 from .errors import ConfigError
+from .pricing import NANO
 
 OUTPUT_FIELDS = ["row_key", "status", "answer", "parsed_json", "error", "provider", "model", "input_tokens",
                  "output_tokens", "cost_usd", "latency_ms", "cached", "attempts"]
@@ -26,7 +27,8 @@ def _flat(result: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
         "parsed_json": None if result["parsed"] is None else json.dumps(result["parsed"], ensure_ascii=False),
         "error": result["error"], "provider": result["provider"], "model": result["model"],
         "input_tokens": result["input_tokens"], "output_tokens": result["output_tokens"],
-        "cost_usd": result["cost"], "latency_ms": result["latency_ms"], "cached": bool(result["cached"]),
+        "cost_usd": None if result["cost_nano"] is None else result["cost_nano"] / NANO,
+        "latency_ms": result["latency_ms"], "cached": bool(result["cached"]),
         "attempts": result["attempts"],
     }
     for name, value in out.items():

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from .records import Result
+from .records import Result, RunConfig
 
 GROUP = "collector"
 RESULT = "result"
@@ -62,6 +62,42 @@ class Entry:
     id: bytes
     kind: str
     data: dict[str, Any]
+    problem: str | None = None  # why the entry could not be read (its data is then {"raw": the text})
+
+
+class UnreadableEntry(ValueError):
+    """An entry no version of the collector can write: it is parked with this reason."""
+
+
+def decode(entry: Entry) -> Result | RunConfig | dict[str, Any]:
+    """What an entry says, checked: a Result, a RunConfig, or a status event's fields."""
+    if entry.problem:
+        raise UnreadableEntry(entry.problem)
+    data = entry.data
+    try:
+        if entry.kind == RESULT:
+            return Result.from_dict(data)
+        if entry.kind == RUN:
+            config = RunConfig.from_dict(data)
+            if not isinstance(config.run_id, str) or not isinstance(config.total_rows, int):
+                raise ValueError("run_id must be text and total_rows an integer")
+            return config
+        if entry.kind == STATUS:
+            return _status_event(data)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UnreadableEntry(f"not a valid {entry.kind} entry: {exc}") from None
+    raise UnreadableEntry(f"unknown entry kind {entry.kind!r}")
+
+
+def _status_event(data: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(data.get("run_id"), str) or not isinstance(data.get("status"), str):
+        raise ValueError("run_id and status must be text")
+    retrying = data.get("retrying")
+    if retrying is not None and (not isinstance(retrying, list) or not isinstance(data.get("at"), (int, float))):
+        raise ValueError("retrying must be a list of row keys, with its time in 'at'")
+    if data.get("config") is not None:
+        RunConfig.from_dict(data["config"])
+    return data
 
 
 class StreamReader:
@@ -104,14 +140,23 @@ class StreamReader:
     def _entry(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
         if not fields:
             return None
-        return Entry(entry_id, fields[b"kind"].decode(), json.loads(fields[b"data"]))
+        kind = fields.get(b"kind", b"").decode("utf-8", "replace")
+        raw = fields.get(b"data", b"").decode("utf-8", "replace")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            return Entry(entry_id, kind, {"raw": raw}, problem=f"data is not JSON ({exc})")
+        if not isinstance(data, dict):
+            return Entry(entry_id, kind, {"raw": raw}, problem="data is not a JSON object")
+        return Entry(entry_id, kind, data)
 
     @property
     def parked_stream(self) -> str:
         return f"{self.stream}:parked"
 
     def park(self, entry: Entry, reason: str) -> None:
-        """Keep an entry the database refuses even as a failure, for a person to look at (it is acked next)."""
+        """Keep an entry that cannot be written (unreadable, or refused by the database even as a failure) for a
+        person to look at; it is acknowledged next."""
         self.client.xadd(self.parked_stream, {"kind": entry.kind, "data": json.dumps(entry.data, default=str),
                                               "reason": reason})
 

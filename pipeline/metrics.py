@@ -19,6 +19,7 @@ from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
 
 from . import store
+from .pricing import NANO
 from .queue import SERIALIZER
 from .settings import Settings
 
@@ -47,12 +48,18 @@ class PipelineMetrics:
                                   registry=self.registry)
         self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
         self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
+        self.parked = Counter("pipeline_parked_entries", "Hand-over entries the collector could not write and "
+                              "moved to the parked stream (unreadable, or refused by the database)",
+                              registry=self.registry)
         self.latency = Histogram("pipeline_row_latency_seconds", "Time to answer a row, retries included", labels,
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
-    def observe(self, applied: store.Applied, _finished: list[str]) -> None:
-        """Count each result that the collector's write changed (a redelivered duplicate changes nothing)."""
+    def observe(self, outcome: Any, applied: store.Applied) -> None:
+        """Count each result that the collector's write changed (a redelivered duplicate changes nothing), and
+        the entries it parked (``outcome`` is the collector's BatchOutcome)."""
+        if outcome.parked:
+            self.parked.inc(outcome.parked)
         for result, previous in zip(applied.changed, applied.previous):
             self._observe_one(result, previous)
 
@@ -72,14 +79,16 @@ class PipelineMetrics:
             elif code == "timeout":
                 self.timeouts.labels(call_provider, call_model).inc(count)
         spent = {c: result[c] - (previous[c] if previous else 0)
-                 for c in ("attempts", "input_tokens", "output_tokens", "cost")}
+                 for c in ("attempts", "input_tokens", "output_tokens")}
         if spent["attempts"] > 1:
             self.retries.labels(provider, model).inc(spent["attempts"] - 1)
         if result["cached"]:
             self.cache_hits.labels(provider, model).inc()
         self.tokens.labels(provider, model, "in").inc(spent["input_tokens"])
         self.tokens.labels(provider, model, "out").inc(spent["output_tokens"])
-        self.cost.labels(provider, model).inc(spent["cost"])
+        cost_nano = result["cost_nano"]
+        if cost_nano is not None:  # unknown (a model without a price) is left out, never counted as free
+            self.cost.labels(provider, model).inc((cost_nano - ((previous or {}).get("cost_nano") or 0)) / NANO)
         if result["status"] == "succeeded":
             self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
 

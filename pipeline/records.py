@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .pricing import NANO
+
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 RETRYING = "retrying"  # a failed row that retry-failed sent again, until its new result comes
@@ -60,6 +62,8 @@ class RunConfig:
     total_rows: int = 0
     total_chunks: int = 0
     max_cost: float | None = None
+    price_in: float | None = None   # USD per million tokens of ``model`` for this run (--price-in/--price-out)
+    price_out: float | None = None
     use_cache: bool = True
     rpm: int | None = None
     tpm: int | None = None
@@ -100,7 +104,7 @@ class Result:
     rate_limited: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    cost: float = 0.0
+    cost_nano: int | None = 0  # nano-dollars billed; None when a call was billed by a model without a price
     latency_ms: float = 0.0
     cached: bool = False
     finished_at: float = 0.0
@@ -114,6 +118,35 @@ class Result:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Result":
+        """A result as any worker version sent it: fields this version does not know are ignored (a newer
+        worker in a rolling deploy), an older worker's dollar ``cost`` becomes nano-dollars. Raises ValueError
+        for data that is not a result."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "cost_nano" not in data and isinstance(data.get("cost"), (int, float)):
+            values["cost_nano"] = int(round(data["cost"] * NANO))
+        try:
+            result = cls(**values)
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(str(exc)) from None
+        result._check()
+        return result
+
+    def _check(self) -> None:
+        texts = (self.run_id, self.row_key, self.status)
+        if not all(isinstance(v, str) for v in texts) or self.status not in (SUCCEEDED, FAILED):
+            raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED} or {FAILED}")
+        counts = (self.row_index, self.attempts, self.timeouts, self.rate_limited, self.input_tokens,
+                  self.output_tokens)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise ValueError("row_index, attempts and token counts must be integers")
+        if self.cost_nano is not None and (not isinstance(self.cost_nano, int) or isinstance(self.cost_nano, bool)):
+            raise ValueError("cost_nano must be an integer or null")
+        if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
+            raise ValueError("input must be an object and finished_at a number")
 
 
 def stable_hash(*parts: Any) -> str:

@@ -18,12 +18,13 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 
 from . import handoff, store
-from .budget import NANO, spend_key
+from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
-from .records import FAILED, RETRYING, Row, RunConfig, stable_hash
+from .pricing import NANO, PriceTable
+from .records import FAILED, RETRYING, ModelTarget, Row, RunConfig, stable_hash
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
                        save_config)
 from .settings import Settings
@@ -61,6 +62,8 @@ class RunRequest:
     id_column: str | None = None
     chunk_size: int | None = None
     max_cost: float | None = None
+    price_in: float | None = None
+    price_out: float | None = None
     use_cache: bool = True
     rpm: int | None = None
     tpm: int | None = None
@@ -75,6 +78,7 @@ class SubmitReport:
     chunks: int
     jobs_enqueued: int
     existing: bool
+    unpriced: list[str] = field(default_factory=list)  # models of the run without a price: its cost is unknown
 
 
 def submitted_key(run_id: str) -> str:
@@ -97,6 +101,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
             return _finish_enqueue(connection, settings, config, None if finished else _unchanged_dataset(config),
                                    existing=True)
     config = validate(settings, request, progress)
+    unpriced = unpriced_models(settings, config)
     dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
     existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
     if existing:
@@ -105,7 +110,9 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
     if request.idempotency_key:
         connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
-    return _finish_enqueue(connection, settings, config, dataset, existing)
+    report = _finish_enqueue(connection, settings, config, dataset, existing)
+    report.unpriced = unpriced
+    return report
 
 
 def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
@@ -133,6 +140,7 @@ def validate(settings: Settings, request: RunRequest,
              progress: Callable[[int], None] | None = None) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
     _check_fields(request)
+    _check_prices(settings, request)
     for target in [f"{request.provider}:{request.model}", *request.fallbacks]:
         provider, _, model = target.partition(":")
         check_provider_config(provider, settings)
@@ -158,12 +166,34 @@ def validate(settings: Settings, request: RunRequest,
         temperature=request.temperature, max_tokens=request.max_tokens, params=dict(request.params),
         json_schema=request.json_schema, fallbacks=list(request.fallbacks), id_column=request.id_column,
         chunk_size=chunk_size, total_rows=summary.rows, total_chunks=-(-summary.rows // chunk_size),
-        max_cost=request.max_cost, use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
+        max_cost=request.max_cost, price_in=request.price_in, price_out=request.price_out,
+        use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
         name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(),
     )
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")}
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")
+                and not (k in ("price_in", "price_out") and v is None)}  # the ids of runs before these options
     config.run_id = "r" + stable_hash(identity)[:15]
     return config
+
+
+def unpriced_models(settings: Settings, config: RunConfig) -> list[str]:
+    """The run's models (fallbacks included) that have no price here: the built-in table, PRICE_FILE, or the
+    run's own ``--price-in/--price-out`` for its model."""
+    prices = PriceTable.load(settings.price_file).with_price(config.model, config.price_in, config.price_out)
+    return prices.unpriced([target.model for target in config.targets])
+
+
+def _check_prices(settings: Settings, request: RunRequest) -> None:
+    """A budget needs a price for every model that may answer: without one, every call would look free."""
+    if (request.price_in is None) != (request.price_out is None):
+        raise ConfigError("give both --price-in and --price-out (USD per million input / output tokens)")
+    if request.max_cost is None:
+        return
+    prices = PriceTable.load(settings.price_file).with_price(request.model, request.price_in, request.price_out)
+    unpriced = prices.unpriced([request.model] + [ModelTarget.parse(f).model for f in request.fallbacks])
+    if unpriced:
+        raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
+                          "PRICE_FILE, or give --price-in/--price-out (USD per million tokens) for --model")
 
 
 def _check_fields(request: RunRequest) -> None:
@@ -182,6 +212,8 @@ def _check_fields(request: RunRequest) -> None:
     number("rpm", request.rpm, integer=True, minimum=1)
     number("tpm", request.tpm, integer=True, minimum=1)
     number("max_cost", request.max_cost, integer=False, minimum=0)
+    number("price_in", request.price_in, integer=False, minimum=0)
+    number("price_out", request.price_out, integer=False, minimum=0)
     number("temperature", request.temperature, integer=False, minimum=None)
     for name, value, limit in (("model", request.model, 200), ("name", request.name, 200),
                                ("idempotency_key", request.idempotency_key, 200)):
@@ -256,10 +288,13 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
     _refuse_if_busy(connection, run_id)
     if max_cost is not None:
+        if unpriced := unpriced_models(settings, config):
+            raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
+                              "PRICE_FILE")
         if config.max_cost is None and engine is not None:  # spend was not tracked without a cap: start from SQL
             with engine.connect() as conn:
                 row = store.get_run(conn, run_id)
-            connection.set(spend_key(run_id), int(round((row["cost"] if row else 0.0) * NANO)))
+            connection.set(spend_key(run_id), row["cost_nano"] if row else 0)  # exact: both are nano-dollars
         config.max_cost = max_cost
         save_config(connection, config)
     connection.delete(cancelled_key(run_id))
@@ -310,6 +345,11 @@ def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
         raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
 
 
+def cost_usd(run: dict[str, Any]) -> float | None:
+    """A run's cost in dollars, or None (unknown) once a result came from a model without a price."""
+    return None if run["rows_unpriced"] else run["cost_nano"] / NANO
+
+
 def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str, Any]:
     """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis."""
     with engine.connect() as conn:
@@ -317,14 +357,14 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
     try:
         config = load_config(connection, run_id)
     except RunNotFound:
-        if row is None:
+        if row is None or row["dataset_hash"] == store.UNREGISTERED:
             raise
         config = RunConfig.from_dict(row["config"])
     total = config.total_rows
     handed_over = int(connection.hlen(handoff.done_key(run_id)))
     if row is None:
         row = {"status": SUBMITTED, "rows_succeeded": 0, "rows_failed": 0, "rows_cached": 0, "input_tokens": 0,
-               "output_tokens": 0, "cost": 0.0, "attempts": 0, "timeouts": 0, "rate_limited": 0,
+               "output_tokens": 0, "cost_nano": 0, "rows_unpriced": 0, "attempts": 0, "timeouts": 0, "rate_limited": 0,
                "latency_ms_sum": 0.0, "created_at": config.created_at, "first_result_at": None,
                "last_result_at": None, "finished_at": None}
     written = row["rows_succeeded"] + row["rows_failed"]
@@ -339,7 +379,7 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
         "rows_pending": max(0, total - written), "rows_in_handoff": max(0, handed_over - written),
         "rows_cached": row["rows_cached"], "attempts": row["attempts"], "timeouts": row["timeouts"],
         "rate_limited": row["rate_limited"], "input_tokens": row["input_tokens"],
-        "output_tokens": row["output_tokens"], "cost_usd": round(row["cost"], 6),
+        "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
         "max_cost": config.max_cost,

@@ -1,23 +1,27 @@
 """SQL tables (SQLAlchemy Core) and the queries the rest of the pipeline needs.
 
-Only the collector writes here. ``apply_results`` is the exactly-once point: results are upserted on
-(run_id, row_key) and the run's totals move by the difference each upsert makes, inside one transaction,
-so a batch delivered twice changes nothing the second time.
+Only the collector writes here, each batch in one ``writing`` transaction. ``apply_results`` is the exactly-once
+point: results are upserted on (run_id, row_key) and the run's totals move by the difference each upsert really
+made, inside one transaction, so a batch delivered twice, or read by two collectors at once, counts once.
+
+Money is integer nano-dollars (``cost_nano``), the unit the budget keeps in Redis: SQL sums are exact.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, case, create_engine, event, func, select, update)
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table,
+                        Text, UniqueConstraint, create_engine, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from .errors import ConfigError
 from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
 
 metadata = MetaData()
@@ -42,7 +46,8 @@ runs = Table(
     Column("rate_limited", Integer, nullable=False, default=0),
     Column("input_tokens", Integer, nullable=False, default=0),
     Column("output_tokens", Integer, nullable=False, default=0),
-    Column("cost", Float, nullable=False, default=0.0),
+    Column("cost_nano", BigInteger, nullable=False, default=0),     # of the results with a known cost
+    Column("rows_unpriced", Integer, nullable=False, default=0),    # results billed by a model without a price
     Column("latency_ms_sum", Float, nullable=False, default=0.0),
     Column("created_at", Float, nullable=False),
     Column("first_result_at", Float),
@@ -69,7 +74,7 @@ results = Table(
     Column("rate_limited", Integer, nullable=False, default=0),
     Column("input_tokens", Integer, nullable=False, default=0),
     Column("output_tokens", Integer, nullable=False, default=0),
-    Column("cost", Float, nullable=False, default=0.0),
+    Column("cost_nano", BigInteger),  # nano-dollars; NULL: billed by a model without a price, cost unknown
     Column("latency_ms", Float, nullable=False, default=0.0),
     Column("cached", Boolean, nullable=False, default=False),
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
@@ -88,7 +93,8 @@ _TOTALS: dict[str, Any] = {
     "rate_limited": lambda r: r["rate_limited"],
     "input_tokens": lambda r: r["input_tokens"],
     "output_tokens": lambda r: r["output_tokens"],
-    "cost": lambda r: r["cost"],
+    "cost_nano": lambda r: r["cost_nano"] or 0,
+    "rows_unpriced": lambda r: int(r["cost_nano"] is None),
     "latency_ms_sum": lambda r: r["latency_ms"],
 }
 RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
@@ -102,7 +108,27 @@ def make_engine(url: str) -> Engine:
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
+    _refuse_old_schema(engine)
     return engine
+
+
+def _refuse_old_schema(engine: Engine) -> None:
+    """Tables made by a version that kept money as a float ``cost``: create_all leaves them as they are."""
+    tables = inspect(engine)
+    for table in (runs, results):
+        if "cost_nano" not in {c["name"] for c in tables.get_columns(table.name)}:
+            raise ConfigError(f"the database's {table.name} table is from an older version (cost as a float); "
+                              "upgrade it as the README's 'Upgrading a database' says")
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction. On SQLite it begins IMMEDIATE, taking the write lock before the first read, so that
+    what a collector reads to decide a write is still true when it writes (SQLite has no SELECT ... FOR UPDATE)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield conn
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -117,44 +143,44 @@ def _insert(conn: Connection, table: Table):
     return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
 
 
+# A run's row made before its own "run" event is written (two collectors, or a status event first): results and
+# events count into it at once, and save_run fills in its description later. Such a row has no dataset hash.
+UNREGISTERED = ""
+_DESCRIPTION = ("name", "dataset", "dataset_hash", "provider", "model", "config", "rows_total", "chunks_total",
+                "created_at")
+
+
 def save_run(conn: Connection, config: RunConfig, status: str) -> None:
-    """Create the run row if it is new (a repeated submit changes nothing)."""
+    """Create the run's row, or describe the row its results or events made first (a repeated submit changes
+    nothing)."""
     values = {
         "run_id": config.run_id, "name": config.name, "dataset": config.dataset,
         "dataset_hash": config.dataset_hash, "provider": config.provider, "model": config.model,
         "config": config.to_dict(), "status": status, "rows_total": config.total_rows,
         "chunks_total": config.total_chunks, "created_at": config.created_at or time.time(),
     }
-    inserted = conn.execute(_insert(conn, runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"]))
-    if inserted.rowcount:
-        _recount_totals(conn, config.run_id)
+    insert = _insert(conn, runs).values(**values)
+    conn.execute(insert.on_conflict_do_update(index_elements=["run_id"],
+                                              set_={c: insert.excluded[c] for c in _DESCRIPTION},
+                                              where=runs.c.dataset_hash == UNREGISTERED))
 
 
-def _recount_totals(conn: Connection, run_id: str) -> None:
-    """Totals from the run's results: with several collectors, results can reach SQL before their run's row."""
-    def count(condition: Any) -> Any:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-    def total(column: Any) -> Any:
-        return func.coalesce(func.sum(column), 0)
-
-    c = results.c
-    sql_totals = {"rows_succeeded": count(c.status == SUCCEEDED), "rows_failed": count(c.status == FAILED),
-                  "rows_cached": count(c.cached.is_(True)), "attempts": total(c.attempts),
-                  "timeouts": total(c.timeouts), "rate_limited": total(c.rate_limited),
-                  "input_tokens": total(c.input_tokens), "output_tokens": total(c.output_tokens),
-                  "cost": total(c.cost), "latency_ms_sum": total(c.latency_ms)}
-    query = select(func.count(), func.min(c.finished_at), func.max(c.finished_at),
-                   *sql_totals.values()).where(c.run_id == run_id)
-    found, first, last, *sums = conn.execute(query).one()
-    if not found:
+def hold_runs(conn: Connection, run_ids: Iterable[str]) -> None:
+    """Make sure each run has its row, and lock the rows (in one order, so that collectors cannot deadlock):
+    whatever counts into a run waits for whoever is counting into it, and nothing counts into a row that is
+    not there (PostgreSQL would update nothing and lose the count)."""
+    ordered = sorted(set(run_ids))
+    if not ordered:
         return
-    values = dict(zip(sql_totals, sums))
-    conn.execute(update(runs).where(runs.c.run_id == run_id)
-                 .values(**values, first_result_at=first, last_result_at=last))
+    placeholders = [{"run_id": run_id, "dataset": "", "dataset_hash": UNREGISTERED, "provider": "", "model": "",
+                     "config": {}, "status": "submitted", "created_at": time.time()} for run_id in ordered]
+    conn.execute(_insert(conn, runs).on_conflict_do_nothing(index_elements=["run_id"]), placeholders)
+    conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(ordered)).order_by(runs.c.run_id)
+                 .with_for_update())
 
 
 def set_run_status(conn: Connection, run_id: str, status: str, *, config: RunConfig | None = None) -> None:
+    hold_runs(conn, [run_id])
     values: dict[str, Any] = {"status": status}
     if status in FINAL_STATUSES:
         values["finished_at"] = time.time()
@@ -173,6 +199,11 @@ class Applied:
     previous: list[dict[str, Any] | None] = field(default_factory=list)
     runs: set[str] = field(default_factory=set)
 
+    def record(self, new: dict[str, Any], old: dict[str, Any] | None) -> None:
+        self.changed.append(new)
+        self.previous.append(old)
+        self.runs.add(new["run_id"])
+
     def add(self, other: "Applied") -> None:
         self.changed += other.changed
         self.previous += other.previous
@@ -180,34 +211,66 @@ class Applied:
 
 
 def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
-    """Upsert a batch of results and move run totals by exactly what changed.
+    """Upsert a batch of results and move run totals by exactly what the writes changed.
 
     A success is never replaced (a late duplicate cannot undo it); a failure is replaced by a newer outcome
-    (``retry-failed``). Within the batch, the last outcome for a row wins the same way.
+    (``retry-failed``). Within the batch, the last outcome for a row wins the same way. A row only counts if its
+    INSERT or UPDATE really happened; one that another writer got to first is looked at again.
     """
     incoming = _latest_per_row(batch)
-    run_ids = sorted({run_id for run_id, _ in incoming})
-    if run_ids:  # serialises collectors that write the same run at once (PostgreSQL; SQLite has one writer)
-        conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(run_ids)).with_for_update())
-    existing = _existing(conn, incoming.keys())
+    hold_runs(conn, (run_id for run_id, _ in incoming))
     applied = Applied()
-    for key, result in incoming.items():
-        old = existing.get(key)
-        if old is not None:
-            if not _replaces(result, old):
-                continue
-            result = _with_spending_of(old, result)
-        applied.changed.append(result)
-        applied.previous.append(old)
-        applied.runs.add(result["run_id"])
-    fresh = [r for r, old in zip(applied.changed, applied.previous) if old is None]
-    if fresh:
-        conn.execute(_insert(conn, results).on_conflict_do_nothing(index_elements=["run_id", "row_key"]), fresh)
-    for result, old in zip(applied.changed, applied.previous):
-        if old is not None:
-            conn.execute(update(results).where(results.c.id == old["id"]).values(**result))
+    for _ in range(_ROUNDS):
+        if not incoming:
+            break
+        incoming = _apply(conn, incoming, applied)
+    if incoming:
+        raise RuntimeError(f"{len(incoming)} results changed under this writer {_ROUNDS} times running")
     _move_totals(conn, applied)
     return applied
+
+
+_ROUNDS = 3
+
+
+def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]],
+           applied: Applied) -> dict[tuple[str, str], dict[str, Any]]:
+    """One round of upserts. Returns the rows whose write did not take (changed since they were read)."""
+    existing = _existing(conn, incoming.keys())
+    fresh = [row for key, row in incoming.items() if key not in existing]
+    missed = {}
+    inserted = _insert_new(conn, fresh)
+    for row in fresh:
+        key = (row["run_id"], row["row_key"])
+        if key in inserted:
+            applied.record(row, None)
+        else:
+            missed[key] = row
+    for key, old in existing.items():
+        row = incoming[key]
+        if not _replaces(row, old):
+            continue
+        merged = _with_spending_of(old, row)
+        if _update_unchanged(conn, merged, old):
+            applied.record(merged, old)
+        else:
+            missed[key] = row
+    return missed
+
+
+def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    if not rows:
+        return set()
+    insert = (_insert(conn, results).on_conflict_do_nothing(index_elements=["run_id", "row_key"])
+              .returning(results.c.run_id, results.c.row_key))
+    return {(run_id, row_key) for run_id, row_key in conn.execute(insert, rows)}
+
+
+def _update_unchanged(conn: Connection, row: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Replace ``old`` with ``row`` if it is still what was read."""
+    c = results.c
+    return conn.execute(update(results).where(c.id == old["id"], c.status == old["status"],
+                                              c.finished_at == old["finished_at"]).values(**row)).rowcount == 1
 
 
 def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before: float) -> int:
@@ -261,13 +324,15 @@ def storable(value: Any) -> Any:
 
 
 # What a row's calls consumed: a newer result for the row (retry-failed) adds to it instead of replacing it.
-_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens", "cost")
+_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens")
 
 
 def _with_spending_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged = dict(new)
     for column in _SPENDING:
         merged[column] = old[column] + new[column]
+    unknown = old["cost_nano"] is None or new["cost_nano"] is None
+    merged["cost_nano"] = None if unknown else old["cost_nano"] + new["cost_nano"]
     calls = dict(old.get("calls") or {})
     for outcome, count in (new.get("calls") or {}).items():
         calls[outcome] = calls.get(outcome, 0) + count
@@ -314,9 +379,9 @@ def finish_complete_runs(conn: Connection, run_ids: Iterable[str]) -> list[str]:
     included). Returns the ones finished now."""
     finished = []
     for run_id in run_ids:
-        row = conn.execute(select(runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed)
-                           .where(runs.c.run_id == run_id)).mappings().first()
-        if row is None:
+        row = conn.execute(select(runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed,
+                                  runs.c.dataset_hash).where(runs.c.run_id == run_id)).mappings().first()
+        if row is None or row["dataset_hash"] == UNREGISTERED:  # its size is not known yet
             continue
         complete = row["rows_succeeded"] + row["rows_failed"] >= row["rows_total"]
         if complete and row["status"] != COMPLETED:

@@ -98,7 +98,7 @@ def test_collector_that_dies_after_commit_before_ack_leaves_no_duplicate(pipelin
     crashed = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
     entries = crashed.reader.read(count=1000, block_ms=None)
     with pipeline.engine.begin() as conn:
-        crashed._write(conn, entries)          # committed, but the process "dies" before acknowledging
+        crashed._write(conn, crashed._readable(entries))   # committed, but the process "dies" before acking
     assert pipeline.redis.xlen(pipeline.settings.result_stream) == len(entries)
     restarted = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
     restarted.reader.claim_idle_ms = 0

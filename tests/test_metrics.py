@@ -82,7 +82,7 @@ def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
     assert total(after, "pipeline_run_rows", run=report.run_id, status="pending") == 0
     assert total(after, "pipeline_tokens_total", direction="in") == run["input_tokens"]
     assert total(after, "pipeline_tokens_total", direction="out") == run["output_tokens"]
-    assert total(after, "pipeline_cost_usd_total") == pytest.approx(run["cost"])
+    assert total(after, "pipeline_cost_usd_total") == pytest.approx(run["cost_nano"] / 1e9)
     assert total(after, "pipeline_cache_hits_total") == run["rows_cached"]
     assert total(after, "pipeline_provider_requests_total", code="200") == run["attempts"]
     assert total(after, "pipeline_row_latency_seconds_count") == 300 == len(results)

@@ -77,13 +77,11 @@ def test_budget_cap_stops_the_run_before_overspending_with_concurrent_workers(ma
     run = pipeline.run_row(report.run_id)
     assert run["status"] == "budget_exhausted"
     assert 0 < run["rows_succeeded"] < 400
-    assert run["cost"] <= cap
-    spent_in_redis = int(pipeline.redis.get(spend_key(report.run_id))) / 1e9
-    assert spent_in_redis <= cap
-    assert run["cost"] == pytest.approx(spent_in_redis, abs=1e-9)
+    spent_in_redis = int(pipeline.redis.get(spend_key(report.run_id)))
+    assert run["cost_nano"] == spent_in_redis <= cap * 1e9
     # The run stops only when the next call's worst case (256 output tokens + its prompt) no longer fits:
-    worst_case = PriceTable.load().cost("fake", 20, 256)
-    assert run["cost"] > cap - worst_case
+    worst_case = PriceTable.load().price("fake").cost_nano(20, 256)
+    assert run["cost_nano"] > cap * 1e9 - worst_case
 
     kept = {r["row_key"]: r["finished_at"] for r in pipeline.results(report.run_id)}
     runs.resume(pipeline.redis, pipeline.settings, report.run_id, max_cost=1.0)
@@ -108,7 +106,7 @@ def test_resubmitting_hits_the_cache_and_any_change_misses_it(pipeline, tmp_path
     first = run(idempotency_key="day-1")
     assert (first["rows_cached"], first["attempts"]) == (0, 30)
     again = run(idempotency_key="day-2")                       # a new run of the same thing: all from cache
-    assert (again["rows_succeeded"], again["rows_cached"], again["attempts"], again["cost"]) == (30, 30, 0, 0)
+    assert (again["rows_succeeded"], again["rows_cached"], again["attempts"], again["cost_nano"]) == (30, 30, 0, 0)
     assert run(idempotency_key="day-3", use_cache=False)["attempts"] == 30
     assert run(idempotency_key="day-4", template="Other: {{ text }}")["rows_cached"] == 0
     assert run(idempotency_key="day-5", temperature=0.5)["rows_cached"] == 0
@@ -231,8 +229,8 @@ def test_a_cap_given_at_resume_counts_what_the_run_already_spent(pipeline, tmp_p
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(20)), TEMPLATE, id_column="id")
     pipeline.work()
     pipeline.collect()
-    spent = pipeline.run_row(report.run_id)["cost"]
+    spent = pipeline.run_row(report.run_id)["cost_nano"]
     assert spent > 0 and pipeline.redis.get(spend_key(report.run_id)) is None
-    runs.resume(pipeline.redis, pipeline.settings, report.run_id, max_cost=spent * 3, engine=pipeline.engine)
-    assert int(pipeline.redis.get(spend_key(report.run_id))) == round(spent * NANO)
-    assert runs.load_config(pipeline.redis, report.run_id).max_cost == spent * 3
+    runs.resume(pipeline.redis, pipeline.settings, report.run_id, max_cost=spent * 3 / NANO, engine=pipeline.engine)
+    assert int(pipeline.redis.get(spend_key(report.run_id))) == spent
+    assert runs.load_config(pipeline.redis, report.run_id).max_cost == spent * 3 / NANO
