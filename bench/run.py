@@ -19,12 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import BENCH_REDIS_URL, ROOT, fake_provider_stats, start_fake_provider, write_dataset  # noqa: E402
 from pipeline import runs, store  # noqa: E402
 from pipeline.queue import connect  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
@@ -33,22 +32,6 @@ SCENARIOS = {
     "limited": dict(rows=4000, latency=0.2, rpm=3000, workers=2, concurrency=128),
     "unlimited": dict(rows=12000, latency=0.2, rpm=None, workers=2, concurrency=128),
 }
-
-
-def start_fake_provider(latency: float, rpm: float | None) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-m", "tests.fakeprovider", "--latency", str(latency), "--burst-seconds", "1"]
-    if rpm:
-        args += ["--rpm", str(rpm)]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    url = process.stdout.readline().strip()
-    return process, url
-
-
-def write_dataset(path: Path, rows: int) -> Path:
-    with path.open("w", encoding="utf-8") as handle:
-        for i in range(rows):
-            handle.write(json.dumps({"id": f"r{i:07d}", "text": f"benchmark row number {i}"}) + "\n")
-    return path
 
 
 def main() -> None:
@@ -67,7 +50,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     server, url = start_fake_provider(config["latency"], config["rpm"])
-    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    redis_url = BENCH_REDIS_URL
     settings = Settings(_env_file=None, data_dir=work, redis_url=redis_url,
                         database_url=os.environ.get("DATABASE_URL", f"sqlite:///{work / 'bench.db'}"),
                         openai_api_key="sk-bench", openai_base_url=f"{url}/v1",
@@ -102,7 +85,7 @@ def main() -> None:
         workers.wait(timeout=120)
         collector.terminate()
         collector.wait(timeout=30)
-        stats = json.loads(urllib.request.urlopen(f"{url}/_stats", timeout=10).read())
+        stats = fake_provider_stats(url)
         report_figures(config, report.run_id, engine, stats, started, submitted, work_started, finished)
     finally:
         server.terminate()
