@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from rq import get_current_job
+from rq import Retry, get_current_job
 from rq.job import Job
 
 from pipeline import handoff, runstate
@@ -27,6 +27,8 @@ from pipeline.window import CallWindow, Ticket, process_window
 
 log = logging.getLogger("pipeline.job")
 CANCEL_CHECK_SECONDS = 0.25
+HANDED_BACK = "handed back"  # the worker is shutting down: the chunk goes back with its unanswered rows
+HAND_BACKS = 1000            # how often a chunk may be handed back by stopping workers before it fails
 
 
 _settings: Settings | None = None
@@ -47,7 +49,7 @@ def worker_settings() -> Settings:
     return _settings
 
 
-def process_chunk(payload: dict[str, Any]) -> dict[str, Any]:
+def process_chunk(payload: dict[str, Any]) -> dict[str, Any] | Retry:
     settings = worker_settings()
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings)
@@ -60,9 +62,12 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         config = exc
     runner = ChunkRunner(settings, window, payload, ticket)
     try:
-        return window.run(runner.run(config, timeout))
+        summary = window.run(runner.run(config, timeout))
     finally:
         ticket.close()
+    if runner.stopped == HANDED_BACK and summary["answered"] + summary["skipped_done"] < summary["rows"]:
+        return Retry(max=HAND_BACKS, enqueue_at_front=True)  # RQ queues it again; answered rows are skipped then
+    return summary
 
 
 def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: BaseException | None,
@@ -137,7 +142,7 @@ class ChunkRunner:
         for spec in config.targets:
             limiter = SharedRateLimiter(self.client, f"{spec.provider}:{spec.model}",
                                         rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
-                                        burst_seconds=s.ratelimit_burst_seconds)
+                                        burst_seconds=s.ratelimit_burst_seconds, headroom=s.ratelimit_headroom)
             targets.append(Target(spec, self.window.provider(spec.provider), limiter))
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
                              call_deadline=s.request_timeout + 5)
@@ -173,6 +178,8 @@ class ChunkRunner:
 
     async def _should_stop(self) -> bool:
         """Looks at the cancel flag at most every CANCEL_CHECK_SECONDS, not once per row."""
+        if self.stopped is None and self.window.draining:
+            self.stopped = HANDED_BACK
         now = time.monotonic()
         if self.stopped is None and now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
             self._cancel_checked = now

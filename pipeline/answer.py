@@ -238,7 +238,9 @@ class RowAnswerer:
                 cost = price.cost_nano(response.input_tokens, response.output_tokens) if price else None
                 tally.billed(response, cost)
                 await self.budget.settle(held, cost or 0)
-                await target.limiter.settle(estimated_tokens, response.input_tokens + response.output_tokens)
+                # a provider's TPM limit counts the max output tokens when it admits a call (OpenAI), not the
+                # tokens the answer used: refunding those makes the bucket run ahead of the provider's (429s)
+                await target.limiter.settle(estimated_tokens, response.input_tokens + output_cap)
                 if response.rate_limit is not None:
                     await target.limiter.follow_provider(response.rate_limit.remaining_requests,
                                                          response.rate_limit.remaining_tokens)

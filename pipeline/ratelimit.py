@@ -69,10 +69,14 @@ class SharedRateLimiter:
     """Requests and tokens budgets for one provider/model; an unset limit is not enforced."""
 
     def __init__(self, client: aioredis.Redis, scope: str, *, rpm: float | None, tpm: float | None,
-                 burst_seconds: float = 0.5) -> None:
+                 burst_seconds: float = 0.1, headroom: float = 0.0) -> None:
+        """``headroom``: the share of each limit left unused. A bucket lets ``burst_seconds`` of budget out
+        above its rate; a provider that counts over a sliding window of W seconds sees that as burst / W over
+        its limit, so a little headroom keeps every window under it."""
         self._client = client
-        self.requests = Limit(f"ratelimit:{scope}:requests", rpm, burst_seconds) if rpm else None
-        self.tokens = Limit(f"ratelimit:{scope}:tokens", tpm, burst_seconds) if tpm else None
+        keep = 1.0 - headroom
+        self.requests = Limit(f"ratelimit:{scope}:requests", rpm * keep, burst_seconds) if rpm else None
+        self.tokens = Limit(f"ratelimit:{scope}:tokens", tpm * keep, burst_seconds) if tpm else None
         self._reserve = client.register_script(_RESERVE)
         self._adjust = client.register_script(_ADJUST)
 

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
 
     default_rpm: int | None = Field(None, ge=1, description="Requests/minute per provider:model when a run sets none.")
     default_tpm: int | None = Field(None, ge=1, description="Tokens/minute per provider:model when a run sets none.")
-    ratelimit_burst_seconds: float = Field(0.5, gt=0, description="How much budget may go out at once.")
+    ratelimit_burst_seconds: float = Field(0.1, gt=0, description="How much budget may go out at once.")
+    ratelimit_headroom: float = Field(0.01, ge=0, lt=1, description="Share of --rpm/--tpm left unused, so a "
+                                      "provider counting over a sliding window never sees the burst above it.")
     cache_ttl: int | None = Field(None, ge=1, description="Seconds a cached answer is kept; unset = forever.")
 
     request_timeout: float = Field(60.0, gt=0)

@@ -55,6 +55,7 @@ class CallWindow:
         self.prices = PriceTable.load(settings.price_file)
         self.in_flight = 0
         self.backlog = 0  # rows of accepted chunks that have not taken a place yet
+        self.draining = False  # the worker is stopping: chunks start no new row
         self._room = threading.Condition()
         self._providers: dict[str, Provider] = {}
         self.prompts_in_flight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the answer being asked
@@ -94,6 +95,9 @@ class CallWindow:
                 yield
             finally:
                 self._move(in_flight=-1)
+
+    def drain(self) -> None:
+        self.draining = True
 
     def wait_for_room(self, timeout: float) -> bool:
         """Block until the window could start more rows than the accepted chunks hold (or ``timeout``)."""

@@ -20,16 +20,21 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.timeouts import BaseDeathPenalty
-from rq.worker.base import BaseWorker, StopRequested, WorkerStatus
+from rq.worker.base import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerData, WorkerPool
 
 from .providers import preload
-from .queue import SERIALIZER, chunk_queue, connect
+from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
+from .schedules import SCHEDULED_FUNCTION
 from .settings import Settings
 from .window import CallWindow, close_process_window, process_window
 
 log = logging.getLogger("pipeline.worker")
 ROOM_CHECK_SECONDS = 1.0  # how often a worker waiting for room in its window looks at its stop flag
+DEQUEUE_POLL_SECONDS = 1  # a blocking dequeue returns this often, so a stop is seen without a signal raising
+# RQ imports whatever a job names: anyone who can write to Redis could run code here. Only these run.
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION, SCHEDULED_FUNCTION})
+JOB_CALLBACKS = frozenset({JOB_FAILED_CALLBACK})
 
 
 class LoopKeepsTimeout(BaseDeathPenalty):
@@ -55,45 +60,66 @@ class ChunkWorker(BaseWorker):
         super().__init__(*args, **kwargs)
         self.window = window
         self._jobs: dict[str, tuple[Job, Execution, threading.Thread]] = {}
-        self._jobs_lock = threading.Condition()
-        self._starting = False
+        self._jobs_lock = threading.Condition(threading.RLock())  # RLock: the signal handler notifies it
         self._heartbeats: threading.Thread | None = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         from jobs.process_chunk import current_ticket
 
-        self._starting = True
-        try:
-            execution = self.prepare_execution(job)
-            ticket = self.window.reserve(_row_count(job))
+        if not _is_ours(job):
+            self._refuse(job, queue)
+            return
+        if self._stop_requested:  # dequeued as the stop came: back to the head of the queue, untouched
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                pipe.lpush(queue.key, job.id)
+                pipe.execute()
+            return
+        execution = self.prepare_execution(job)
+        ticket = self.window.reserve(_row_count(job))
 
-            def perform() -> None:
-                current_ticket.set(ticket)
-                try:
-                    self.perform_job(job, queue, execution)
-                finally:
-                    ticket.close()
-                    with self._jobs_lock:
-                        self._jobs.pop(execution.id, None)
-                        self._jobs_lock.notify_all()
+        def perform() -> None:
+            current_ticket.set(ticket)
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                ticket.close()
+                with self._jobs_lock:
+                    self._jobs.pop(execution.id, None)
+                    self._jobs_lock.notify_all()
 
-            thread = threading.Thread(target=perform, name=f"job {job.id}", daemon=True)
-            with self._jobs_lock:
-                self._jobs[execution.id] = (job, execution, thread)
-            thread.start()
-        finally:
-            self._starting = False
+        thread = threading.Thread(target=perform, name=f"job {job.id}", daemon=True)
+        with self._jobs_lock:
+            self._jobs[execution.id] = (job, execution, thread)
+        thread.start()
         self._keep_heartbeats()
         while not self._stop_requested and not self.window.wait_for_room(ROOM_CHECK_SECONDS):
             pass
 
+    def _refuse(self, job: Job, queue: Queue) -> None:
+        """Fail a job that names a function (or callback) not ours, without importing or running anything."""
+        reason = f"refused: {job.func_name} is not one of the pipeline's job functions"
+        log.error("job %s %s (callbacks: %s, %s)", job.id, reason, job._success_callback_name,
+                  job._failure_callback_name)
+        job.retries_left = 0
+        self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+        self.handle_job_failure(job, queue=queue, exc_string=reason)
+
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        """In burst mode, an empty queue ends the worker only once its running chunks are done: a chunk that
-        fails may be queued again by its own retry."""
-        while True:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            if result is not None or timeout is not None or not self._wait_for_a_job_to_end():
+        """Blocking dequeues return every DEQUEUE_POLL_SECONDS to look at the stop flag: a signal never raises
+        in here, where a job moved out of the queue but not yet started would be lost until RQ's intermediate
+        queue cleanup. In burst mode, an empty queue ends the worker only once its running chunks are done: a
+        chunk that fails may be queued again by its own retry."""
+        while not self._stop_requested:
+            if timeout is not None:
+                result = super().dequeue_job_and_maintain_ttl(DEQUEUE_POLL_SECONDS, DEQUEUE_POLL_SECONDS)
+                if result is not None:
+                    return result
+                continue
+            result = super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+            if result is not None or not self._wait_for_a_job_to_end():
                 return result
+        return None
 
     def _wait_for_a_job_to_end(self) -> bool:
         """Wait until one running job ends; False when none was running."""
@@ -110,18 +136,24 @@ class ChunkWorker(BaseWorker):
         super().set_state(state, pipeline=pipeline)
 
     def _shutdown(self) -> None:
-        """Warm shutdown: take no new chunk, let the running ones finish (``teardown`` waits for them)."""
+        """Warm shutdown: take no new chunk; running chunks start no new row, let their calls in flight end and
+        go back to the queue with the rows they did not answer (``teardown`` waits for them)."""
+        self.window.drain()
         self._stop_requested = True
         self.set_shutdown_requested_date()
         with self._jobs_lock:
             self._jobs_lock.notify_all()
-        if not self._starting:
-            raise StopRequested()
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        """Cold shutdown (a second signal): exit now; the pool gives the running chunks back."""
+        self._cold = True
+        super().request_force_stop(signum, frame)
 
     def teardown(self) -> None:
-        for _, _, thread in list(self._jobs.values()):
-            thread.join()
-        close_process_window()
+        if not getattr(self, "_cold", False):
+            for _, _, thread in list(self._jobs.values()):
+                thread.join()
+            close_process_window()
         super().teardown()
 
     def _keep_heartbeats(self) -> None:
@@ -138,6 +170,11 @@ class ChunkWorker(BaseWorker):
                     self.maintain_heartbeats(job, execution)
                 except redis.RedisError:
                     log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+
+
+def _is_ours(job: Job) -> bool:
+    callbacks = {job._success_callback_name, job._failure_callback_name, job._stopped_callback_name} - {None}
+    return job.func_name in JOB_FUNCTIONS and callbacks <= JOB_CALLBACKS
 
 
 def _row_count(job: Job) -> int:
@@ -166,10 +203,14 @@ def make_worker(settings: Settings, name: str | None = None) -> ChunkWorker:
 
 def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True,
                name: str | None = None) -> bool:
+    """Run one chunk worker in this process. RQ's scheduler (for jobs enqueued at a time) runs beside it on a
+    real Redis only: it rebuilds its client from connection kwargs, which for the embedded server would start
+    a second, empty one (chunk retries need no scheduler: they are queued again at once)."""
     from jobs.process_chunk import use_settings
 
     preload(settings)
     use_settings(settings)
+    with_scheduler = with_scheduler and settings.redis_url is not None
     return make_worker(settings, name).work(burst=burst, with_scheduler=with_scheduler,
                                             logging_level=settings.log_level.upper())
 

