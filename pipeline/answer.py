@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from .budget import RunBudget
 from .cache import ALONE, ASK, ResponseCache, cache_key
 from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RunCancelled,
-                     TemplateError)
+                     TemplateError, UnreadableAnswer)
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
@@ -230,6 +230,12 @@ class RowAnswerer:
                 tally.attempts += 1
                 try:
                     response = await self._complete(target, request)
+                except UnreadableAnswer:  # likely billed: its estimate is counted once, and it is not asked again
+                    tally.call(target, "200")
+                    tally.billed(ProviderResponse("", input_estimate, output_cap, request.model),
+                                 worst_case if price else None)
+                    await self.budget.settle(held, worst_case)
+                    raise
                 except ProviderError as exc:
                     tally.call(target, call_outcome(exc))
                     await self._after_failure(exc, held, worst_case, target, tally)

@@ -62,5 +62,10 @@ class PermanentError(ProviderError):
     """A failure that will repeat on retry (400/401/403/404/422, invalid answer after all tries)."""
 
 
+class UnreadableAnswer(PermanentError):
+    """A 2xx answer that cannot be read (not JSON, no choices, a stream). The provider has likely billed it, so
+    it is not asked again, and its estimated cost is counted once."""
+
+
 class InvalidAnswer(PermanentError):
     """The answer failed JSON-schema validation (retried a bounded number of times before it is final)."""

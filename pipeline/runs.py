@@ -36,6 +36,11 @@ ENQUEUE_BATCH_JOBS, ENQUEUE_BATCH_ROWS = 200, 10_000
 RETRY_EVENT_KEYS = 1000  # row keys per "retrying" event
 PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
+# Provider parameters a run may not set through --param: the pipeline builds them (or, like stream and n, they
+# would return answers it cannot read or several answers billed for one row).
+RESERVED_PARAMS = frozenset({"model", "messages", "system", "stream", "stream_options", "n", "prompt",
+                             "response_format"})
+
 
 def idempotency_key(key: str) -> str:
     return f"runs:idempotency:{key}"
@@ -221,6 +226,10 @@ def _check_fields(request: RunRequest) -> None:
             raise ConfigError(f"{name} must be text of at most {limit} characters")
     if not isinstance(request.params, dict):
         raise ConfigError("params must be a table of provider parameters")
+    reserved = sorted(RESERVED_PARAMS & set(request.params))
+    if reserved:
+        raise ConfigError(f"param {reserved[0]!r} cannot be set: the pipeline sets it (reserved: "
+                          f"{', '.join(sorted(RESERVED_PARAMS))})")
     if not isinstance(request.fallbacks, (list, tuple)) or not all(isinstance(f, str) for f in request.fallbacks):
         raise ConfigError("fallbacks must be a list of PROVIDER:MODEL")
 

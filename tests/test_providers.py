@@ -94,17 +94,33 @@ def test_permanent_errors_fail_the_row_at_once_and_the_rest_go_on(provider_pipel
     assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 2, "completed")
 
 
-def test_server_errors_malformed_bodies_and_timeouts_are_retried(provider_pipeline, server, tmp_path):
+def test_server_errors_and_timeouts_are_retried_and_an_unreadable_answer_is_billed_once(provider_pipeline, server,
+                                                                                         tmp_path):
+    """A 200 whose body cannot be read was likely billed: asking again would pay again, so the row fails at
+    once and its estimated cost (prompt estimate + max tokens) is counted; 5xx and timeouts are retried."""
     server.configure(rules=[{"match": "row 1 ", "action": 503, "times": 2},
                             {"match": "row 2 ", "action": "malformed", "times": 1},
                             {"match": "row 3 ", "action": "hang", "times": 1}], hang_seconds=1.5)
     pipeline = provider_pipeline(request_timeout=0.5)
     run_id, results = run_all(pipeline, tmp_path, rows(5), provider="openai", model="gpt-4o-mini")
-    assert all(r["status"] == "succeeded" for r in results.values())
+    assert [k for k, r in results.items() if r["status"] != "succeeded"] == ["0002"]
     assert results["0001"]["attempts"] == 3
-    assert results["0002"]["attempts"] == 2
+    unreadable = results["0002"]
+    assert unreadable["attempts"] == 1 and "body that is not JSON" in unreadable["error"]
+    assert unreadable["output_tokens"] == 256 and unreadable["cost_nano"] > 0   # the worst case, once
+    assert server.stats()["by_status"]["malformed"] == 1
     assert (results["0003"]["attempts"], results["0003"]["timeouts"]) == (2, 1)
     assert pipeline.run_row(run_id)["timeouts"] == 1
+
+
+@pytest.mark.parametrize("param", ["stream=true", "n=3", "model=\"gpt-4o\"", "messages=[]"])
+def test_params_the_pipeline_sets_are_refused_at_submit(provider_pipeline, tmp_path, param):
+    pipeline = provider_pipeline()
+    key, _, value = param.partition("=")
+    with pytest.raises(ConfigError, match=f"param '{key}' cannot be set"):
+        pipeline.submit(write(tmp_path / "d.csv", rows(2)), "Q: {{ text }}", provider="openai",
+                        model="gpt-4o-mini", params={key: json.loads(value)})
+    assert pipeline.redis.llen(f"rq:queue:{pipeline.settings.queue_name}") == 0
 
 
 def test_timeouts_have_their_own_smaller_retry_budget(provider_pipeline, server, tmp_path):

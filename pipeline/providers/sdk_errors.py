@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ..errors import PermanentError, ProviderError, ProviderTimeout, RateLimited, ServerError
+from ..errors import PermanentError, ProviderError, ProviderTimeout, RateLimited, ServerError, UnreadableAnswer
 from ..redaction import redact
 from .base import retry_after
 
@@ -11,7 +11,13 @@ RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}
 
 
 def translate(exc: Exception, sdk: ModuleType, provider: str) -> ProviderError:
-    """Map an SDK exception to RateLimited / ServerError / ProviderTimeout / PermanentError."""
+    """Map an SDK exception to RateLimited / ServerError / ProviderTimeout / PermanentError; a 2xx whose body
+    has the wrong shape (a missing key, a wrong type) is an UnreadableAnswer; our own errors pass through."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, (KeyError, IndexError, TypeError, AttributeError)):
+        return UnreadableAnswer(f"{provider}: unreadable answer ({type(exc).__name__}: {redact(str(exc))[:200]})",
+                                status=200)
     if isinstance(exc, sdk.APITimeoutError):
         return ProviderTimeout(f"{provider}: request timed out")
     if isinstance(exc, sdk.APIConnectionError):
@@ -27,8 +33,6 @@ def translate(exc: Exception, sdk: ModuleType, provider: str) -> ProviderError:
         if status in RETRYABLE_STATUS or status >= 500:
             return ServerError(message, status=status, retry_after=wait)
         return PermanentError(message, status=status)
-    if isinstance(exc, ValueError):  # e.g. a body that is not JSON
-        return ServerError(f"{provider}: malformed response body ({type(exc).__name__})")
     return ServerError(f"{provider}: {type(exc).__name__}: {redact(str(exc))}")
 
 

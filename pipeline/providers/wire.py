@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import httpx2
 
+from ..errors import UnreadableAnswer
+
 
 class SdkWire:
     def __init__(self, client: Any, sdk: ModuleType, *, timeout: float) -> None:
@@ -48,7 +50,14 @@ class SdkWire:
             raise self._client._make_status_error_from_response(
                 httpx2.Response(status, headers=list(headers.items()), content=content,
                                 request=httpx2.Request("POST", url)))
-        return json.loads(content), headers
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            raise UnreadableAnswer(f"HTTP {status} with a body that is not JSON ({len(content)} bytes)",
+                                   status=status) from None
+        if not isinstance(answer, dict):
+            raise UnreadableAnswer(f"HTTP {status} with a JSON body that is not an object", status=status)
+        return answer, headers
 
     async def aclose(self) -> None:
         if self._session is not None:
