@@ -274,11 +274,13 @@ def _dollars(amount: float | None, places: int) -> str:
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.option("--raw", is_flag=True, help="CSV: write cells starting with = + - @ tab or CR as they are, without "
+              "the leading single quote that keeps spreadsheets from running them as formulas.")
 @click.pass_obj
 @fails_cleanly
-def export(ctx: Context, run_id: str, fmt: str, output: Path) -> None:
+def export(ctx: Context, run_id: str, fmt: str, output: Path, raw: bool) -> None:
     """Write the input columns joined with the answers."""
-    count = export_run(ctx.engine, run_id, fmt, output)
+    count = export_run(ctx.engine, run_id, fmt, output, raw=raw)
     click.echo(f"wrote {count} rows to {output}")
 
 
