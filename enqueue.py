@@ -128,26 +128,29 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_request(dataset: Path | None, runs_file: Path | None, template: str | None,
                   template_file: Path | None, provider: str, model: str | None, params: tuple[str, ...],
-                  json_schema: Path | None, no_cache: bool, **fields: Any) -> runs.RunRequest:
+                  json_schema: Path | None, no_cache: bool, allowed_dir: Path | None = None,
+                  **fields: Any) -> runs.RunRequest:
+    """``allowed_dir`` (ALLOWED_DATA_DIR) bounds the template and schema files as well as the dataset."""
     if runs_file is not None:
-        return named_request(runs_file, fields.get("name"), fields.get("idempotency_key"))
+        return named_request(runs_file, fields.get("name"), fields.get("idempotency_key"), allowed_dir)
     if dataset is None:
         raise ConfigError("give a DATASET file, or --config RUNS_FILE --name NAME")
     if (template is None) == (template_file is None):
         raise ConfigError("give exactly one of --template or --template-file")
     if template_file is not None:
-        template = read_text(template_file, "template")
+        template = read_text(template_file, "template", allowed_dir)
     if model is None:
         if provider != "fake":
             raise ConfigError(f"--model is required for provider {provider}")
         model = "fake"
     return runs.RunRequest(dataset=dataset, template=template or "", provider=provider, model=model,
-                           params=_parse_params(params), json_schema=_read_schema(json_schema),
+                           params=_parse_params(params), json_schema=_read_schema(json_schema, allowed_dir),
                            use_cache=not no_cache, **fields)
 
 
-def named_request(runs_file: Path, name: str | None, key: str | None) -> runs.RunRequest:
-    named_runs = load_runs_file(runs_file)
+def named_request(runs_file: Path, name: str | None, key: str | None,
+                  allowed_dir: Path | None = None) -> runs.RunRequest:
+    named_runs = load_runs_file(runs_file, allowed_dir)
     if name not in named_runs:
         raise ConfigError(f"{runs_file}: no run named {name!r} (have: {', '.join(named_runs)})")
     named = named_runs[name]
@@ -167,11 +170,11 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
     return parsed
 
 
-def _read_schema(path: Path | None) -> dict[str, Any] | None:
+def _read_schema(path: Path | None, allowed_dir: Path | None = None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        return json.loads(read_text(path, "JSON schema"))
+        return json.loads(read_text(path, "JSON schema", allowed_dir))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not a JSON schema ({exc})") from None
 
@@ -200,7 +203,8 @@ def print_submit(report: runs.SubmitReport, as_json: bool) -> None:
 @fails_cleanly
 def submit(ctx: Context, as_json: bool, **options: Any) -> None:
     """Validate DATASET and enqueue one job per chunk. Prints the run id."""
-    report = do_submit(ctx, build_request(**options), quiet=as_json)
+    request = build_request(**options, allowed_dir=ctx.settings.allowed_data_dir)
+    report = do_submit(ctx, request, quiet=as_json)
     print_submit(report, as_json)
 
 
@@ -210,7 +214,8 @@ def submit(ctx: Context, as_json: bool, **options: Any) -> None:
 @fails_cleanly
 def run(ctx: Context, as_json: bool, **options: Any) -> None:
     """Submit, work and collect in this one process (small jobs, demos), then print the summary."""
-    report = do_submit(ctx, build_request(**options), quiet=as_json)
+    request = build_request(**options, allowed_dir=ctx.settings.allowed_data_dir)
+    report = do_submit(ctx, request, quiet=as_json)
     if not as_json:
         print_submit(report, as_json)
     quiet = ctx.settings.model_copy(update={"log_level": "WARNING"})  # the summary is the output here
@@ -274,11 +279,13 @@ def _dollars(amount: float | None, places: int) -> str:
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.option("--raw", is_flag=True, help="CSV: write cells starting with = + - @ tab or CR as they are, without "
+              "the leading single quote that keeps spreadsheets from running them as formulas.")
 @click.pass_obj
 @fails_cleanly
-def export(ctx: Context, run_id: str, fmt: str, output: Path) -> None:
+def export(ctx: Context, run_id: str, fmt: str, output: Path, raw: bool) -> None:
     """Write the input columns joined with the answers."""
-    count = export_run(ctx.engine, run_id, fmt, output)
+    count = export_run(ctx.engine, run_id, fmt, output, raw=raw)
     click.echo(f"wrote {count} rows to {output}")
 
 
@@ -352,7 +359,7 @@ def collect(ctx: Context, burst: bool) -> None:
 @fails_cleanly
 def schedule(ctx: Context, runs_file: Path) -> None:
     """Run RQ's cron scheduler for the runs file's scheduled runs (workers do the submitting)."""
-    scheduler = build_scheduler(ctx.redis, ctx.settings.queue_name, runs_file)
+    scheduler = build_scheduler(ctx.redis, ctx.settings.queue_name, runs_file, ctx.settings.allowed_data_dir)
     for job in scheduler.get_jobs():
         when = f"cron '{job.cron}'" if job.cron else f"every {job.interval} s"
         click.echo(f"scheduled {job.name}: {when}")

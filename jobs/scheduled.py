@@ -19,7 +19,7 @@ def submit_named_run(runs_file: str, name: str) -> dict[str, Any]:
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings)
     fired_at = (job.enqueued_at if job is not None and job.enqueued_at else datetime.now(timezone.utc))
-    named = load_runs_file(Path(runs_file))[name]
+    named = load_runs_file(Path(runs_file), settings.allowed_data_dir)[name]
     request = replace(named.request, idempotency_key=firing_key(named, fired_at))
     report = runs.submit(connection, settings, request)
     return report.__dict__

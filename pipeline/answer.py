@@ -156,7 +156,7 @@ class RowAnswerer:
 
     async def _answer_with(self, target: Target, request: ProviderRequest,
                            tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
-        key = cache_key(target.spec.provider, request)
+        key = cache_key(target.spec.provider, request, getattr(target.provider, "base_url", None))
         if self.cache is None or not self.config.use_cache:  # --no-cache: ask anew, but keep the answer
             return (*await self._fresh_answer(target, request, tally, key), False)
         shared = self._in_flight.get(key)

@@ -47,9 +47,12 @@ return 1
 """
 
 
-def cache_key(provider: str, request: ProviderRequest) -> str:
+def cache_key(provider: str, request: ProviderRequest, base_url: str | None = None) -> str:
+    """``base_url``: the server the provider's client posts to (None for the offline fake), so that two
+    OpenAI-compatible servers, or two tenants' endpoints, sharing one Redis never answer for each other."""
+    server = base_url.rstrip("/") if base_url else None
     digest = stable_hash(
-        provider, request.model, request.system, request.prompt, request.max_tokens, request.temperature,
+        provider, server, request.model, request.system, request.prompt, request.max_tokens, request.temperature,
         dict(request.params), request.json_schema,
     )
     return "cache:{" + digest + "}"  # the hash tag keeps answer and claim in one Redis Cluster slot

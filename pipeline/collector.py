@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -32,6 +32,7 @@ class BatchOutcome:
     results_written: int
     runs_finished: list[str]
     parked: int = 0
+    configs: list[RunConfig] = field(default_factory=list)  # run events in this batch (metrics label sets)
 
 
 class Collector:
@@ -44,6 +45,7 @@ class Collector:
         self.reader = StreamReader(connection, settings.result_stream, consumer)
         self.observers = list(observers or [])
         self._parked = 0
+        self._prepared = False
 
     def step(self, block_ms: int | None = 1000) -> BatchOutcome:
         """Read one batch, write it in one transaction, then acknowledge it.
@@ -64,10 +66,17 @@ class Collector:
                 raise
             applied, finished = self._write_one_by_one(readable)
         self.reader.ack(entries)
-        outcome = BatchOutcome(len(entries), len(applied.changed), finished, self._parked)
+        configs = [record for _, record in readable if isinstance(record, RunConfig)]
+        outcome = BatchOutcome(len(entries), len(applied.changed), finished, self._parked, configs)
         for observer in self.observers:
             observer(outcome, applied)
         return outcome
+
+    def _prepare(self) -> None:
+        """Create the tables once the database answers (raises DBAPIError until then)."""
+        if not self._prepared:
+            store.prepare(self.engine)
+            self._prepared = True
 
     def _readable(self, entries: list[Entry]) -> list[tuple[Entry, Decoded]]:
         """Entries with what they say; one that cannot be read (a newer worker's change that this version cannot
@@ -145,10 +154,12 @@ class Collector:
             return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
-        """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage."""
+        """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage, one at
+        start included: results wait in Redis until the database answers."""
         written, delay = 0, 0.5
         while stop is None or not stop():
             try:
+                self._prepare()
                 outcome = self.step(block_ms=200 if burst else 1000)
                 delay = 0.5
             except DBAPIError as exc:
@@ -185,17 +196,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_collector(settings: Settings, *, burst: bool = False, metrics_port: int | None = None) -> int:
-    """The collector process: /metrics on METRICS_PORT (0 = none) and the write loop."""
+    """The collector process: /metrics on METRICS_HOST:METRICS_PORT (port 0 = none) and the write loop. It starts
+    whether or not the database answers: /metrics is served from the start, the tables are made once it does."""
     from .metrics import PipelineMetrics
     from .queue import connect
 
     connection = connect(settings)
-    engine = store.make_engine(settings.resolved_database_url)
+    engine = store.open_engine(settings.resolved_database_url)
     metrics = PipelineMetrics(settings, connection, engine)
     port = settings.metrics_port if metrics_port is None else metrics_port
-    server = metrics.serve(port)[0] if port else None
+    server = metrics.serve(port, addr=settings.metrics_host)[0] if port else None
     if server is not None:
-        log.info("serving /metrics on port %d", server.server_port)
+        log.info("serving /metrics on %s:%d", settings.metrics_host, server.server_port)
     try:
         return Collector(settings, connection, engine, observers=[metrics.observe]).run(burst=burst)
     finally:

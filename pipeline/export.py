@@ -1,4 +1,10 @@
-"""Export a run's results (input columns joined with the answer) to CSV, JSONL or Parquet, streamed by page."""
+"""Export a run's results (input columns joined with the answer) to CSV, JSONL or Parquet, streamed by page.
+
+CSV files end up in spreadsheets, and both the dataset and the LLM's answers (which a dataset can steer) are
+untrusted: a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return would be read as a
+formula. So CSV text cells that start so are prefixed with a single quote (OWASP's CSV injection rule) unless
+``raw`` is asked for; JSONL and Parquet are data formats, never evaluated, and stay raw.
+"""
 from __future__ import annotations
 
 import csv
@@ -18,6 +24,7 @@ OUTPUT_FIELDS = ["row_key", "status", "answer", "parsed_json", "error", "provide
                  "output_tokens", "cost_usd", "latency_ms", "cached", "attempts"]
 FORMATS = ("csv", "jsonl", "parquet")
 PAGE = 5000
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _flat(result: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
@@ -36,8 +43,9 @@ def _flat(result: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
     return row
 
 
-def export_run(engine: Engine, run_id: str, fmt: str, destination: Path) -> int:
-    """Write every result of the run in input order. Returns the number of rows written."""
+def export_run(engine: Engine, run_id: str, fmt: str, destination: Path, *, raw: bool = False) -> int:
+    """Write every result of the run in input order. Returns the number of rows written. ``raw``: CSV cells
+    are written as they are, without the formula escaping."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     with engine.connect() as conn:
@@ -49,8 +57,21 @@ def export_run(engine: Engine, run_id: str, fmt: str, destination: Path) -> int:
         for result in first:
             columns.update(dict.fromkeys(result["input"]))
         pages = _pages(first, results, list(columns))
-        writer = {"csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet}[fmt]
+        if fmt == "csv":
+            return _write_csv(pages if raw else (list(map(_defuse_row, page)) for page in pages), destination)
+        writer = {"jsonl": _write_jsonl, "parquet": _write_parquet}[fmt]
         return writer(pages, destination)
+
+
+def defuse_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would read as a formula, prefixed with a single quote; anything else as is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def _defuse_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {defuse_cell(name): defuse_cell(value) for name, value in row.items()}  # headers come from the dataset
 
 
 def _pages(first: list[dict[str, Any]], rest: Iterator[dict[str, Any]], columns: list[str]

@@ -5,26 +5,34 @@ by outcome, tokens, cost, latency), and the collector counts a result once, when
 the counters agree with the tables however often worker processes fork, die or are replaced, and no
 multiprocess files pile up. Queue and registry sizes, live workers and the hand-over backlog are read from
 Redis at scrape time; rows per run and status from the ``runs`` table, so they survive collector restarts.
+A scrape never fails because the database is down: the SQL gauges are left out and ``pipeline_database_up``
+says 0, while everything Redis knows is still served (that is when the backlog matters most).
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import store
 from .pricing import NANO
+from .records import RunConfig
 from .queue import SERIALIZER
 from .settings import Settings
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RECENT_RUNS = 50
+FIRST_CODES = ("200", "429", "timeout")  # call outcomes whose series exist from a model's first run on
+log = logging.getLogger("pipeline.metrics")
 
 
 class PipelineMetrics:
@@ -53,15 +61,35 @@ class PipelineMetrics:
                               registry=self.registry)
         self.latency = Histogram("pipeline_row_latency_seconds", "Time to answer a row, retries included", labels,
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.last_write = Gauge("pipeline_last_write_timestamp_seconds", "Unix time of the collector's last "
+                                "committed SQL write (0 = none since it started)", registry=self.registry)
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
     def observe(self, outcome: Any, applied: store.Applied) -> None:
         """Count each result that the collector's write changed (a redelivered duplicate changes nothing), and
         the entries it parked (``outcome`` is the collector's BatchOutcome)."""
+        for config in outcome.configs:
+            self.start_series(config)
         if outcome.parked:
             self.parked.inc(outcome.parked)
+        self.last_write.set(time.time())
         for result, previous in zip(applied.changed, applied.previous):
             self._observe_one(result, previous)
+
+    def start_series(self, config: RunConfig) -> None:
+        """Create a run's provider/model label sets at zero before its first result is counted: a series that
+        appears with its first increment already in it hides that increment from rate() and increase()."""
+        for target in config.targets:
+            provider, model = target.provider, target.model
+            for status in ("succeeded", "failed"):
+                self.results.labels(provider, model, status)
+            for code in FIRST_CODES:
+                self.requests.labels(provider, model, code)
+            for counter in (self.retries, self.rate_limited, self.timeouts, self.cache_hits, self.cost,
+                            self.latency):
+                counter.labels(provider, model)
+            for direction in ("in", "out"):
+                self.tokens.labels(provider, model, direction)
 
     def _observe_one(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
         """A replaced result (retry-failed) carries its predecessor's calls and spending: count only the rest."""
@@ -92,7 +120,7 @@ class PipelineMetrics:
         if result["status"] == "succeeded":
             self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
 
-    def serve(self, port: int, addr: str = "0.0.0.0"):
+    def serve(self, port: int, addr: str = "127.0.0.1"):
         """Serve /metrics on a daemon thread; returns (server, thread) so callers can shut it down."""
         return start_http_server(port, addr=addr, registry=self.registry)
 
@@ -107,7 +135,16 @@ class _ScrapeTime(PromCollector):
 
     def collect(self) -> Iterable[Any]:
         yield from self._queue_metrics()
-        yield from self._run_metrics()
+        up = GaugeMetricFamily("pipeline_database_up", "1 if the collector's database answered this scrape's "
+                               "query, else 0 (results then wait in Redis)")
+        try:
+            sql = list(self._run_metrics())
+        except SQLAlchemyError as exc:
+            log.warning("database unavailable for /metrics: %s", type(exc).__name__)
+            sql = []
+        up.add_metric([], 1 if sql else 0)
+        yield up
+        yield from sql
 
     def _queue_metrics(self) -> Iterable[Any]:
         queue = Queue(self.settings.queue_name, connection=self.connection, serializer=SERIALIZER)

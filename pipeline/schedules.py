@@ -43,7 +43,9 @@ class NamedRun:
     every: int | None = None
 
 
-def load_runs_file(path: Path) -> dict[str, NamedRun]:
+def load_runs_file(path: Path, allowed_dir: Path | None = None) -> dict[str, NamedRun]:
+    """The runs file's named runs; ``allowed_dir`` (ALLOWED_DATA_DIR) bounds the template files it names (its
+    datasets are checked by submit)."""
     text = read_text(path, "runs file")
     try:
         data = tomllib.loads(text)
@@ -52,13 +54,13 @@ def load_runs_file(path: Path) -> dict[str, NamedRun]:
     entries = data.get("runs")
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"{path}: no [runs.NAME] tables")
-    return {name: _named_run(path, name, entry) for name, entry in entries.items()}
+    return {name: _named_run(path, name, entry, allowed_dir) for name, entry in entries.items()}
 
 
 _REQUEST_FIELDS = {f.name for f in fields(RunRequest)} - {"dataset", "template", "name", "idempotency_key"}
 
 
-def _named_run(path: Path, name: str, entry: dict[str, Any]) -> NamedRun:
+def _named_run(path: Path, name: str, entry: dict[str, Any], allowed_dir: Path | None) -> NamedRun:
     where = f"{path}: [runs.{name}]"
     entry = dict(entry)
     cron, every = entry.pop("cron", None), entry.pop("every", None)
@@ -73,7 +75,7 @@ def _named_run(path: Path, name: str, entry: dict[str, Any]) -> NamedRun:
     if (template is None) == (template_file is None):
         raise ConfigError(f"{where}: give exactly one of 'template' or 'template_file'")
     if template_file is not None:
-        template = read_text(base / template_file, f"[runs.{name}] template_file")
+        template = read_text(base / template_file, f"[runs.{name}] template_file", allowed_dir)
     unknown = set(entry) - _REQUEST_FIELDS
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
@@ -113,10 +115,11 @@ class PipelineCronScheduler(CronScheduler):
         self._cron_jobs.append(job)
 
 
-def build_scheduler(connection: Redis, queue_name: str, runs_file: Path) -> PipelineCronScheduler:
+def build_scheduler(connection: Redis, queue_name: str, runs_file: Path,
+                    allowed_dir: Path | None = None) -> PipelineCronScheduler:
     """A CronScheduler with one entry per scheduled named run (runs without cron/every are skipped)."""
     scheduler = PipelineCronScheduler(connection=connection, name=f"pipeline-cron:{runs_file.name}")
-    for run in load_runs_file(runs_file).values():
+    for run in load_runs_file(runs_file, allowed_dir).values():
         if run.cron or run.every:
             scheduler.add(JsonCronJob(queue_name=queue_name, func_name=SCHEDULED_FUNCTION,
                                       args=(str(runs_file.resolve()), run.name), cron=run.cron,

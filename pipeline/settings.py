@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(256, ge=1, description="Provider calls in flight per worker process, "
                                     "across all the chunks it runs at once.")
     max_row_bytes: int = Field(1_000_000, ge=1, description="A larger input row is rejected at submit.")
-    allowed_data_dir: Path | None = Field(None, description="If set, datasets must live under this directory.")
+    allowed_data_dir: Path | None = Field(None, description="If set, datasets, templates, JSON schemas and runs "
+                                          "files must live under this directory.")
 
     default_rpm: int | None = Field(None, ge=1, description="Requests/minute per provider:model when a run sets none.")
     default_tpm: int | None = Field(None, ge=1, description="Tokens/minute per provider:model when a run sets none.")
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
 
     collector_batch: int = Field(500, ge=1)
     metrics_port: int = Field(9300, ge=0)
+    metrics_host: str = Field("127.0.0.1", description="Address /metrics binds to; 0.0.0.0 exposes it to the network.")
+    dashboard_host: str = Field("127.0.0.1", description="Address the queue dashboard binds to.")
+    dashboard_port: int = Field(9181, ge=1)
+    dashboard_user: str = "admin"
+    dashboard_password: SecretStr | None = Field(None, description="Basic-auth password of the queue dashboard; "
+                                                 "the dashboard refuses to start without one.")
     log_file: Path | None = Field(None, description="JSON log file (rotating, safe across processes).")
     log_level: str = "INFO"
 

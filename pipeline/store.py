@@ -102,14 +102,27 @@ RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
 
 def make_engine(url: str) -> Engine:
     """An engine with the schema created on first use. SQLite gets WAL so readers never block the collector."""
+    engine = open_engine(url)
+    prepare(engine)
+    return engine
+
+
+def open_engine(url: str) -> Engine:
+    """An engine that has not talked to the database yet: the collector starts with it while the database is
+    down, and calls ``prepare`` once it answers."""
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         if engine.url.database not in (None, "", ":memory:"):
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def prepare(engine: Engine) -> None:
+    """Create missing tables; refuse tables from an older version (ConfigError). Raises DBAPIError when the
+    database does not answer."""
     metadata.create_all(engine)
     _refuse_old_schema(engine)
-    return engine
 
 
 def _refuse_old_schema(engine: Engine) -> None:

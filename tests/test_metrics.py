@@ -111,3 +111,56 @@ def test_dashboard_and_alerts_use_only_metrics_the_collector_exports(pipeline, t
     missing = {name for name in used if name not in exported}
     assert not missing, f"deploy/ refers to metrics nobody exports: {sorted(missing)}"
     assert len(used) >= 10
+
+
+def test_a_runs_counter_series_exist_at_zero_before_its_first_result(pipeline, tmp_path):
+    """rate()/increase() lose a counter's first value when its series appears with it: the run event alone
+    creates every provider/model series of the run (fallbacks too) at zero."""
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(4)), "Q: {{ text }}",
+                             fallbacks=["fake:backup"])
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
+    Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
+    assert pipeline.run_row(report.run_id)["rows_succeeded"] == 0  # the run is known, no result yet
+    server, _ = metrics.serve(0)
+    try:
+        before = scrape(server.server_port)
+        pipeline.work()
+        Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
+        after = scrape(server.server_port)
+    finally:
+        server.shutdown()
+    for model in ("fake", "backup"):
+        for name, labels in [("pipeline_results_total", {"status": "failed"}),
+                             ("pipeline_results_total", {"status": "succeeded"}),
+                             ("pipeline_provider_requests_total", {"code": "429"}),
+                             ("pipeline_provider_requests_total", {"code": "200"}),
+                             ("pipeline_rate_limited_total", {}), ("pipeline_cache_hits_total", {}),
+                             ("pipeline_retries_total", {}), ("pipeline_timeouts_total", {}),
+                             ("pipeline_cost_usd_total", {}), ("pipeline_tokens_total", {"direction": "in"}),
+                             ("pipeline_row_latency_seconds_count", {})]:
+            key = (name, tuple(sorted({"provider": "fake", "model": model, **labels}.items())))
+            assert before.get(key) == 0, f"{key} missing or not zero before the first result"
+    assert total(after, "pipeline_results_total", model="fake", status="succeeded") == 4
+    assert total(before, "pipeline_last_write_timestamp_seconds") > 0
+    assert total(before, "pipeline_database_up") == 1
+
+
+def test_metrics_are_served_from_redis_while_the_database_is_down(pipeline, tmp_path):
+    """A scrape whose SQL query fails still answers 200: Redis's view, and pipeline_database_up 0."""
+    from sqlalchemy import create_engine
+
+    pipeline.submit(write(tmp_path / "d.csv", tricky_rows(5)), "Q: {{ text }}", chunk_size=2)
+    pipeline.work()
+    dead = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
+    metrics = PipelineMetrics(pipeline.settings, pipeline.redis, dead)
+    server, _ = metrics.serve(0)
+    try:
+        samples = scrape(server.server_port)
+    finally:
+        server.shutdown()
+        dead.dispose()
+    assert total(samples, "pipeline_database_up") == 0
+    assert total(samples, "pipeline_handoff_backlog") == 6  # the run event and 5 results
+    assert total(samples, "pipeline_queue_jobs", state="queued") == 0
+    assert ("pipeline_workers", (("queue", pipeline.settings.queue_name),)) in samples
+    assert not any(name == "pipeline_run_rows" for name, _ in samples)

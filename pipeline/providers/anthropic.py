@@ -14,6 +14,7 @@ class AnthropicProvider:
     def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
         self.name = "anthropic"
         client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.base_url = str(client.base_url)  # as the SDK resolved it: in the cache key
         self._wire = SdkWire(client, anthropic, timeout=timeout)
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:

@@ -17,6 +17,7 @@ class OpenAIProvider:
     def __init__(self, *, name: str, api_key: str, base_url: str | None, timeout: float) -> None:
         self.name = name
         client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.base_url = str(client.base_url)  # as the SDK resolved it (OPENAI_BASE_URL, default): in the cache key
         self._wire = SdkWire(client, openai, timeout=timeout)
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
