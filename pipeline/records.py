@@ -117,7 +117,7 @@ class Result:
                    error=error, finished_at=time.time())
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
+        return json.dumps(vars(self), ensure_ascii=False, default=str)  # asdict deep-copies every nested value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":

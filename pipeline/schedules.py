@@ -28,11 +28,10 @@ from rq import Queue
 from rq.cron import CronJob, CronScheduler
 
 from .errors import ConfigError
-from .queue import SERIALIZER
+from .queue import SCHEDULED_FUNCTION, SERIALIZER
 from .runs import RunRequest
 from .userfiles import read_text
 
-SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"
 
 
 @dataclass(frozen=True)

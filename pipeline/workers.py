@@ -24,8 +24,7 @@ from rq.worker.base import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerData, WorkerPool
 
 from .providers import preload
-from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
-from .schedules import SCHEDULED_FUNCTION
+from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SCHEDULED_FUNCTION, SERIALIZER, chunk_queue, connect
 from .settings import Settings
 from .window import CallWindow, close_process_window, process_window
 
