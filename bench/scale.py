@@ -146,7 +146,7 @@ def main() -> None:
     submit.add_argument("--formats", default="csv,jsonl,parquet")
     submit.add_argument("--chunk-size", type=int, default=1000)
     export = sub.add_parser("export")
-    export.add_argument("--sizes", default="100000,1000000,3000000")
+    export.add_argument("--sizes", default="100000,300000,1000000")
     export.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite")
     export.add_argument("--formats", default="csv,jsonl,parquet")
     args = parser.parse_args()
@@ -156,12 +156,151 @@ def main() -> None:
         bench_export([int(s) for s in args.sizes.split(",")], args.database, args.formats.split(","))
 
 
-def export_child(command: str, *args: str) -> dict[str, Any]:
-    raise NotImplementedError
+# ---------------------------------------------------------------- export
+
+RUN_ID = "rbenchexport0001"
+INDEX = "CREATE INDEX IF NOT EXISTS ix_results_run_index ON results (run_id, row_index)"
+
+
+def fill_results(url: str, rows: int) -> None:
+    """A run of ``rows`` results, inserted straight into the tables (bulk INSERTs of 50,000 rows)."""
+    import time as clock
+
+    from sqlalchemy import insert, text
+
+    from pipeline import store
+    from pipeline.records import RunConfig
+
+    engine = store.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(store.results.delete())
+        conn.execute(store.runs.delete())
+        config = RunConfig(run_id=RUN_ID, dataset="bench.csv", dataset_hash="0" * 64, template=TEMPLATE,
+                           provider="fake", model="fake", total_rows=rows, total_chunks=rows // 1000)
+        store.save_run(conn, config, "completed")
+        conn.execute(text(INDEX))  # the index export needs (store.py has none on (run_id, row_index))
+    now = clock.time()
+    for start in range(0, rows, 50_000):
+        batch = [{
+            "run_id": RUN_ID, "row_key": f"r{i:08d}", "row_index": i,
+            "status": "failed" if i % 50 == 0 else "succeeded",
+            "input": {"id": f"r{i:08d}", "review": f"=The strap broke after a week, \"honestly\" #{i}"},
+            "prompt_hash": "%064x" % i, "answer": None if i % 50 == 0 else "positive",
+            "parsed": None if i % 3 else {"label": "positive", "score": i % 7},
+            "error": "HTTP 500" if i % 50 == 0 else None, "provider": "fake", "model": "fake",
+            "attempts": 1, "timeouts": 0, "rate_limited": 0, "input_tokens": 30, "output_tokens": 2,
+            "cost_nano": 1234, "latency_ms": 12.5, "cached": i % 4 == 0, "calls": {"fake|fake|200": 1},
+            "finished_at": now,
+        } for i in range(start, min(rows, start + 50_000))]
+        with engine.begin() as conn:
+            conn.execute(insert(store.results), batch)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("ANALYZE results"))
+    engine.dispose()
+
+
+def raw_export(url: str, fmt: str, out: Path) -> int:
+    """The reference: the same rows, same query order, streamed from the driver's cursor straight into
+    csv.writer / json.dumps / a pyarrow ParquetWriter, the input JSON column decoded once a row."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    count, writer = 0, None
+    columns = ["row_key", "status", "answer", "parsed", "error", "provider", "model", "input_tokens",
+               "output_tokens", "cost_nano", "latency_ms", "cached", "attempts", "input"]
+    query = text(f"SELECT {', '.join(columns)} FROM results WHERE run_id = :run ORDER BY row_index")
+    with engine.connect() as conn, out.open("w", newline="", encoding="utf-8") as handle:
+        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(query, {"run": RUN_ID})
+        writer_csv = csv.writer(handle)
+        for page in result.partitions():
+            page = [list(r[:-1]) + list((json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]).values())
+                    for r in page]
+            if fmt == "csv":
+                writer_csv.writerows(page)
+            elif fmt == "jsonl":
+                names = columns[:-1] + ["id", "review"]
+                handle.writelines(json.dumps(dict(zip(names, r)), default=str) + "\n" for r in page)
+            else:
+                table = pa.table({f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
+                                  for i, col in enumerate(zip(*page))})
+                writer = writer or pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
+                writer.write_table(table)
+            count += len(page)
+    if writer is not None:
+        writer.close()
+    engine.dispose()
+    return count
+
+
+def export_child(command: str, url: str, fmt: str, out: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    if command == "_export_raw":
+        rows = raw_export(url, fmt, Path(out))
+    else:
+        from pipeline import store
+        from pipeline.export import export_run
+
+        engine = store.make_engine(url)
+        rows = export_run(engine, RUN_ID, fmt, Path(out))
+    return {"rows": rows, "seconds": time.perf_counter() - started}
 
 
 def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
-    raise NotImplementedError
+    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    urls = []
+    if database in ("sqlite", "both"):
+        urls.append(("sqlite", f"sqlite:///{work / 'results.db'}"))
+    if database in ("postgresql", "both"):
+        urls.append(("postgresql", _pg_schema_url()))
+    print("export: results filled by bulk INSERT, index (run_id, row_index) created by hand; time in-process, "
+          "peak RSS of each process (VmHWM)")
+    print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
+          f"{'export rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio")
+    try:
+        for name, url in urls:
+            for rows in sizes:
+                fill_results(url, rows)
+                for fmt in formats:
+                    out = work / f"out.{fmt}"
+                    reference, reference_mb = measured(["_export_raw", url, fmt, str(out)])
+                    exported, export_mb = measured(["_export", url, fmt, str(out)])
+                    assert reference["rows"] == exported["rows"] == rows, (reference, exported)
+                    ref_rate, rate = rows / reference["seconds"], rows / exported["seconds"]
+                    print(f"{name:10} {fmt:8} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.2f} "
+                          f"{reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} {export_mb:>6.0f} | "
+                          f"{rate / ref_rate:>5.2f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if database in ("postgresql", "both"):
+            _drop_pg_schema()
+
+
+PG_SCHEMA = "bench_scale_export"
+
+
+def _pg_schema_url() -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
+    engine.dispose()
+    return f"{PG_URL}?options=-csearch_path%3D{PG_SCHEMA}"
+
+
+def _drop_pg_schema() -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+    engine.dispose()
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def _csv_batches(path: Path) -> Iterator[Batch]:
     if not header or "" in header or len(set(header)) != len(header):  # pandas renames such columns
         raise _Refused
     reader = pa_csv.open_csv(
-        path, read_options=pa_csv.ReadOptions(block_size=1 << 22),
+        path, read_options=pa_csv.ReadOptions(block_size=1 << 20),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         convert_options=pa_csv.ConvertOptions(column_types={name: pa.string() for name in header},
                                               strings_can_be_null=False))
