@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import atexit
+import json
 from collections.abc import Sequence
-from typing import Any
+from json.encoder import encode_basestring_ascii as json_text
 
 import redis
 import redis.asyncio as aioredis
@@ -11,8 +12,9 @@ from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
+from rq.job import Job
 
-from .records import Row
+from .records import Row, RowsJSON
 from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
@@ -70,12 +72,23 @@ def chunk_payload(run_id: str, label: str, rows: Sequence[Row]) -> dict:
     }
 
 
+def chunk_data(run_id: str, label: str, rows: Sequence[Row] | RowsJSON) -> bytes:
+    """The job's data as RQ's JSON serializer would write it for ``process_chunk(chunk_payload(...))``, built
+    around rows serialized once (RowsJSON) rather than serializing every row again inside each job."""
+    if isinstance(rows, RowsJSON):
+        items = rows.text
+    else:
+        items = ", ".join(json.dumps({"key": r.key, "index": r.index, "values": r.values}) for r in rows)
+    payload = f'{{"run_id": {json_text(run_id)}, "chunk": {json_text(label)}, "rows": [{items}]}}'
+    return f'[{json_text(JOB_FUNCTION)}, null, [{payload}], {{}}]'.encode("ascii")
+
+
 def enqueued_key(run_id: str) -> str:
     return f"run:{run_id}:enqueued"
 
 
 def enqueue_chunks(
-    queue: Queue, settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row]]]
+    queue: Queue, settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row] | RowsJSON]]
 ) -> int:
     """Enqueue chunk jobs in one Redis transaction, skipping chunks this run already enqueued.
 
@@ -97,7 +110,8 @@ def enqueue_chunks(
                     pipe.unwatch()
                     return 0
                 pipe.multi()
-                queue.enqueue_many(_job_datas(settings, run_id, fresh), pipeline=pipe)
+                for job in _jobs(queue, settings, run_id, fresh):
+                    queue.enqueue_job(job, pipeline=pipe)
                 pipe.sadd(marker, *[n for n, _ in fresh])
                 pipe.execute()
                 return len(fresh)
@@ -105,12 +119,13 @@ def enqueue_chunks(
                 continue
 
 
-def _job_datas(settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row]]]) -> list[Any]:
+def _jobs(queue: Queue, settings: Settings, run_id: str,
+          chunks: Sequence[tuple[str, Sequence[Row] | RowsJSON]]) -> list[Job]:
     retry = Retry(max=settings.job_retries, interval=0) if settings.job_retries else None
-    return [
-        Queue.prepare_data(
+    jobs = []
+    for n, rows in chunks:
+        job = queue.create_job(
             JOB_FUNCTION,
-            args=(chunk_payload(run_id, n, rows),),
             job_id=job_id(run_id, n),
             timeout=settings.job_timeout,
             result_ttl=3600,
@@ -120,8 +135,9 @@ def _job_datas(settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequ
             on_failure=Callback(JOB_FAILED_CALLBACK),
             meta={"run_id": run_id, "chunk": n},
         )
-        for n, rows in chunks
-    ]
+        job.data = chunk_data(run_id, n, rows)  # the same bytes RQ would write, serialized once
+        jobs.append(job)
+    return jobs
 
 
 def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:

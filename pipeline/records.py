@@ -25,6 +25,18 @@ class Row:
 
 
 @dataclass(frozen=True)
+class RowsJSON:
+    """A chunk's rows already serialized, as its job carries them: the items of the payload's ``rows`` array
+    (``{"key": ..., "index": ..., "values": {...}}``), comma-separated. Serialized once, at the validating pass."""
+
+    count: int
+    text: str
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
 class ModelTarget:
     """Which provider and model answer a row."""
 

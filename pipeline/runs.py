@@ -7,6 +7,8 @@ the same thing twice finds the same run; ``--idempotency-key`` pins the id to a 
 from __future__ import annotations
 
 import json
+import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,12 +21,12 @@ from sqlalchemy import Engine
 
 from . import handoff, store
 from .budget import spend_key
-from .datasets import check_path, file_sha256, iter_chunks, scan
-from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
+from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
+from .errors import ConfigError, DatasetError, RunNotFound
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
-from .records import FAILED, RETRYING, ModelTarget, Row, RunConfig, stable_hash
+from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
                        save_config)
 from .settings import Settings
@@ -86,6 +88,31 @@ class SubmitReport:
     unpriced: list[str] = field(default_factory=list)  # models of the run without a price: its cost is unknown
 
 
+class ChunkSpool:
+    """The validating pass's serialized chunks, kept in a temporary file until the enqueue reads them back:
+    every row is read and serialized once, and the submitter's memory stays flat however large the file."""
+
+    _HEADER = struct.Struct("<IQ")  # rows, bytes
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="pipeline-submit-")
+        self.chunks = 0
+
+    def write(self, rows: RowsJSON) -> None:
+        data = rows.text.encode("ascii")
+        self._file.write(self._HEADER.pack(rows.count, len(data)) + data)
+        self.chunks += 1
+
+    def read(self) -> Iterator[RowsJSON]:
+        self._file.seek(0)
+        for _ in range(self.chunks):
+            count, size = self._HEADER.unpack(self._file.read(self._HEADER.size))
+            yield RowsJSON(count, self._file.read(size).decode("ascii"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def submitted_key(run_id: str) -> str:
     """Set once every chunk of the run's first generation is enqueued."""
     return f"run:{run_id}:submitted"
@@ -105,30 +132,34 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
             finished = connection.exists(submitted_key(config.run_id))
             return _finish_enqueue(connection, settings, config, None if finished else _unchanged_dataset(config),
                                    existing=True)
-    config = validate(settings, request, progress)
-    unpriced = unpriced_models(settings, config)
-    dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
-    existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
-    if existing:
-        config = load_config(connection, config.run_id)
-    else:
-        handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
-    if request.idempotency_key:
-        connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
-    report = _finish_enqueue(connection, settings, config, dataset, existing)
+    spool = ChunkSpool()
+    try:
+        config = validate(settings, request, progress, spool=spool)
+        unpriced = unpriced_models(settings, config)
+        dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
+        existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
+        if existing:
+            config = load_config(connection, config.run_id)
+        else:
+            handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
+        if request.idempotency_key:
+            connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
+        report = _finish_enqueue(connection, settings, config, dataset, existing, spool)
+    finally:
+        spool.close()
     report.unpriced = unpriced
     return report
 
 
 def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
-                    existing: bool) -> SubmitReport:
+                    existing: bool, spool: ChunkSpool | None = None) -> SubmitReport:
     enqueued = 0
     if not connection.exists(submitted_key(config.run_id)):
         if dataset is None:
             raise DatasetError(f"{config.dataset}: gone or changed, and run {config.run_id} was not fully "
                                "enqueued; restore the file or submit it as a new run")
-        chunks = ((chunk_label(n), rows) for n, rows in
-                  enumerate(iter_chunks(dataset, config.chunk_size, config.id_column)))
+        rows = spool.read() if spool is not None else serialized_chunks(dataset, config.chunk_size, config.id_column)
+        chunks = ((chunk_label(n), chunk) for n, chunk in enumerate(rows))
         enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks)
         connection.set(submitted_key(config.run_id), "1")
     return SubmitReport(config.run_id, config.total_rows, config.total_chunks, enqueued, existing)
@@ -141,8 +172,8 @@ def _unchanged_dataset(config: RunConfig) -> Path | None:
     return path
 
 
-def validate(settings: Settings, request: RunRequest,
-             progress: Callable[[int], None] | None = None) -> RunConfig:
+def validate(settings: Settings, request: RunRequest, progress: Callable[[int], None] | None = None,
+             spool: ChunkSpool | None = None) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
     _check_fields(request)
     _check_prices(settings, request)
@@ -155,16 +186,8 @@ def validate(settings: Settings, request: RunRequest,
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
     chunk_size = request.chunk_size or settings.chunk_size
-
-    def check_row(row: Row) -> None:
-        try:
-            if not template.render(row.values).strip():
-                raise TemplateError("the template renders an empty prompt")
-        except TemplateError as exc:
-            raise DatasetError(f"{path}: row {row.index + 1}: {exc}") from None
-
-    summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes,
-                   check_row=check_row, progress=progress)
+    summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes, template=template,
+                   progress=progress, chunk_size=chunk_size, on_chunk=spool.write if spool is not None else None)
     config = RunConfig(
         run_id="", dataset=str(path), dataset_hash=summary.sha256, template=request.template,
         provider=request.provider, model=request.model, system_prompt=request.system_prompt,
@@ -248,7 +271,7 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
 
 
 def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
-                        chunks: Iterable[tuple[str, list[Row]]]) -> int:
+                        chunks: Iterable[tuple[str, list[Row] | RowsJSON]]) -> int:
     queue = chunk_queue(connection, settings)
     total, batch, rows = 0, [], 0
     for chunk in chunks:

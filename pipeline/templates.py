@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import TemplateError
@@ -25,6 +25,27 @@ class PromptTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template syntax error on line {exc.lineno}: {exc.message}") from None
         self.source = source
+
+    def plain_variables(self) -> tuple[list[str], bool] | None:
+        """For a template made only of text and plain ``{{ name }}`` outputs (no filter, attribute, test or block):
+        its variable names and whether its text is blank; None for any other template.
+
+        Such a template fails for a row exactly when a variable is not among the row's values, and renders blank
+        exactly when its text is blank and every variable's value is blank text: checks that need no rendering.
+        """
+        names: list[str] = []
+        blank_text = True
+        for statement in self._ast.body:
+            if not isinstance(statement, nodes.Output):
+                return None
+            for node in statement.nodes:
+                if isinstance(node, nodes.TemplateData):
+                    blank_text = blank_text and not node.data.strip()
+                elif isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _ENV.globals:
+                    names.append(node.name)
+                else:
+                    return None
+        return list(dict.fromkeys(names)), blank_text
 
     @property
     def variables(self) -> set[str]:

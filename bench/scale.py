@@ -1,0 +1,307 @@
+"""Scale benchmarks (issue 11): submit and export, each beside a raw library reference measured in the same run.
+
+    python bench/scale.py submit [--sizes 100000,1000000,3000000] [--formats csv,jsonl,parquet]
+    python bench/scale.py export [--rows 1000000] [--database sqlite|postgresql|both]
+
+submit: for each format and size, a generated dataset is read by the raw reference (the library's chunked
+reader, one ``json.dumps`` per row: pandas for CSV and JSONL, pyarrow for Parquet) and then submitted
+(``runs.submit``: validate every row, then enqueue every chunk into Redis), each in its own process, timed
+inside it (interpreter start-up left out of both) with its peak RSS (VmHWM) sampled from outside.
+
+export: a results table of ``--rows`` rows is filled directly with SQLAlchemy (one bulk INSERT per 50,000 rows,
+not through the collector), then each format is exported by ``export_run`` beside a raw reference (the same
+rows streamed from the same query straight into csv.writer / json.dumps / a pyarrow ParquetWriter).
+
+Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed: never a Redis in use).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TEMPLATE = "Classify: {{ review }}"
+
+
+# ---------------------------------------------------------------- measuring a child process
+
+def measured(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """Run ``python bench/scale.py ARGS`` (a child that prints one JSON line); return it and its peak RSS in MB."""
+    process = subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env or dict(os.environ),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    output: list[tuple[str, str]] = []
+    reader = threading.Thread(target=lambda: output.append(process.communicate()))
+    reader.start()
+    peak_kb = 0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.02)
+    reader.join()
+    stdout, stderr = output[0]
+    if process.returncode != 0:
+        sys.exit(f"{' '.join(args[:2])} failed: {stderr.strip()[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), peak_kb / 1024
+
+
+# ---------------------------------------------------------------- submit
+
+def raw_read(path: Path) -> dict[str, Any]:
+    """The reference: the library's chunked reader and one JSON serialization per row, nothing else."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    started, rows = time.perf_counter(), 0
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
+            for record in batch.to_pylist():
+                json.dumps(record)
+                rows += 1
+    else:
+        reader = (pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=10_000) if path.suffix == ".csv"
+                  else pd.read_json(path, lines=True, dtype=False, chunksize=10_000))
+        for frame in reader:
+            for record in frame.to_dict(orient="records"):
+                json.dumps(record)
+                rows += 1
+    return {"rows": rows, "seconds": time.perf_counter() - started}
+
+
+def pipeline_submit(path: Path, chunk_size: int) -> dict[str, Any]:
+    """``runs.submit`` as the CLI calls it (validating pass, then every chunk enqueued), timed in-process."""
+    from pipeline import runs
+    from pipeline.queue import connect
+    from pipeline.settings import Settings
+
+    settings = Settings(_env_file=None, redis_url=REDIS_URL, data_dir=path.parent, log_level="WARNING")
+    connection = connect(settings)
+    request = runs.RunRequest(dataset=path, template=TEMPLATE, id_column="id", chunk_size=chunk_size)
+    started = time.perf_counter()
+    report = runs.submit(connection, settings, request)
+    return {"rows": report.rows, "jobs": report.jobs_enqueued, "seconds": time.perf_counter() - started}
+
+
+def bench_submit(sizes: list[int], formats: list[str], chunk_size: int) -> None:
+    import redis
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from submit import write_dataset
+
+    client = redis.Redis.from_url(REDIS_URL)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    print(f"submit: chunk size {chunk_size}, template {TEMPLATE!r}, --id-column id; time in-process, "
+          "peak RSS of each process (VmHWM)")
+    print(f"{'format':8} {'rows':>9} {'MB':>5} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
+          f"{'submit rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio | redis")
+    try:
+        for fmt in formats:
+            for rows in sizes:
+                client.flushdb()
+                dataset = write_dataset(work / f"data-{rows}.{fmt}", rows, fmt)
+                reference, reference_mb = measured(["_raw", str(dataset)])
+                submitted, submit_mb = measured(["_submit", str(dataset), str(chunk_size)])
+                assert reference["rows"] == submitted["rows"] == rows, (reference, submitted)
+                ref_rate, rate = rows / reference["seconds"], rows / submitted["seconds"]
+                print(f"{fmt:8} {rows:>9,} {dataset.stat().st_size / 1e6:>5.0f} | {ref_rate:>16,.0f} "
+                      f"{1e6 / ref_rate:>6.2f} {reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} "
+                      f"{submit_mb:>6.0f} | {rate / ref_rate:>5.2f} | {client.info('memory')['used_memory_human']}",
+                      flush=True)
+                dataset.unlink()
+    finally:
+        client.flushdb()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # a measured child
+        command, *rest = sys.argv[1:]
+        if command == "_raw":
+            print(json.dumps(raw_read(Path(rest[0]))))
+        elif command == "_submit":
+            print(json.dumps(pipeline_submit(Path(rest[0]), int(rest[1]))))
+        elif command in ("_export", "_export_raw"):
+            print(json.dumps(export_child(command, *rest)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="bench", required=True)
+    submit = sub.add_parser("submit")
+    submit.add_argument("--sizes", default="100000,1000000,3000000")
+    submit.add_argument("--formats", default="csv,jsonl,parquet")
+    submit.add_argument("--chunk-size", type=int, default=1000)
+    export = sub.add_parser("export")
+    export.add_argument("--sizes", default="100000,300000,1000000")
+    export.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite")
+    export.add_argument("--formats", default="csv,jsonl,parquet")
+    args = parser.parse_args()
+    if args.bench == "submit":
+        bench_submit([int(s) for s in args.sizes.split(",")], args.formats.split(","), args.chunk_size)
+    else:
+        bench_export([int(s) for s in args.sizes.split(",")], args.database, args.formats.split(","))
+
+
+# ---------------------------------------------------------------- export
+
+RUN_ID = "rbenchexport0001"
+INDEX = "CREATE INDEX IF NOT EXISTS ix_results_run_index ON results (run_id, row_index)"
+
+
+def fill_results(url: str, rows: int) -> None:
+    """A run of ``rows`` results, inserted straight into the tables (bulk INSERTs of 50,000 rows)."""
+    import time as clock
+
+    from sqlalchemy import insert, text
+
+    from pipeline import store
+    from pipeline.records import RunConfig
+
+    engine = store.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(store.results.delete())
+        conn.execute(store.runs.delete())
+        config = RunConfig(run_id=RUN_ID, dataset="bench.csv", dataset_hash="0" * 64, template=TEMPLATE,
+                           provider="fake", model="fake", total_rows=rows, total_chunks=rows // 1000)
+        store.save_run(conn, config, "completed")
+        conn.execute(text(INDEX))  # the index export needs (store.py has none on (run_id, row_index))
+    now = clock.time()
+    for start in range(0, rows, 50_000):
+        batch = [{
+            "run_id": RUN_ID, "row_key": f"r{i:08d}", "row_index": i,
+            "status": "failed" if i % 50 == 0 else "succeeded",
+            "input": {"id": f"r{i:08d}", "review": f"=The strap broke after a week, \"honestly\" #{i}"},
+            "prompt_hash": "%064x" % i, "answer": None if i % 50 == 0 else "positive",
+            "parsed": None if i % 3 else {"label": "positive", "score": i % 7},
+            "error": "HTTP 500" if i % 50 == 0 else None, "provider": "fake", "model": "fake",
+            "attempts": 1, "timeouts": 0, "rate_limited": 0, "input_tokens": 30, "output_tokens": 2,
+            "cost_nano": 1234, "latency_ms": 12.5, "cached": i % 4 == 0, "calls": {"fake|fake|200": 1},
+            "finished_at": now,
+        } for i in range(start, min(rows, start + 50_000))]
+        with engine.begin() as conn:
+            conn.execute(insert(store.results), batch)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("ANALYZE results"))
+    engine.dispose()
+
+
+def raw_export(url: str, fmt: str, out: Path) -> int:
+    """The reference: the same rows, same query order, streamed from the driver's cursor straight into
+    csv.writer / json.dumps / a pyarrow ParquetWriter, the input JSON column decoded once a row."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    count, writer = 0, None
+    columns = ["row_key", "status", "answer", "parsed", "error", "provider", "model", "input_tokens",
+               "output_tokens", "cost_nano", "latency_ms", "cached", "attempts", "input"]
+    query = text(f"SELECT {', '.join(columns)} FROM results WHERE run_id = :run ORDER BY row_index")
+    with engine.connect() as conn, out.open("w", newline="", encoding="utf-8") as handle:
+        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(query, {"run": RUN_ID})
+        writer_csv = csv.writer(handle)
+        for page in result.partitions():
+            page = [list(r[:-1]) + list((json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]).values())
+                    for r in page]
+            if fmt == "csv":
+                writer_csv.writerows(page)
+            elif fmt == "jsonl":
+                names = columns[:-1] + ["id", "review"]
+                handle.writelines(json.dumps(dict(zip(names, r)), default=str) + "\n" for r in page)
+            else:
+                table = pa.table({f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
+                                  for i, col in enumerate(zip(*page))})
+                writer = writer or pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
+                writer.write_table(table)
+            count += len(page)
+    if writer is not None:
+        writer.close()
+    engine.dispose()
+    return count
+
+
+def export_child(command: str, url: str, fmt: str, out: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    if command == "_export_raw":
+        rows = raw_export(url, fmt, Path(out))
+    else:
+        from pipeline import store
+        from pipeline.export import export_run
+
+        engine = store.make_engine(url)
+        rows = export_run(engine, RUN_ID, fmt, Path(out))
+    return {"rows": rows, "seconds": time.perf_counter() - started}
+
+
+def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    urls = []
+    if database in ("sqlite", "both"):
+        urls.append(("sqlite", f"sqlite:///{work / 'results.db'}"))
+    if database in ("postgresql", "both"):
+        urls.append(("postgresql", _pg_schema_url()))
+    print("export: results filled by bulk INSERT, index (run_id, row_index) created by hand; time in-process, "
+          "peak RSS of each process (VmHWM)")
+    print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
+          f"{'export rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio")
+    try:
+        for name, url in urls:
+            for rows in sizes:
+                fill_results(url, rows)
+                for fmt in formats:
+                    out = work / f"out.{fmt}"
+                    reference, reference_mb = measured(["_export_raw", url, fmt, str(out)])
+                    exported, export_mb = measured(["_export", url, fmt, str(out)])
+                    assert reference["rows"] == exported["rows"] == rows, (reference, exported)
+                    ref_rate, rate = rows / reference["seconds"], rows / exported["seconds"]
+                    print(f"{name:10} {fmt:8} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.2f} "
+                          f"{reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} {export_mb:>6.0f} | "
+                          f"{rate / ref_rate:>5.2f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if database in ("postgresql", "both"):
+            _drop_pg_schema()
+
+
+PG_SCHEMA = "bench_scale_export"
+
+
+def _pg_schema_url() -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
+    engine.dispose()
+    return f"{PG_URL}?options=-csearch_path%3D{PG_SCHEMA}"
+
+
+def _drop_pg_schema() -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
