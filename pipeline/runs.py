@@ -25,6 +25,7 @@ from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
 from .records import FAILED, RETRYING, ModelTarget, Row, RunConfig, stable_hash
+from .runlock import RequeueClaim
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
                        save_config)
 from .settings import Settings
@@ -248,7 +249,7 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
 
 
 def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
-                        chunks: Iterable[tuple[str, list[Row]]]) -> int:
+                        chunks: Iterable[tuple[str, list[Row]]], keep_alive: Callable[[], None] | None = None) -> int:
     queue = chunk_queue(connection, settings)
     total, batch, rows = 0, [], 0
     for chunk in chunks:
@@ -257,6 +258,8 @@ def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str
         if rows >= ENQUEUE_BATCH_ROWS or len(batch) >= ENQUEUE_BATCH_JOBS:
             total += enqueue_chunks(queue, settings, run_id, batch)
             batch, rows = [], 0
+            if keep_alive is not None:
+                keep_alive()
     return total + enqueue_chunks(queue, settings, run_id, batch)
 
 
@@ -287,7 +290,8 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
     """Re-enqueue every row that has no result yet (after a cancel, a crash or a spent budget).
 
     Reads the dataset again (its hash must not have changed). Refused while any of the run's jobs is queued or
-    running, so that no row is ever requested by two jobs at once. Returns the number of jobs enqueued.
+    running, or while another resume / retry-failed of the run is enqueueing, so that no row is ever requested by
+    two jobs at once. Returns the number of jobs enqueued.
     """
     config = load_config(connection, run_id)
     path = Path(config.dataset)
@@ -295,7 +299,14 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
     if file_sha256(path) != config.dataset_hash:
         raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
-    _refuse_if_busy(connection, run_id)
+    with RequeueClaim(connection, run_id, "resume") as claim:
+        _refuse_if_busy(connection, run_id)
+        return _resume_claimed(connection, settings, config, path, claim, max_cost=max_cost, engine=engine)
+
+
+def _resume_claimed(connection: redis.Redis, settings: Settings, config: RunConfig, path: Path,
+                    claim: RequeueClaim, *, max_cost: float | None, engine: Engine | None) -> int:
+    run_id = config.run_id
     if max_cost is not None:
         if unpriced := unpriced_models(settings, config):
             raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
@@ -317,7 +328,9 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         todo = [row for row, s in zip(rows, status) if s is None]
         if todo:
             chunks.append((chunk_label(n, generation), todo))
-    enqueued = _enqueue_in_batches(connection, settings, run_id, chunks)
+        if n % 100 == 0:
+            claim.renew()
+    enqueued = _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)
     connection.set(submitted_key(run_id), "1")  # every row is covered now: a repeated submit adds nothing
     return enqueued
 
@@ -328,7 +341,14 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
     The collector is told which rows are being retried, so the run is not complete until they are answered.
     """
     config = load_config(connection, run_id)
-    _refuse_if_busy(connection, run_id)
+    with RequeueClaim(connection, run_id, "retry-failed") as claim:
+        _refuse_if_busy(connection, run_id)
+        return _retry_claimed(connection, settings, engine, config, claim)
+
+
+def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, config: RunConfig,
+                   claim: RequeueClaim) -> int:
+    run_id = config.run_id
     with engine.connect() as conn:
         failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
                   for r in store.iter_results(conn, run_id) if r["status"] in (FAILED, RETRYING)]
@@ -344,7 +364,7 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
     generation = int(connection.incr(generation_key(run_id)))
     size = config.chunk_size
     chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
-    return _enqueue_in_batches(connection, settings, run_id, chunks)
+    return _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)
 
 
 def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
