@@ -14,13 +14,14 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from . import handoff, store
+from . import handoff, runstate, store
 from .handoff import Entry, StreamReader, UnreadableEntry
 from .records import FAILED, Result, RunConfig
 from .redaction import redact
 from .settings import Settings
 
 log = logging.getLogger("pipeline.collector")
+CONSUMER_SWEEP_SECONDS = 600  # how often a running collector looks for idle consumers of the group
 Decoded = Result | RunConfig | dict[str, Any]
 
 Observer = Callable[["BatchOutcome", store.Applied], None]
@@ -42,7 +43,9 @@ class Collector:
         (a restarted one takes its old name back, and with it what it had read but not written)."""
         self.settings = settings
         self.engine = engine
-        self.reader = StreamReader(connection, settings.result_stream, consumer)
+        self.connection = connection
+        self.reader = StreamReader(connection, settings.result_stream, consumer,
+                                   parked_max=settings.parked_max_entries)
         self.observers = list(observers or [])
         self._parked = 0
         self._prepared = False
@@ -66,11 +69,31 @@ class Collector:
                 raise
             applied, finished = self._write_one_by_one(readable)
         self.reader.ack(entries)
+        self._retain(readable, finished)
         configs = [record for _, record in readable if isinstance(record, RunConfig)]
         outcome = BatchOutcome(len(entries), len(applied.changed), finished, self._parked, configs)
         for observer in self.observers:
             observer(outcome, applied)
         return outcome
+
+    def _retain(self, entries: list[tuple[Entry, Decoded]], finished: list[str]) -> None:
+        """A run that became final gets its Redis keys' expiry (RUN_RETENTION_SECONDS); one that runs again
+        (resume, retry-failed: a "running" event) keeps them. In stream order: the last word wins."""
+        final = {}
+        for entry, record in entries:
+            if entry.kind == handoff.STATUS and isinstance(record, dict):
+                final[record["run_id"]] = record["status"] in store.FINAL_STATUSES
+        final.update(dict.fromkeys(finished, True))
+        for run_id, is_final in final.items():
+            if is_final:
+                runstate.expire_run(self.connection, run_id, self.settings.run_retention_seconds)
+            else:
+                runstate.keep_run(self.connection, run_id)
+
+    def _sweep_consumers(self) -> None:
+        removed = self.reader.remove_idle_consumers(int(self.settings.consumer_idle_seconds * 1000))
+        if removed:
+            log.info("removed %d idle consumer(s) from the result stream's group", removed)
 
     def _prepare(self) -> None:
         """Create the tables once the database answers (raises DBAPIError until then)."""
@@ -156,8 +179,11 @@ class Collector:
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
         """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage, one at
         start included: results wait in Redis until the database answers."""
-        written, delay = 0, 0.5
+        written, delay, swept = 0, 0.5, float("-inf")
         while stop is None or not stop():
+            if time.monotonic() - swept >= CONSUMER_SWEEP_SECONDS:
+                self._sweep_consumers()
+                swept = time.monotonic()
             try:
                 self._prepare()
                 outcome = self.step(block_ms=200 if burst else 1000)
@@ -171,6 +197,7 @@ class Collector:
             for run_id in outcome.runs_finished:
                 log.info("run finished", extra={"run_id": run_id})
             if burst and outcome.entries == 0 and self.reader.backlog() == 0:
+                self.reader.remove_idle_consumers(0, only=self.reader.consumer)  # a burst leaves no consumer
                 break
         return written
 

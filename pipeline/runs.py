@@ -26,8 +26,8 @@ from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_i
 from .pricing import NANO, PriceTable
 from .records import FAILED, RETRYING, ModelTarget, Row, RunConfig, stable_hash
 from .runlock import RequeueClaim
-from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
-                       save_config)
+from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
+                       idempotency_key, load_config, save_config, submitted_key)
 from .settings import Settings
 from .templates import PromptTemplate
 
@@ -41,14 +41,6 @@ PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, 
 # would return answers it cannot read or several answers billed for one row).
 RESERVED_PARAMS = frozenset({"model", "messages", "system", "stream", "stream_options", "n", "prompt",
                              "response_format"})
-
-
-def idempotency_key(key: str) -> str:
-    return f"runs:idempotency:{key}"
-
-
-def generation_key(run_id: str) -> str:
-    return f"run:{run_id}:generation"
 
 
 @dataclass
@@ -85,11 +77,6 @@ class SubmitReport:
     jobs_enqueued: int
     existing: bool
     unpriced: list[str] = field(default_factory=list)  # models of the run without a price: its cost is unknown
-
-
-def submitted_key(run_id: str) -> str:
-    """Set once every chunk of the run's first generation is enqueued."""
-    return f"run:{run_id}:submitted"
 
 
 def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
