@@ -269,6 +269,8 @@ def print_status(info: dict[str, Any], as_json: bool) -> None:
     click.echo(f"  cost       {_dollars(info['cost_usd'], 6)}{budget}{unpriced}")
     latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
     click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
+    if info.get("note"):
+        click.echo(f"  note       {info['note']}")
 
 
 def _dollars(amount: float | None, places: int) -> str:

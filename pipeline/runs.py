@@ -24,6 +24,7 @@ from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
+from .rebuild import known_config
 from .records import FAILED, RETRYING, ModelTarget, Row, RunConfig, stable_hash
 from .runlock import RequeueClaim
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
@@ -278,15 +279,16 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
 
     Reads the dataset again (its hash must not have changed). Refused while any of the run's jobs is queued or
     running, or while another resume / retry-failed of the run is enqueueing, so that no row is ever requested by
-    two jobs at once. Returns the number of jobs enqueued.
+    two jobs at once. A run whose Redis state is gone (lost, or expired after the run ended) is rebuilt from
+    SQL first (``engine`` needed): rows with a result there are not asked again. Returns the jobs enqueued.
     """
-    config = load_config(connection, run_id)
-    path = Path(config.dataset)
-    if not path.exists():
-        raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
-    if file_sha256(path) != config.dataset_hash:
-        raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
     with RequeueClaim(connection, run_id, "resume") as claim:
+        config = known_config(connection, engine, run_id)
+        path = Path(config.dataset)
+        if not path.exists():
+            raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
+        if file_sha256(path) != config.dataset_hash:
+            raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
         _refuse_if_busy(connection, run_id)
         return _resume_claimed(connection, settings, config, path, claim, max_cost=max_cost, engine=engine)
 
@@ -327,8 +329,8 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
 
     The collector is told which rows are being retried, so the run is not complete until they are answered.
     """
-    config = load_config(connection, run_id)
     with RequeueClaim(connection, run_id, "retry-failed") as claim:
+        config = known_config(connection, engine, run_id)
         _refuse_if_busy(connection, run_id)
         return _retry_claimed(connection, settings, engine, config, claim)
 
@@ -370,12 +372,16 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
     """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis."""
     with engine.connect() as conn:
         row = store.get_run(conn, run_id)
+    note = None
     try:
         config = load_config(connection, run_id)
     except RunNotFound:
         if row is None or row["dataset_hash"] == store.UNREGISTERED:
             raise
         config = RunConfig.from_dict(row["config"])
+        if row["status"] not in store.FINAL_STATUSES:  # a final run's keys expire on purpose; this one's were lost
+            note = (f"the run's queue state in Redis is gone (Redis lost its data), so nothing is working on it: "
+                    f"run `resume {run_id}` to finish it; rows with a result in SQL are not asked again")
     total = config.total_rows
     handed_over = int(connection.hlen(handoff.done_key(run_id)))
     if row is None:
@@ -398,5 +404,5 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost,
+        "max_cost": config.max_cost, "note": note,
     }
