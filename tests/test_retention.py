@@ -28,6 +28,7 @@ def test_a_final_runs_keys_expire_after_the_retention(make_pipeline, tmp_path):
     assert during[0] >= 6, during                 # config, enqueued, submitted, done, spend, idempotency
     processes.wait_for(lambda: _run_footprint(pipeline, report.run_id, "night-1") == (0, 0), 10, "the run's keys")
     assert pipeline.run_row(report.run_id)["rows_succeeded"] == 40          # SQL keeps the record
+    assert runs.resume(pipeline.redis, pipeline.settings, report.run_id, engine=pipeline.engine) == 0  # from SQL
     print(f"run keys: {during[0]} keys / {during[1]} bytes at the end of the run, 0 after the retention")
 
 
