@@ -26,6 +26,12 @@ Decoded = Result | RunConfig | dict[str, Any]
 
 Observer = Callable[["BatchOutcome", store.Applied], None]
 
+# Fields a database may refuse in a result (too long, NULL where it needs a value), with what replaces them,
+# and the order they are tried in: each alone first, the input last, then all of them at once.
+_EMPTY: dict[str, Any] = {"model": None, "answer": None, "parsed": None, "provider": None, "prompt_hash": "",
+                          "input": {}}
+_DROP_ORDER = [(name,) for name in _EMPTY] + [tuple(_EMPTY)]
+
 
 @dataclass
 class BatchOutcome:
@@ -158,23 +164,28 @@ class Collector:
         return applied, finished
 
     def _store_as_failure(self, entry: Entry, record: Decoded, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
-        """The row still gets its one result: failed, saying why its answer could not be stored."""
+        """The row still gets its one result: failed, saying why its answer could not be stored and which field
+        was dropped. The database does not say which field it refused, so the fields are dropped one at a time
+        until it takes the result: its input survives (retry-failed renders the template from it) unless the
+        input itself is what it refused."""
         cause = exc.orig or exc
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
         if not isinstance(record, Result):
             self._park(entry, reason)
             return store.Applied(), []
-        failure = replace(record, status=FAILED, answer=None, parsed=None, input={}, model=None,
-                          error=redact(f"the answer could not be stored ({reason})")[:2000])
-        try:
-            with store.writing(self.engine) as conn:
-                return self._write(conn, [(entry, failure)])
-        except DBAPIError as again:
-            if is_outage(again):
-                raise
-            self._park(entry, reason)
-            return store.Applied(), []
+        error = redact(f"the answer could not be stored ({reason})")[:1900]
+        for dropped in _DROP_ORDER:
+            failure = replace(record, status=FAILED, error=f"{error}; dropped: {', '.join(dropped)}",
+                              **{name: _EMPTY[name] for name in dropped})
+            try:
+                with store.writing(self.engine) as conn:
+                    return self._write(conn, [(entry, failure)])
+            except DBAPIError as again:
+                if is_outage(again):
+                    raise
+        self._park(entry, reason)
+        return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
         """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage, one at
