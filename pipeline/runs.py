@@ -21,6 +21,7 @@ from . import handoff, store
 from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
+from .estimate import Estimate, estimate
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
@@ -107,6 +108,12 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
     report = _finish_enqueue(connection, settings, config, dataset, existing)
     report.unpriced = unpriced
     return report
+
+
+def dry_run(connection: redis.Redis, settings: Settings, request: RunRequest,
+            progress: Callable[[int], None] | None = None) -> Estimate:
+    """Validate everything ``submit`` validates and price the run; nothing is enqueued or stored."""
+    return estimate(connection, settings, validate(settings, request, progress))
 
 
 def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
