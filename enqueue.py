@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline import runs, store
 from pipeline.collector import Collector, serve_collector
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.estimate import Estimate
 from pipeline.export import FORMATS, export_run
 from pipeline.logs import setup_logging
 from pipeline.queue import connect
@@ -199,13 +200,37 @@ def print_submit(report: runs.SubmitReport, as_json: bool) -> None:
 
 @cli.command()
 @run_options
+@click.option("--dry-run", is_flag=True, help="Validate the whole file and print rows, cached rows, tokens, cost "
+              "and time at the run's RPM/TPM; enqueue nothing.")
 @click.pass_obj
 @fails_cleanly
-def submit(ctx: Context, as_json: bool, **options: Any) -> None:
+def submit(ctx: Context, as_json: bool, dry_run: bool, **options: Any) -> None:
     """Validate DATASET and enqueue one job per chunk. Prints the run id."""
     request = build_request(**options, allowed_dir=ctx.settings.allowed_data_dir)
+    if dry_run:
+        with tqdm(desc="reading", unit=" rows", disable=as_json or None, file=sys.stderr) as bar:
+            print_estimate(runs.dry_run(ctx.redis, ctx.settings, request, progress=bar.update), as_json)
+        return
     report = do_submit(ctx, request, quiet=as_json)
     print_submit(report, as_json)
+
+
+def print_estimate(estimate: Estimate, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(estimate.to_dict()))
+        return
+    e = estimate
+    click.echo(f"dry run {e.run_id}: nothing enqueued")
+    click.echo(f"  rows       {e.rows}: {e.rows_cached} answered by the cache or an earlier row's call, "
+               f"{e.rows - e.rows_cached} need a call")
+    click.echo(f"  tokens     about {e.input_tokens} in (estimate), at most {e.output_tokens} out")
+    cost = (f"at most ${e.cost_usd:.6f} at {e.model}'s price" if e.cost_usd is not None else
+            f"unknown price: no price for {e.model} (PRICE_FILE or --price-in/--price-out give one)")
+    click.echo(f"  cost       {cost}")
+    limits = " / ".join(f"{value} {name}" for name, value in (("RPM", e.rpm), ("TPM", e.tpm)) if value)
+    time_needed = (f"at least {e.seconds} s at {limits}" if e.seconds is not None else
+                   "no RPM/TPM limit set: depends on the provider's latency and WORKER_CONCURRENCY")
+    click.echo(f"  time       {time_needed}")
 
 
 @cli.command()
@@ -269,6 +294,8 @@ def print_status(info: dict[str, Any], as_json: bool) -> None:
     click.echo(f"  cost       {_dollars(info['cost_usd'], 6)}{budget}{unpriced}")
     latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
     click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
+    if info.get("note"):
+        click.echo(f"  note       {info['note']}")
 
 
 def _dollars(amount: float | None, places: int) -> str:

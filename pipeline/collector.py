@@ -14,16 +14,23 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from . import handoff, store
+from . import handoff, runstate, store
 from .handoff import Entry, StreamReader, UnreadableEntry
 from .records import FAILED, Result, RunConfig
 from .redaction import redact
 from .settings import Settings
 
 log = logging.getLogger("pipeline.collector")
+CONSUMER_SWEEP_SECONDS = 600  # how often a running collector looks for idle consumers of the group
 Decoded = Result | RunConfig | dict[str, Any]
 
 Observer = Callable[["BatchOutcome", store.Applied], None]
+
+# Fields a database may refuse in a result (too long, NULL where it needs a value), with what replaces them,
+# and the order they are tried in: each alone first, the input last, then all of them at once.
+_EMPTY: dict[str, Any] = {"model": None, "answer": None, "parsed": None, "provider": None, "prompt_hash": "",
+                          "input": {}}
+_DROP_ORDER = [(name,) for name in _EMPTY] + [tuple(_EMPTY)]
 
 
 @dataclass
@@ -42,7 +49,9 @@ class Collector:
         (a restarted one takes its old name back, and with it what it had read but not written)."""
         self.settings = settings
         self.engine = engine
-        self.reader = StreamReader(connection, settings.result_stream, consumer)
+        self.connection = connection
+        self.reader = StreamReader(connection, settings.result_stream, consumer,
+                                   parked_max=settings.parked_max_entries)
         self.observers = list(observers or [])
         self._parked = 0
         self._prepared = False
@@ -66,11 +75,31 @@ class Collector:
                 raise
             applied, finished = self._write_one_by_one(readable)
         self.reader.ack(entries)
+        self._retain(readable, finished)
         configs = [record for _, record in readable if isinstance(record, RunConfig)]
         outcome = BatchOutcome(len(entries), len(applied.changed), finished, self._parked, configs)
         for observer in self.observers:
             observer(outcome, applied)
         return outcome
+
+    def _retain(self, entries: list[tuple[Entry, Decoded]], finished: list[str]) -> None:
+        """A run that became final gets its Redis keys' expiry (RUN_RETENTION_SECONDS); one that runs again
+        (resume, retry-failed: a "running" event) keeps them. In stream order: the last word wins."""
+        final = {}
+        for entry, record in entries:
+            if entry.kind == handoff.STATUS and isinstance(record, dict):
+                final[record["run_id"]] = record["status"] in store.FINAL_STATUSES
+        final.update(dict.fromkeys(finished, True))
+        for run_id, is_final in final.items():
+            if is_final:
+                runstate.expire_run(self.connection, run_id, self.settings.run_retention_seconds)
+            else:
+                runstate.keep_run(self.connection, run_id)
+
+    def _sweep_consumers(self) -> None:
+        removed = self.reader.remove_idle_consumers(int(self.settings.consumer_idle_seconds * 1000))
+        if removed:
+            log.info("removed %d idle consumer(s) from the result stream's group", removed)
 
     def _prepare(self) -> None:
         """Create the tables once the database answers (raises DBAPIError until then)."""
@@ -135,29 +164,37 @@ class Collector:
         return applied, finished
 
     def _store_as_failure(self, entry: Entry, record: Decoded, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
-        """The row still gets its one result: failed, saying why its answer could not be stored."""
+        """The row still gets its one result: failed, saying why its answer could not be stored and which field
+        was dropped. The database does not say which field it refused, so the fields are dropped one at a time
+        until it takes the result: its input survives (retry-failed renders the template from it) unless the
+        input itself is what it refused."""
         cause = exc.orig or exc
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
         if not isinstance(record, Result):
             self._park(entry, reason)
             return store.Applied(), []
-        failure = replace(record, status=FAILED, answer=None, parsed=None, input={}, model=None,
-                          error=redact(f"the answer could not be stored ({reason})")[:2000])
-        try:
-            with store.writing(self.engine) as conn:
-                return self._write(conn, [(entry, failure)])
-        except DBAPIError as again:
-            if is_outage(again):
-                raise
-            self._park(entry, reason)
-            return store.Applied(), []
+        error = redact(f"the answer could not be stored ({reason})")[:1900]
+        for dropped in _DROP_ORDER:
+            failure = replace(record, status=FAILED, error=f"{error}; dropped: {', '.join(dropped)}",
+                              **{name: _EMPTY[name] for name in dropped})
+            try:
+                with store.writing(self.engine) as conn:
+                    return self._write(conn, [(entry, failure)])
+            except DBAPIError as again:
+                if is_outage(again):
+                    raise
+        self._park(entry, reason)
+        return store.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
         """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage, one at
         start included: results wait in Redis until the database answers."""
-        written, delay = 0, 0.5
+        written, delay, swept = 0, 0.5, float("-inf")
         while stop is None or not stop():
+            if time.monotonic() - swept >= CONSUMER_SWEEP_SECONDS:
+                self._sweep_consumers()
+                swept = time.monotonic()
             try:
                 self._prepare()
                 outcome = self.step(block_ms=200 if burst else 1000)
@@ -171,6 +208,7 @@ class Collector:
             for run_id in outcome.runs_finished:
                 log.info("run finished", extra={"run_id": run_id})
             if burst and outcome.entries == 0 and self.reader.backlog() == 0:
+                self.reader.remove_idle_consumers(0, only=self.reader.consumer)  # a burst leaves no consumer
                 break
         return written
 

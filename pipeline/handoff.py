@@ -100,15 +100,31 @@ def _status_event(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# KEYS: stream. ARGV: group, minimum idle ms, only this consumer ("" = any). Returns consumers removed.
+_REMOVE_IDLE = """
+local removed = 0
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #fields, 2 do c[fields[i]] = fields[i + 1] end
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2]) and (ARGV[3] == '' or c['name'] == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
 class StreamReader:
     """The collector's side of the stream: pending entries first (after a restart), then new ones."""
 
     def __init__(self, client: redis.Redis, stream: str, consumer: str | None = None,
-                 claim_idle_ms: int = 60_000) -> None:
+                 claim_idle_ms: int = 60_000, parked_max: int = 10_000) -> None:
         self.client = client
         self.stream = stream
         self.consumer = consumer or f"{socket.gethostname()}-collector"
         self.claim_idle_ms = claim_idle_ms
+        self.parked_max = parked_max
         self._ensure_group()
 
     def _ensure_group(self) -> None:
@@ -158,7 +174,16 @@ class StreamReader:
         """Keep an entry that cannot be written (unreadable, or refused by the database even as a failure) for a
         person to look at; it is acknowledged next."""
         self.client.xadd(self.parked_stream, {"kind": entry.kind, "data": json.dumps(entry.data, default=str),
-                                              "reason": reason})
+                                              "reason": reason}, maxlen=self.parked_max, approximate=True)
+
+    def remove_idle_consumers(self, idle_ms: int, only: str | None = None) -> int:
+        """Drop consumers of the group idle at least ``idle_ms`` with nothing pending (``only``: just that one).
+        A consumer with pending entries is kept: dropping it would drop them too; XAUTOCLAIM takes them over
+        first. Checked and dropped in one script, so a consumer cannot read between the two."""
+        try:
+            return int(self.client.eval(_REMOVE_IDLE, 1, self.stream, GROUP, idle_ms, only or ""))
+        except redis.ResponseError:  # no stream or group (Redis lost its data): nothing to remove
+            return 0
 
     def ack(self, entries: Iterable[Entry]) -> None:
         ids = [e.id for e in entries]

@@ -22,13 +22,16 @@ from sqlalchemy import Engine
 from . import handoff, store
 from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
-from .errors import ConfigError, DatasetError, RunNotFound
+from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
+from .estimate import Estimate, estimate
 from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
+from .rebuild import known_config
 from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
-from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, load_config,  # noqa: F401  (re-exported)
-                       save_config)
+from .runlock import RequeueClaim
+from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
+                       idempotency_key, load_config, save_config, submitted_key)
 from .settings import Settings
 from .templates import PromptTemplate
 
@@ -42,14 +45,6 @@ PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, 
 # would return answers it cannot read or several answers billed for one row).
 RESERVED_PARAMS = frozenset({"model", "messages", "system", "stream", "stream_options", "n", "prompt",
                              "response_format"})
-
-
-def idempotency_key(key: str) -> str:
-    return f"runs:idempotency:{key}"
-
-
-def generation_key(run_id: str) -> str:
-    return f"run:{run_id}:generation"
 
 
 @dataclass
@@ -113,11 +108,6 @@ class ChunkSpool:
         self._file.close()
 
 
-def submitted_key(run_id: str) -> str:
-    """Set once every chunk of the run's first generation is enqueued."""
-    return f"run:{run_id}:submitted"
-
-
 def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
            progress: Callable[[int], None] | None = None) -> SubmitReport:
     """Validate everything, then enqueue. Any error is raised before the first job is enqueued.
@@ -149,6 +139,12 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         spool.close()
     report.unpriced = unpriced
     return report
+
+
+def dry_run(connection: redis.Redis, settings: Settings, request: RunRequest,
+            progress: Callable[[int], None] | None = None) -> Estimate:
+    """Validate everything ``submit`` validates and price the run; nothing is enqueued or stored."""
+    return estimate(connection, settings, validate(settings, request, progress))
 
 
 def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
@@ -271,7 +267,8 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
 
 
 def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
-                        chunks: Iterable[tuple[str, list[Row] | RowsJSON]]) -> int:
+                        chunks: Iterable[tuple[str, list[Row] | RowsJSON]],
+                        keep_alive: Callable[[], None] | None = None) -> int:
     queue = chunk_queue(connection, settings)
     total, batch, rows = 0, [], 0
     for chunk in chunks:
@@ -280,6 +277,8 @@ def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str
         if rows >= ENQUEUE_BATCH_ROWS or len(batch) >= ENQUEUE_BATCH_JOBS:
             total += enqueue_chunks(queue, settings, run_id, batch)
             batch, rows = [], 0
+            if keep_alive is not None:
+                keep_alive()
     return total + enqueue_chunks(queue, settings, run_id, batch)
 
 
@@ -310,15 +309,24 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
     """Re-enqueue every row that has no result yet (after a cancel, a crash or a spent budget).
 
     Reads the dataset again (its hash must not have changed). Refused while any of the run's jobs is queued or
-    running, so that no row is ever requested by two jobs at once. Returns the number of jobs enqueued.
+    running, or while another resume / retry-failed of the run is enqueueing, so that no row is ever requested by
+    two jobs at once. A run whose Redis state is gone (lost, or expired after the run ended) is rebuilt from
+    SQL first (``engine`` needed): rows with a result there are not asked again. Returns the jobs enqueued.
     """
-    config = load_config(connection, run_id)
-    path = Path(config.dataset)
-    if not path.exists():
-        raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
-    if file_sha256(path) != config.dataset_hash:
-        raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
-    _refuse_if_busy(connection, run_id)
+    with RequeueClaim(connection, run_id, "resume") as claim:
+        config = known_config(connection, engine, run_id)
+        path = Path(config.dataset)
+        if not path.exists():
+            raise DatasetError(f"{path}: the run's dataset is gone; resume needs it")
+        if file_sha256(path) != config.dataset_hash:
+            raise DatasetError(f"{path}: changed since the run was submitted; submit it as a new run")
+        _refuse_if_busy(connection, run_id)
+        return _resume_claimed(connection, settings, config, path, claim, max_cost=max_cost, engine=engine)
+
+
+def _resume_claimed(connection: redis.Redis, settings: Settings, config: RunConfig, path: Path,
+                    claim: RequeueClaim, *, max_cost: float | None, engine: Engine | None) -> int:
+    run_id = config.run_id
     if max_cost is not None:
         if unpriced := unpriced_models(settings, config):
             raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
@@ -340,7 +348,9 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         todo = [row for row, s in zip(rows, status) if s is None]
         if todo:
             chunks.append((chunk_label(n, generation), todo))
-    enqueued = _enqueue_in_batches(connection, settings, run_id, chunks)
+        if n % 100 == 0:
+            claim.renew()
+    enqueued = _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)
     connection.set(submitted_key(run_id), "1")  # every row is covered now: a repeated submit adds nothing
     return enqueued
 
@@ -350,8 +360,15 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
 
     The collector is told which rows are being retried, so the run is not complete until they are answered.
     """
-    config = load_config(connection, run_id)
-    _refuse_if_busy(connection, run_id)
+    with RequeueClaim(connection, run_id, "retry-failed") as claim:
+        config = known_config(connection, engine, run_id)
+        _refuse_if_busy(connection, run_id)
+        return _retry_claimed(connection, settings, engine, config, claim)
+
+
+def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, config: RunConfig,
+                   claim: RequeueClaim) -> int:
+    run_id = config.run_id
     with engine.connect() as conn:
         failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
                   for r in store.iter_results(conn, run_id) if r["status"] in (FAILED, RETRYING)]
@@ -367,7 +384,7 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
     generation = int(connection.incr(generation_key(run_id)))
     size = config.chunk_size
     chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
-    return _enqueue_in_batches(connection, settings, run_id, chunks)
+    return _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)
 
 
 def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
@@ -386,12 +403,16 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
     """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis."""
     with engine.connect() as conn:
         row = store.get_run(conn, run_id)
+    note = None
     try:
         config = load_config(connection, run_id)
     except RunNotFound:
         if row is None or row["dataset_hash"] == store.UNREGISTERED:
             raise
         config = RunConfig.from_dict(row["config"])
+        if row["status"] not in store.FINAL_STATUSES:  # a final run's keys expire on purpose; this one's were lost
+            note = (f"the run's queue state in Redis is gone (Redis lost its data), so nothing is working on it: "
+                    f"run `resume {run_id}` to finish it; rows with a result in SQL are not asked again")
     total = config.total_rows
     handed_over = int(connection.hlen(handoff.done_key(run_id)))
     if row is None:
@@ -414,5 +435,5 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost,
+        "max_cost": config.max_cost, "note": note,
     }

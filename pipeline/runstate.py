@@ -1,4 +1,5 @@
-"""A run's state in Redis, shared by the front ends and the workers: its configuration and its flags.
+"""A run's state in Redis, shared by the front ends and the workers: its configuration, its flags, and how long
+its keys are kept once the run is final.
 
 Kept apart from ``runs`` so that workers need neither pandas nor SQLAlchemy to start a job.
 """
@@ -8,7 +9,10 @@ import json
 
 import redis
 
+from .budget import holds_key, spend_key
 from .errors import RunNotFound
+from .handoff import done_key
+from .queue import enqueued_key
 from .records import RunConfig
 
 SUBMITTED, RUNNING, CANCELLED, BUDGET_EXHAUSTED = "submitted", "running", "cancelled", "budget_exhausted"
@@ -22,6 +26,19 @@ def cancelled_key(run_id: str) -> str:
     return f"run:{run_id}:cancelled"
 
 
+def generation_key(run_id: str) -> str:
+    return f"run:{run_id}:generation"
+
+
+def submitted_key(run_id: str) -> str:
+    """Set once every chunk of the run's first generation is enqueued."""
+    return f"run:{run_id}:submitted"
+
+
+def idempotency_key(key: str) -> str:
+    return f"runs:idempotency:{key}"
+
+
 def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
     raw = connection.get(config_key(run_id))
     if raw is None:
@@ -31,3 +48,31 @@ def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
 
 def save_config(connection: redis.Redis, config: RunConfig) -> None:
     connection.set(config_key(config.run_id), json.dumps(config.to_dict()))
+
+
+def run_keys(connection: redis.Redis, run_id: str) -> list[str]:
+    """Every lasting Redis key of one run (its idempotency key too, read from its config). The requeue claim
+    (``runlock``) is left out: it lapses on its own and must never lose its expiry."""
+    keys = [config_key(run_id), cancelled_key(run_id), generation_key(run_id), submitted_key(run_id),
+            enqueued_key(run_id), done_key(run_id), spend_key(run_id), holds_key(run_id)]
+    try:
+        key = load_config(connection, run_id).idempotency_key
+    except (RunNotFound, ValueError, TypeError):
+        key = None
+    return keys + ([idempotency_key(key)] if key else [])
+
+
+def expire_run(connection: redis.Redis, run_id: str, seconds: int) -> None:
+    """A final run's keys go ``seconds`` from now: SQL keeps its record, and ``resume`` rebuilds them from SQL."""
+    with connection.pipeline(transaction=False) as pipe:
+        for key in run_keys(connection, run_id):
+            pipe.expire(key, seconds)
+        pipe.execute()
+
+
+def keep_run(connection: redis.Redis, run_id: str) -> None:
+    """A run that runs again (resume, retry-failed) keeps its keys until it is final again."""
+    with connection.pipeline(transaction=False) as pipe:
+        for key in run_keys(connection, run_id):
+            pipe.persist(key)
+        pipe.execute()

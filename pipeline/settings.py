@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     price_file: Path | None = Field(None, description="TOML/JSON price table extending the built-in one.")
 
     collector_batch: int = Field(500, ge=1)
+    run_retention_seconds: int = Field(7 * 24 * 3600, ge=1, description="How long a run's Redis keys stay after "
+                                       "the run is final (SQL keeps its record; resume rebuilds them from it).")
+    consumer_idle_seconds: float = Field(24 * 3600, gt=0, description="A collector consumer of the result stream "
+                                         "idle this long, with nothing pending, is removed from the group.")
+    parked_max_entries: int = Field(10_000, ge=1, description="The parked stream keeps about this many entries.")
     metrics_port: int = Field(9300, ge=0)
     metrics_host: str = Field("127.0.0.1", description="Address /metrics binds to; 0.0.0.0 exposes it to the network.")
     dashboard_host: str = Field("127.0.0.1", description="Address the queue dashboard binds to.")

@@ -439,3 +439,19 @@ def count_results(conn: Connection, run_id: str) -> dict[str, int]:
     query = select(results.c.status, func.count()).where(results.c.run_id == run_id).group_by(results.c.status)
     return {status: n for status, n in conn.execute(query)}
 
+
+
+def result_statuses(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[tuple[str, str]]:
+    """(row_key, status) of the run's results in input order, paged like ``iter_results`` but without the
+    row contents: what ``resume`` needs to rebuild a run's done rows."""
+    last = -1
+    while True:
+        query = (select(results.c.row_index, results.c.row_key, results.c.status)
+                 .where(results.c.run_id == run_id, results.c.row_index > last)
+                 .order_by(results.c.row_index).limit(batch))
+        page = conn.execute(query).all()
+        if not page:
+            return
+        for _, row_key, status in page:
+            yield row_key, status
+        last = page[-1][0]

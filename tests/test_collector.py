@@ -266,3 +266,31 @@ def test_a_status_event_before_its_run_row_is_kept(pipeline, tmp_path):
     pipeline.collect()
     run = pipeline.run_row(run_id)
     assert (run["status"], run["rows_total"], run["model"], run["dataset_hash"] != "") == ("cancelled", 3, "fake", True)
+
+
+def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, tmp_path):
+    """The database refuses a result for one field (a NULL prompt hash on both databases, an over-long model name
+    on PostgreSQL): the failed result it gets instead keeps its input, so retry-failed renders the row again."""
+    from pipeline import runs
+    from pipeline.queue import enqueued_key
+
+    run_id = _played_run(pipeline, tmp_path)
+    sent = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": f"t{i}"},
+                   answer=f"answer {i}", provider="openai", model=model, prompt_hash=prompt_hash, attempts=1,
+                   finished_at=1000.0 + i)
+            for i, (model, prompt_hash) in enumerate([("gpt-4o-mini", "h0"), ("m" * 300, "h1"), ("gpt-4o-mini", None)])]
+    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, sent)
+    pipeline.collect()
+    results = {r["row_key"]: r for r in pipeline.results(run_id)}
+    assert {k: r["input"] for k, r in results.items()} == {f"r{i}": {"text": f"t{i}"} for i in range(3)}
+    assert results["r2"]["status"] == "failed" and "dropped: prompt_hash" in results["r2"]["error"]
+    if pipeline.engine.dialect.name == "postgresql":
+        assert results["r1"]["status"] == "failed" and "dropped: model" in results["r1"]["error"]
+
+    pipeline.redis.delete(enqueued_key(run_id))                 # the chunk this test played is not a job
+    runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id)
+    pipeline.work()
+    pipeline.collect()
+    results = {r["row_key"]: r for r in pipeline.results(run_id)}
+    assert results["r2"]["status"] == "succeeded" and results["r2"]["answer"] == "ECHO: Q: t2"
+    assert pipeline.run_row(run_id)["rows_succeeded"] == 3

@@ -234,3 +234,62 @@ def test_a_cap_given_at_resume_counts_what_the_run_already_spent(pipeline, tmp_p
     runs.resume(pipeline.redis, pipeline.settings, report.run_id, max_cost=spent * 3 / NANO, engine=pipeline.engine)
     assert int(pipeline.redis.get(spend_key(report.run_id))) == spent
     assert runs.load_config(pipeline.redis, report.run_id).max_cost == spent * 3 / NANO
+
+
+def _race(calls, count: int = 2) -> tuple[list[int], list[str]]:
+    """Run ``calls`` (one per thread) at the same moment; their return values and the errors they raised."""
+    import threading
+
+    from pipeline.errors import ConfigError
+
+    start, done, refused = threading.Barrier(count), [], []
+
+    def run(call) -> None:
+        start.wait()
+        try:
+            done.append(call())
+        except ConfigError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return done, refused
+
+
+@pytest.mark.parametrize("command", ["resume", "retry-failed"])
+def test_two_resumes_or_retries_at_once_enqueue_the_open_rows_once(pipeline, tmp_path, command):
+    """The busy check and the enqueue are separate steps: without a claim on the run, two commands started
+    together both pass the check and both enqueue every open row (each paid twice with --no-cache)."""
+    from pydantic import SecretStr
+
+    from pipeline.queue import connect
+
+    dataset = write(tmp_path / "d.csv", tricky_rows(200))
+    if command == "resume":
+        report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=5, use_cache=False)
+        runs.cancel(pipeline.redis, pipeline.settings, report.run_id)
+    else:                                          # every row fails: the worker lacks the fallback's key
+        pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": SecretStr("sk-ant-x")})
+        report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=5, use_cache=False,
+                                 fallbacks=["anthropic:claude-haiku-4-5"])
+        pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": None})
+        pipeline.work()
+        pipeline.collect()
+        assert pipeline.run_row(report.run_id)["rows_failed"] == 200
+    queue_key = f"rq:queue:{pipeline.settings.queue_name}"
+    pipeline.redis.delete(queue_key)
+
+    def one() -> int:
+        connection = connect(pipeline.settings)
+        if command == "resume":
+            return runs.resume(connection, pipeline.settings, report.run_id)
+        return runs.retry_failed(connection, pipeline.settings, pipeline.engine, report.run_id)
+
+    done, refused = _race([one, one])
+    assert done == [40] and len(refused) == 1, (done, refused)
+    assert "\n" not in refused[0] and report.run_id in refused[0]
+    queued = pipeline.redis.lrange(queue_key, 0, -1)
+    assert len(queued) == len(set(queued)) == 40
