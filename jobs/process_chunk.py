@@ -145,7 +145,7 @@ class ChunkRunner:
                                         burst_seconds=s.ratelimit_burst_seconds, headroom=s.ratelimit_headroom)
             targets.append(Target(spec, self.window.provider(spec.provider), limiter))
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
-                             call_deadline=s.request_timeout + 5)
+                             call_deadline=s.request_timeout + 5, max_retry_after=s.max_retry_after)
         return RowAnswerer(config, targets, policy=policy, prices=prices,
                            budget=RunBudget(self.client, config.run_id, config.max_cost),
                            cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",

@@ -281,7 +281,7 @@ class RowAnswerer:
         await self.budget.settle(held, 0)
         if isinstance(exc, RateLimited):
             tally.rate_limited += 1
-            await target.limiter.pause(exc.retry_after or self.policy.backoff_base)
+            await target.limiter.pause(self.policy.provider_wait(exc.retry_after) or self.policy.backoff_base)
 
     def _validate(self, text: str) -> Any:
         if self.config.json_schema is None:

@@ -7,6 +7,7 @@ because a call that timed out may still have been billed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from .errors import ProviderTimeout, RetryableError
+
+log = logging.getLogger("pipeline.retry")
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,19 @@ class RetryPolicy:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     call_deadline: float | None = None  # a whole call, however slowly its bytes trickle in (the SDKs time reads)
+    max_retry_after: float = 300.0      # a provider (or a proxy) asking for longer is believed up to this
+
+    def provider_wait(self, retry_after: float | None) -> float | None:
+        """The provider's ``Retry-After``, capped at ``max_retry_after`` (a bad proxy's 10^9 s would otherwise hold
+        a row until its job times out, and pause every worker on that model as long)."""
+        if retry_after is not None and retry_after > self.max_retry_after:
+            log.warning("Retry-After of %.0f s capped at MAX_RETRY_AFTER = %.0f s", retry_after, self.max_retry_after)
+            return self.max_retry_after
+        return retry_after
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1``."""
+        retry_after = self.provider_wait(retry_after)
         if retry_after is not None:
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_timeout_attempts: int = Field(2, ge=1, description="Attempts that may end in a timeout (may be billed).")
     backoff_base: float = Field(0.5, gt=0)
     backoff_max: float = Field(30.0, gt=0)
+    max_retry_after: float = Field(300.0, gt=0, description="Longest Retry-After believed (longer is capped).")
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None

@@ -335,3 +335,20 @@ def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline
     ])
     assert "sk-test-TOPSECRET" not in everything
     assert "TOPSECRET" not in everything
+
+
+@pytest.mark.parametrize("header", [{"retry-after": "inf"}, {"retry-after-ms": "nan"}, {"retry-after-ms": "inf"}])
+def test_a_retry_after_that_is_not_a_finite_number_is_ignored(header):
+    from pipeline.providers.base import retry_after
+
+    assert retry_after(header) is None        # ordinary backoff; `SET ... EX inf` broke the limiter's Lua
+
+
+def test_an_enormous_retry_after_is_capped(provider_pipeline, server, tmp_path):
+    """A bad proxy answers 429 with Retry-After 10^9 s: the row waits MAX_RETRY_AFTER, not until its job times
+    out, and the shared limiter (paused by the 429) keeps working."""
+    server.configure(fail_next=[429], retry_after=1e9)
+    pipeline = provider_pipeline(max_retry_after=0.5)
+    run_id, results = run_all(pipeline, tmp_path, rows(3), provider="openai", model="gpt-4o-mini", rpm=6000)
+    assert all(r["status"] == "succeeded" for r in results.values())
+    assert pipeline.run_row(run_id)["rate_limited"] == 1

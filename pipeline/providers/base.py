@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -87,16 +88,20 @@ def _looks_like_http_date(text: str) -> bool:
 
 
 def retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` (seconds or HTTP date)."""
+    """The server's requested wait: ``retry-after-ms`` first, then ``retry-after`` (seconds or HTTP date).
+    A value that is not a finite number (``inf``, ``nan``) is no wait at all: the caller backs off as usual."""
     if not headers:
         return None
     millis = headers.get("retry-after-ms")
     if millis:
         try:
-            return max(0.0, float(millis) / 1000.0)
+            wait = float(millis) / 1000.0
         except ValueError:
-            pass
-    return parse_duration(headers.get("retry-after"))
+            wait = math.nan
+        if math.isfinite(wait):
+            return max(0.0, wait)
+    wait = parse_duration(headers.get("retry-after"))
+    return wait if wait is None or math.isfinite(wait) else None
 
 
 def _number(value: str | None) -> float | None:
