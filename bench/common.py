@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,22 @@ def write_dataset(path: Path, rows: int, width: int = 0) -> Path:
         for i in range(rows):
             handle.write(json.dumps({"id": f"r{i:07d}", "text": row_text(i, width)}) + "\n")
     return path
+
+
+def run_with_peak_rss(argv: list[str], env: dict[str, str], interval: float = 0.02) -> tuple[float, int, str, str]:
+    """Run ``python ARGV``; return its peak RSS in MB (VmHWM, sampled until it exits), exit code, stdout, stderr."""
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    output: list[tuple[str, str]] = []
+    reader = threading.Thread(target=lambda: output.append(process.communicate()))
+    reader.start()
+    peak_kb = 0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
+        except (OSError, IndexError):
+            pass
+        time.sleep(interval)
+    reader.join()
+    return peak_kb / 1024, process.returncode, *output[0]

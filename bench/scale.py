@@ -23,13 +23,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import run_with_peak_rss  # noqa: E402
+
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TEMPLATE = "Classify: {{ review }}"
@@ -39,24 +40,10 @@ TEMPLATE = "Classify: {{ review }}"
 
 def measured(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """Run ``python bench/scale.py ARGS`` (a child that prints one JSON line); return it and its peak RSS in MB."""
-    process = subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env or dict(os.environ),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    output: list[tuple[str, str]] = []
-    reader = threading.Thread(target=lambda: output.append(process.communicate()))
-    reader.start()
-    peak_kb = 0
-    while process.poll() is None:
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
-        except (OSError, IndexError):
-            pass
-        time.sleep(0.02)
-    reader.join()
-    stdout, stderr = output[0]
-    if process.returncode != 0:
+    peak_mb, code, stdout, stderr = run_with_peak_rss([__file__, *args], env or dict(os.environ))
+    if code != 0:
         sys.exit(f"{' '.join(args[:2])} failed: {stderr.strip()[-2000:]}")
-    return json.loads(stdout.strip().splitlines()[-1]), peak_kb / 1024
+    return json.loads(stdout.strip().splitlines()[-1]), peak_mb
 
 
 # ---------------------------------------------------------------- submit

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,9 @@ import pyarrow.parquet as pq
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import run_with_peak_rss  # noqa: E402
+
 REVIEW = "The strap broke after a week, but support replaced it quickly, which was nice, \"honestly\"."
 
 
@@ -50,21 +52,8 @@ def write_dataset(path: Path, rows: int, fmt: str) -> Path:
 
 def run_measured(args: list[str], env: dict[str, str]) -> tuple[float, int, tuple[str, str]]:
     """Run a Python command; return its peak RSS in MB (VmHWM, sampled until it exits), exit code and output."""
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    peak_kb = 0
-    reader = threading.Thread(target=lambda: output.append(process.communicate()))
-    output: list[tuple[str, str]] = []
-    reader.start()
-    while process.poll() is None:
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
-        except (OSError, IndexError):
-            pass
-        time.sleep(0.05)
-    reader.join()
-    return peak_kb / 1024, process.returncode, output[0]
+    peak_mb, code, stdout, stderr = run_with_peak_rss(args, env, interval=0.05)
+    return peak_mb, code, (stdout, stderr)
 
 
 def main() -> None:
