@@ -61,6 +61,8 @@ class ChunkWorker(BaseWorker):
         self._jobs: dict[str, tuple[Job, Execution, threading.Thread]] = {}
         self._jobs_lock = threading.Condition(threading.RLock())  # RLock: the signal handler notifies it
         self._heartbeats: threading.Thread | None = None
+        self._torn_down = threading.Event()
+        self._cold = False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         from jobs.process_chunk import current_ticket
@@ -149,10 +151,11 @@ class ChunkWorker(BaseWorker):
         super().request_force_stop(signum, frame)
 
     def teardown(self) -> None:
-        if not getattr(self, "_cold", False):
+        if not self._cold:
             for _, _, thread in list(self._jobs.values()):
                 thread.join()
             close_process_window()
+        self._torn_down.set()
         super().teardown()
 
     def _keep_heartbeats(self) -> None:
@@ -162,8 +165,7 @@ class ChunkWorker(BaseWorker):
 
     def _heartbeat_loop(self) -> None:
         """What a forking worker does while it waits for its horse, for every running execution."""
-        stop = threading.Event()
-        while not stop.wait(self.job_monitoring_interval):
+        while not self._torn_down.wait(self.job_monitoring_interval):
             for job, execution, _ in list(self._jobs.values()):
                 try:
                     self.maintain_heartbeats(job, execution)
