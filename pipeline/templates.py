@@ -1,16 +1,74 @@
 """Prompt templates: Jinja2, sandboxed (templates may come from users) and strict about missing variables."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 from .errors import TemplateError
 
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+# The most characters (or items) anything a template builds may hold, the rendered prompt included. Templates come
+# from users: ``{{ "x" * 400000000 }}`` would otherwise take 1.5 GB at submit and again on every worker.
+MAX_TEMPLATE_SIZE = 1_000_000
+_MAX_EXPONENT = 1_000
+
+
+def _size(value: Any) -> int | None:
+    return len(value) if isinstance(value, (str, list, tuple)) else None
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    if operator == "*":
+        for sequence, times in ((left, right), (right, left)):
+            if _size(sequence) is not None and isinstance(times, int) and _size(sequence) * times > MAX_TEMPLATE_SIZE:
+                raise SecurityError(f"the template builds a value over the limit of {MAX_TEMPLATE_SIZE:,}")
+    elif operator == "**":
+        if isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
+            raise SecurityError(f"the template raises to a power over {_MAX_EXPONENT}")
+    elif _size(left) is not None and _size(right) is not None and _size(left) + _size(right) > MAX_TEMPLATE_SIZE:
+        raise SecurityError(f"the template builds a value over the limit of {MAX_TEMPLATE_SIZE:,}")
+
+
+def _check_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """A filter or method given a size over the limit (``center(400000000)``, ``ljust``, ``indent``...)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_SIZE:
+            raise SecurityError(f"the template passes {value:,}, over the limit of {MAX_TEMPLATE_SIZE:,}")
+
+
+def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)  # keeps jinja's pass_context / pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_arguments(args[1:], kwargs)
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+class BoundedSandbox(SandboxedEnvironment):
+    """Jinja's sandbox (no attribute escapes, ranges capped) with sizes capped too: repetition, concatenation,
+    powers, and the size arguments of filters and methods."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _check_arguments(args, kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+
+_ENV = BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
 class PromptTemplate:
@@ -53,13 +111,25 @@ class PromptTemplate:
 
     def render(self, values: Mapping[str, Any]) -> str:
         try:
-            return self._template.render(**values)
+            prompt = self._render_bounded(values)
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"template variable missing: {exc.message}") from None
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template failed: {exc}") from None
         except Exception as exc:  # a filter or expression failed on this row's data
             raise TemplateError(f"template failed: {type(exc).__name__}: {exc}") from None
+        return prompt
+
+    def _render_bounded(self, values: Mapping[str, Any]) -> str:
+        """Render piece by piece, stopping as soon as the prompt passes the limit (a loop of pieces under the
+        limit each could otherwise build gigabytes)."""
+        parts, size = [], 0
+        for part in self._template.generate(**values):
+            size += len(part)
+            if size > MAX_TEMPLATE_SIZE:
+                raise SecurityError(f"the rendered prompt is over the limit of {MAX_TEMPLATE_SIZE:,} characters")
+            parts.append(part)
+        return "".join(parts)
 
     def check_columns(self, columns: list[str], where: str) -> None:
         """Fail before enqueue when the template names a variable that no column provides."""
