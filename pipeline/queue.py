@@ -59,6 +59,15 @@ def chunk_queue(connection: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=SERIALIZER)
 
 
+def consuming_workers(connection: redis.Redis, queue_name: str) -> int:
+    """Live RQ workers listening on the queue: registered, with a worker key their heartbeats keep from expiring
+    (a worker that stopped cleanly leaves at once, one killed when its key expires, worker_ttl + 60 s later)."""
+    from rq import Worker
+
+    queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
+    return len(Worker.all(queue=queue, serializer=SERIALIZER))
+
+
 def chunk_label(chunk_no: int, generation: int = 0) -> str:
     """``c000007`` for the submit's chunks, ``g2-c000007`` for chunks that resume / retry-failed send later."""
     return f"c{chunk_no:06d}" if generation == 0 else f"g{generation}-c{chunk_no:06d}"
