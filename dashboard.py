@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
+import sys
 from typing import Any
 
 from flask import Flask, Response, request
@@ -86,12 +88,18 @@ def redis_url_of(settings: Any) -> str:
     return f"unix://{client.socket_file}"
 
 
+def _exit(signum: int, _frame: Any) -> None:
+    sys.exit(0)
+
+
 def main() -> None:
     from werkzeug.serving import run_simple
 
     from pipeline.logs import setup_logging
     from pipeline.settings import load_settings
 
+    # SIGTERM (honcho, systemd) exits through atexit, so an embedded Redis stops with its last client.
+    signal.signal(signal.SIGTERM, _exit)
     settings = load_settings()
     setup_logging(settings, "dashboard")
     if settings.dashboard_password is None or not settings.dashboard_password.get_secret_value():

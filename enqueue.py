@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.estimate import Estimate
 from pipeline.export import FORMATS, export_run
 from pipeline.logs import setup_logging
+from pipeline.progress import BYTES, Progress, RateWindow
 from pipeline.queue import connect
 from pipeline.redaction import redact
 from pipeline.schedules import build_scheduler, firing_key, load_runs_file
@@ -180,9 +181,41 @@ def _read_schema(path: Path | None, allowed_dir: Path | None = None) -> dict[str
         raise ConfigError(f"{path}: not a JSON schema ({exc})") from None
 
 
+class StageBars:
+    """Draws a submit's progress: one bar per stage (reading, hashing, enqueueing), each with its total and
+    percentage. ``disable=None`` draws only on a terminal."""
+
+    def __init__(self, quiet: bool = False, file: Any = None, disable: bool | None = None) -> None:
+        self.file = file if file is not None else sys.stderr
+        self.disable = True if quiet else disable
+        self.stage: str | None = None
+        self.bar: tqdm | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = progress.stage
+            in_bytes = progress.unit == BYTES
+            self.bar = tqdm(total=progress.total, desc=f"{progress.stage:<10}", file=self.file,
+                            disable=self.disable, unit=progress.unit if in_bytes else f" {progress.unit}",
+                            unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000)
+        self.bar.update(progress.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.SubmitReport:
-    with tqdm(desc="reading", unit=" rows", disable=quiet or None, file=sys.stderr) as bar:
-        report = runs.submit(ctx.redis, ctx.settings, request, progress=bar.update)
+    with StageBars(quiet) as bars:
+        report = runs.submit(ctx.redis, ctx.settings, request, progress=bars)
     if report.unpriced:  # said once, here: status and runs then show the cost as unknown
         click.echo(f"note: no price for {', '.join(report.unpriced)}: the run's cost will show as unknown "
                    "(PRICE_FILE or --price-in/--price-out give one)", err=True)
@@ -208,8 +241,9 @@ def submit(ctx: Context, as_json: bool, dry_run: bool, **options: Any) -> None:
     """Validate DATASET and enqueue one job per chunk. Prints the run id."""
     request = build_request(**options, allowed_dir=ctx.settings.allowed_data_dir)
     if dry_run:
-        with tqdm(desc="reading", unit=" rows", disable=as_json or None, file=sys.stderr) as bar:
-            print_estimate(runs.dry_run(ctx.redis, ctx.settings, request, progress=bar.update), as_json)
+        with StageBars(as_json) as bars:
+            estimate = runs.dry_run(ctx.redis, ctx.settings, request, progress=bars)
+        print_estimate(estimate, as_json)
         return
     report = do_submit(ctx, request, quiet=as_json)
     print_submit(report, as_json)
@@ -261,20 +295,40 @@ def status(ctx: Context, run_id: str, as_json: bool, watch: bool) -> None:
     """Rows done / failed / pending, tokens, cost and elapsed time of a run."""
     if watch:
         watch_run(ctx, run_id)
-    print_status(runs.run_status(ctx.redis, ctx.engine, run_id), as_json)
+    print_status(runs.run_status(ctx.redis, ctx.engine, run_id, ctx.settings.queue_name), as_json)
+
+
+WATCH_WINDOW_SECONDS = 30.0
+WATCH_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]"
 
 
 def watch_run(ctx: Context, run_id: str, interval: float = 1.0) -> None:
-    info = runs.run_status(ctx.redis, ctx.engine, run_id)
-    with tqdm(total=info["rows_total"], unit=" rows", file=sys.stderr, desc=run_id) as bar:
+    """A live bar; its rate and ETA come from this watch's own samples of the last WATCH_WINDOW_SECONDS."""
+    queue = ctx.settings.queue_name
+    info = runs.run_status(ctx.redis, ctx.engine, run_id, queue)
+    window = RateWindow(WATCH_WINDOW_SECONDS)
+    done = info["rows_succeeded"] + info["rows_failed"]
+    with tqdm(total=info["rows_total"], initial=done, file=sys.stderr, desc=run_id, bar_format=WATCH_FORMAT) as bar:
         while True:
             done = info["rows_succeeded"] + info["rows_failed"]
+            rate = window.add(time.monotonic(), done)
             bar.update(done - bar.n)
-            bar.set_postfix(failed=info["rows_failed"], spend=_dollars(info["cost_usd"], 4), status=info["status"])
+            bar.set_postfix_str(watch_postfix(info, rate, queue))
             if info["status"] in store.FINAL_STATUSES:
                 return
             time.sleep(interval)
-            info = runs.run_status(ctx.redis, ctx.engine, run_id)
+            info = runs.run_status(ctx.redis, ctx.engine, run_id, queue)
+
+
+def watch_postfix(info: dict[str, Any], rate: float | None, queue: str) -> str:
+    parts = ["-- rows/s" if rate is None else f"{rate:.1f} rows/s"]
+    left = info["rows_total"] - info["rows_succeeded"] - info["rows_failed"]
+    if rate and left > 0:
+        parts.append(f"eta {tqdm.format_interval(left / rate)}")
+    parts += [f"failed {info['rows_failed']}", f"spend {_dollars(info['cost_usd'], 4)}", info["status"]]
+    if info.get("workers") == 0 and info["status"] not in store.FINAL_STATUSES:
+        parts.append(f"no worker is consuming queue {queue}")
+    return ", ".join(parts)
 
 
 def print_status(info: dict[str, Any], as_json: bool) -> None:
@@ -408,7 +462,9 @@ def wait(ctx: Context, run_id: str, timeout: float, max_failed: float) -> None:
         if info["status"] in store.FINAL_STATUSES:
             break
         if time.monotonic() >= deadline:
-            click.echo(f"run {run_id}: still {info['status']} after {timeout} s", err=True)
+            info = runs.run_status(ctx.redis, ctx.engine, run_id, ctx.settings.queue_name)
+            note = f" ({info['note']})" if info["note"] else ""
+            click.echo(f"run {run_id}: still {info['status']} after {timeout} s{note}", err=True)
             sys.exit(3)
         time.sleep(1.0)
     print_status(info, as_json=False)

@@ -5,6 +5,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -19,7 +20,8 @@ from pipeline.cache import ResponseCache
 from pipeline.errors import BudgetExceeded, ConfigError, RunCancelled, RunNotFound
 from pipeline.queue import connect
 from pipeline.ratelimit import SharedRateLimiter
-from pipeline.records import Result, Row, RunConfig
+from pipeline.pricing import NANO
+from pipeline.records import SUCCEEDED, Result, Row, RunConfig
 from pipeline.redaction import redact
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
@@ -87,6 +89,46 @@ def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: 
                             [Result.failure(run_id, row, error) for row, status in zip(rows, done) if status is None])
 
 
+@dataclass
+class ChunkTally:
+    """What a chunk's results add up to, for its one summary log line (provider calls log at DEBUG only)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    cached: int = 0
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nano: int | None = 0  # None once a result was billed by a model without a price
+
+    def add(self, result: Result) -> None:
+        if result.status == SUCCEEDED:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        self.cached += result.cached
+        self.attempts += result.attempts
+        self.input_tokens += result.input_tokens
+        self.output_tokens += result.output_tokens
+        if self.cost_nano is not None:
+            self.cost_nano = None if result.cost_nano is None else self.cost_nano + result.cost_nano
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.cost_nano is None else self.cost_nano / NANO
+
+
+def log_chunk_summary(summary: dict[str, Any]) -> None:
+    """One INFO line per chunk: readable on the terminal, every figure a field of its own in the JSON log."""
+    s = summary
+    cost = "cost unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.6f}"
+    stopped = f", stopped: {s['stopped']}" if s["stopped"] else ""
+    log.info("run %s chunk %s: %d rows, %d succeeded, %d failed, %d cached, %d done before; %d attempts, "
+             "%d tokens in, %d out, %s, %.2f s%s", s["run_id"], s["chunk"], s["rows"], s["succeeded"], s["failed"],
+             s["cached"], s["skipped_done"], s["attempts"], s["input_tokens"], s["output_tokens"], cost,
+             s["seconds"], stopped, extra=s)
+
+
 class ChunkRunner:
     """One chunk's rows on the window's loop; its rows share the window's places with every other chunk's."""
 
@@ -99,9 +141,11 @@ class ChunkRunner:
         self.chunk: str = payload["chunk"]
         self.rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
         self.stopped: str | None = None
+        self.tally = ChunkTally()
         self._cancel_checked = float("-inf")
 
     async def run(self, config: RunConfig | Exception, timeout: float | None) -> dict[str, Any]:
+        started = time.monotonic()
         todo = await self._rows_without_result()
         self.ticket.started(len(self.rows) - len(todo))
         try:
@@ -113,15 +157,21 @@ class ChunkRunner:
         else:
             async with asyncio.timeout(timeout):  # RQ's job timeout, kept by the loop (no signal in a thread)
                 answered = await self._answer_all(answerer, todo)
+        tally = asdict(self.tally)
+        del tally["cost_nano"]
         summary = {"run_id": self.run_id, "chunk": self.chunk, "rows": len(self.rows),
-                   "skipped_done": len(self.rows) - len(todo), "answered": answered, "stopped": self.stopped}
-        log.info("chunk finished", extra={"run_id": self.run_id, "summary": summary})
+                   "skipped_done": len(self.rows) - len(todo), "answered": answered, **tally,
+                   "cost_usd": self.tally.cost_usd, "seconds": round(time.monotonic() - started, 3),
+                   "stopped": self.stopped}
+        log_chunk_summary(summary)
         return summary
 
     async def _fail_rows(self, rows: list[Row], error: str) -> int:
         log.error("chunk %s of run %s: %s", self.chunk, self.run_id, error, extra={"run_id": self.run_id})
-        await handoff.publish_results_async(self.client, self.settings.result_stream,
-                                            [Result.failure(self.run_id, row, error) for row in rows])
+        results = [Result.failure(self.run_id, row, error) for row in rows]
+        await handoff.publish_results_async(self.client, self.settings.result_stream, results)
+        for result in results:
+            self.tally.add(result)
         return len(rows)
 
     async def _rows_without_result(self) -> list[Row]:
@@ -170,6 +220,7 @@ class ChunkRunner:
                 stream = self.settings.result_stream
                 await self.window.writes.run(lambda pipe: handoff.stage_result(pipe, stream, result))
                 answered += 1
+                self.tally.add(result)
 
         async with asyncio.TaskGroup() as group:  # a row that raises (Redis lost) stops its chunk's other rows
             for row in rows:

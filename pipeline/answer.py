@@ -228,18 +228,22 @@ class RowAnswerer:
                     await target.limiter.release(estimated_tokens)  # the limit is shared with other runs
                     raise
                 tally.attempts += 1
+                called = time.monotonic()
                 try:
                     response = await self._complete(target, request)
                 except UnreadableAnswer:  # likely billed: its estimate is counted once, and it is not asked again
+                    self._log_call(target, "unreadable", called)
                     tally.call(target, "200")
                     tally.billed(ProviderResponse("", input_estimate, output_cap, request.model),
                                  worst_case if price else None)
                     await self.budget.settle(held, worst_case)
                     raise
                 except ProviderError as exc:
+                    self._log_call(target, call_outcome(exc), called)
                     tally.call(target, call_outcome(exc))
                     await self._after_failure(exc, held, worst_case, target, tally)
                     raise
+                self._log_call(target, "200", called)
                 tally.call(target, "200")
                 cost = price.cost_nano(response.input_tokens, response.output_tokens) if price else None
                 tally.billed(response, cost)
@@ -252,6 +256,14 @@ class RowAnswerer:
                                                          response.rate_limit.remaining_tokens)
                 return response
         raise AssertionError("unreachable")
+
+    def _log_call(self, target: Target, outcome: str, called: float) -> None:
+        """One DEBUG line per provider call; the chunk's INFO summary (jobs.process_chunk) adds them up."""
+        if log.isEnabledFor(logging.DEBUG):
+            seconds = round(time.monotonic() - called, 3)
+            log.debug("call %s: %s in %.3f s", target.spec, outcome, seconds,
+                      extra={"run_id": self.config.run_id, "provider": target.spec.provider,
+                             "model": target.spec.model, "outcome": outcome, "seconds": seconds})
 
     async def _complete(self, target: Target, request: ProviderRequest) -> ProviderResponse:
         try:

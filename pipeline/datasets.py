@@ -30,6 +30,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .errors import DatasetError, TemplateError
+from .progress import BYTES, HASHING, READING, ProgressCallback, stage_reporter
 from .records import Row, RowsJSON
 from .templates import PromptTemplate
 
@@ -70,11 +71,18 @@ def check_path(path: Path, allowed_dir: Path | None = None) -> Path:
     return resolved
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """The file's SHA-256; ``progress`` hears the bytes hashed so far."""
     digest = hashlib.sha256()
+    hashed = 0
+    if progress is not None:
+        progress(0)
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+            hashed += len(block)
+            if progress is not None:
+                progress(hashed)
     return digest.hexdigest()
 
 
@@ -184,6 +192,7 @@ class Batch:
     columns: list[list[Any]] | None = None
     kinds: list[str] | None = None
     records: list[dict[str, Any]] | None = None
+    end_byte: int | None = None                   # how far into the file the reader is, if it knows
     _jsons: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -266,16 +275,22 @@ def _csv_batches(path: Path) -> Iterator[Batch]:
     if reader.schema.names != header or not all(pa.types.is_string(t) for t in reader.schema.types):
         raise _Refused
     start = 0
+    # How far into the file: the reader reads ahead of the batches it hands out, so its position runs ahead of
+    # the work; the batches' own bytes (values, plus a separator or line end after each) follow it closely.
+    consumed = sum(len(name.encode("utf-8")) + 1 for name in header)
     for batch in reader:
         present = None
+        consumed += batch.num_rows * len(header)
         for column in batch.columns:  # a line of empty cells carries no row (pandas reads it, we skip it)
-            filled = pc.greater(pc.binary_length(column), 0)
+            lengths = pc.binary_length(column)
+            consumed += pc.sum(lengths).as_py() or 0
+            filled = pc.greater(lengths, 0)
             present = filled if present is None else pc.or_(present, filled)
         if present is not None and not pc.all(present).as_py():
             batch = batch.filter(present)
         if batch.num_rows:
             yield Batch(start, batch.num_rows, list(header), [c.to_pylist() for c in batch.columns],
-                        [TEXT] * len(header))
+                        [TEXT] * len(header), end_byte=consumed)
             start += batch.num_rows
 
 
@@ -285,7 +300,9 @@ _SAFE_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer
 
 def _parquet_batches(path: Path) -> Iterator[Batch]:
     start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
+    parquet = pq.ParquetFile(path)
+    rows, size = parquet.metadata.num_rows, path.stat().st_size  # the bytes read, taken as in proportion to rows
+    for batch in parquet.iter_batches(batch_size=READ_BATCH):
         names = [str(n) for n in batch.schema.names]
         if len(set(names)) != len(names):
             raise _Refused
@@ -304,7 +321,8 @@ def _parquet_batches(path: Path) -> Iterator[Batch]:
             columns.append(values)
             kinds.append(kinds_of)
         if batch.num_rows:
-            yield Batch(start, batch.num_rows, names, columns, kinds)
+            yield Batch(start, batch.num_rows, names, columns, kinds,
+                        end_byte=size * (start + batch.num_rows) // max(rows, 1))
             start += batch.num_rows
 
 
@@ -312,7 +330,7 @@ def _jsonl_batches(path: Path) -> Iterator[Batch]:
     scan_object = make_scanner(json.JSONDecoder())
     start = 0
     with path.open("rb") as handle:
-        while lines := handle.readlines(1 << 22):
+        while lines := handle.readlines(1 << 20):
             records = []
             for raw in lines:
                 text = raw.decode("utf-8")
@@ -328,7 +346,7 @@ def _jsonl_batches(path: Path) -> Iterator[Batch]:
                     raise _Refused
                 records.append(record)
             if records:
-                batch = Batch(start, len(records), [], records=records)
+                batch = Batch(start, len(records), [], records=records, end_byte=handle.tell())
                 batch.row_jsons()  # NaN and infinity become null here, before anything looks at the values
                 batch.names = list(dict.fromkeys(chain.from_iterable(records)))
                 yield batch
@@ -560,7 +578,7 @@ def scan(
     max_row_bytes: int | None = None,
     template: PromptTemplate | None = None,
     check_row: Callable[[Row], None] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
     chunk_size: int | None = None,
     on_chunk: Callable[[RowsJSON], None] | None = None,
 ) -> DatasetSummary:
@@ -569,9 +587,13 @@ def scan(
     Catches unreadable rows, duplicate or missing ids, oversized rows, rows the ``template`` fails on or renders
     blank for, and whatever ``check_row`` rejects. With ``on_chunk``, each chunk of ``chunk_size`` rows is handed
     over serialized as its job will carry it, so the enqueue needs no second read. Memory grows only by 8 bytes
-    an id (for duplicate detection).
+    an id (for duplicate detection). ``progress`` hears the bytes read, then the bytes hashed, of the file's size.
     """
     fmt = dataset_format(path)
+    size = path.stat().st_size
+    reading = stage_reporter(progress, READING, size, BYTES)
+    if reading is not None:
+        reading(0)  # the bar and its total show at once, before the first batch is read
     columns: dict[str, None] = {}
     ids = _IdHashes()
     count = 0
@@ -592,8 +614,10 @@ def scan(
         if chunks is not None:
             chunks.add(row_entries(batch, keys))
         count += batch.size
-        if progress is not None:
-            progress(batch.size)
+        if reading is not None and batch.end_byte is not None:
+            reading(batch.end_byte)
+    if reading is not None:
+        reading(size)
     if count == 0:
         raise DatasetError(f"{path}: no rows (the file is empty or has only a header)")
     duplicate = ids.first_repeat(lambda: iter_rows(path, id_column))
@@ -601,4 +625,5 @@ def scan(
         raise DatasetError(f"{path}: row {duplicate.index + 1}: duplicate id {duplicate.key!r} in column {id_column!r}")
     if chunks is not None:
         chunks.close()
-    return DatasetSummary(path=path, format=fmt, columns=list(columns), rows=count, sha256=file_sha256(path))
+    sha256 = file_sha256(path, stage_reporter(progress, HASHING, size, BYTES))
+    return DatasetSummary(path=path, format=fmt, columns=list(columns), rows=count, sha256=sha256)

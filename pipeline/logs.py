@@ -62,11 +62,13 @@ def setup_logging(settings: Settings, role: str) -> None:
     terminal.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(terminal)
     if settings.log_file is not None:
-        root.addHandler(json_file_handler(settings.log_file, role))
+        root.addHandler(json_file_handler(settings.log_file, role, max_bytes=settings.log_max_bytes,
+                                          backups=settings.log_backup_count))
 
 
 def json_file_handler(path: os.PathLike[str] | str, role: str, max_bytes: int = 20 * 1024 * 1024,
                       backups: int = 5) -> logging.Handler:
+    """JSON lines rotated at ``max_bytes`` (LOG_MAX_BYTES), ``backups`` (LOG_BACKUP_COUNT) old files kept."""
     from concurrent_log_handler import ConcurrentRotatingFileHandler
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

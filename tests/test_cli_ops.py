@@ -30,6 +30,7 @@ def test_json_outputs_and_wait_exit_codes(pipeline, tmp_path):
 
     waiting = cli(pipeline, "wait", run_id, "--timeout", "0.5")
     assert waiting.returncode == 3 and "still submitted" in waiting.stderr
+    assert "no worker is consuming queue pipeline" in waiting.stderr
 
     pipeline.work()
     pipeline.collect()
@@ -80,3 +81,69 @@ def test_default_sqlite_file_is_created_in_a_data_dir_that_does_not_exist_yet(pi
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["rows_total"] == 3
     assert (data_dir / "pipeline.db").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_submit_progress_has_a_total_per_stage_and_reaches_it(pipeline, tmp_path, suffix):
+    import io
+
+    from enqueue import StageBars
+    from pipeline import runs
+    from pipeline.progress import Progress
+
+    rows = 3000
+    dataset = write(tmp_path / f"d{suffix}", tricky_rows(rows))
+    events: list[Progress] = []
+    request = runs.RunRequest(dataset=dataset, template="Q: {{ text }}", id_column="id", chunk_size=50)
+    drawn = io.StringIO()
+    with StageBars(file=drawn, disable=False) as bars:
+        runs.submit(pipeline.redis, pipeline.settings, request, progress=lambda p: (events.append(p), bars(p)))
+
+    stages = list(dict.fromkeys(e.stage for e in events))
+    assert stages == ["reading", "hashing", "enqueueing"]
+    totals = {"reading": dataset.stat().st_size, "hashing": dataset.stat().st_size, "enqueueing": rows}
+    for stage in stages:
+        seen = [e for e in events if e.stage == stage]
+        assert {e.total for e in seen} == {totals[stage]}
+        assert [e.done for e in seen] == sorted({e.done for e in seen})   # only forward
+        assert seen[0].done == 0 and seen[-1].done == seen[-1].total     # shown at once, ends at 100 %
+    text = drawn.getvalue()
+    assert text.count("100%") >= 3 and f"{rows}/{rows}" in text
+
+
+def test_watch_rate_is_measured_over_its_own_window():
+    from pipeline.progress import RateWindow
+
+    window = RateWindow(seconds=30)
+    assert window.add(100.0, 5000) is None   # 5000 rows done before the watch began are not a rate
+    assert window.add(101.0, 5010) == 10.0
+    assert window.add(102.0, 5020) == 10.0
+    for second in range(103, 141):           # then 1 row/s: after the window's 30 s, 10/s is forgotten
+        rate = window.add(float(second), 5020 + second - 102)
+    assert rate == 1.0
+    assert window.samples[0][0] == 110.0 and len(window.samples) == 31
+
+
+def test_status_says_so_when_no_worker_consumes_the_queue(pipeline, tmp_path):
+    from rq import Worker
+
+    from pipeline import runs
+    from pipeline.queue import SERIALIZER, chunk_queue
+
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(5)), "Q: {{ text }}")
+    queue = pipeline.settings.queue_name
+    shown = cli(pipeline, "status", report.run_id)
+    assert shown.returncode == 0 and f"no worker is consuming queue {queue}" in shown.stdout
+
+    def status() -> dict:
+        return runs.run_status(pipeline.redis, pipeline.engine, report.run_id, queue)
+
+    assert status()["workers"] == 0
+    worker = Worker([chunk_queue(pipeline.redis, pipeline.settings)], connection=pipeline.redis,
+                    serializer=SERIALIZER)
+    worker.register_birth()                  # a live worker listening on the queue (it takes no job here)
+    try:
+        assert (status()["workers"], status()["note"]) == (1, None)
+    finally:
+        worker.register_death()
+    assert status()["workers"] == 0 and f"no worker is consuming queue {queue}" in status()["note"]

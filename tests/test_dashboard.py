@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from rq import Worker
@@ -106,3 +110,60 @@ def test_dashboard_refuses_to_start_without_a_password(pipeline):
                          timeout=60)
     assert run.returncode != 0
     assert "DASHBOARD_PASSWORD" in run.stderr
+
+
+def _procfile() -> dict[str, list[str]]:
+    """The Procfile's commands by process name, ``python`` being this interpreter."""
+    commands = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if command.strip():
+            args = shlex.split(command)
+            commands[name.strip()] = [sys.executable, *args[1:]] if args[0] == "python" else args
+    return commands
+
+
+def _redis_servers_in(directory: Path) -> list[int]:
+    """redis-server processes working in ``directory`` (redis chdirs to its data dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and "redis-server" in (proc / "cmdline").read_text() and \
+                    (proc / "cwd").resolve() == directory.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_comes_from_the_settings(tmp_path):
+    """The Procfile's worker and dashboard started at once, as honcho does, with REDIS_URL unset: the dashboard
+    answers on DASHBOARD_PORT and shows the pool's workers, so both are on the one embedded server under
+    DATA_DIR; after SIGTERM to the worker, then to the dashboard, no redis-server is left."""
+    data_dir, port = tmp_path / "data", _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
+    env.update(DATA_DIR=str(data_dir), METRICS_PORT="0", LOG_LEVEL="WARNING", DASHBOARD_PORT=str(port),
+               DASHBOARD_PASSWORD=PASSWORD, PYTHONPATH=str(ROOT))
+    commands = _procfile()
+    started = [subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True) for name in ("worker", "dashboard")]
+    worker, dashboard = started
+    url = f"http://127.0.0.1:{port}/0/data/workers.json"
+
+    def workers_shown() -> list[dict]:
+        assert worker.poll() is None and dashboard.poll() is None, \
+            (worker.stderr.read() if worker.poll() is not None else dashboard.stderr.read()).decode()[-2000:]
+        status, body = _get(url)
+        return json.loads(body)["workers"] if status == 200 else []
+
+    try:
+        processes.wait_for(lambda: len(workers_shown()) == 2, 60, "the dashboard to show the pool's 2 workers")
+        assert len(_redis_servers_in(data_dir)) == 1
+    finally:
+        for process in started:  # the dashboard last: it holds the server's last client
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                processes.kill_tree(process)
+    processes.wait_for(lambda: _redis_servers_in(data_dir) == [], 15, "the embedded redis-server to stop")
