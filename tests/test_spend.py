@@ -82,3 +82,76 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
 def _redis_time(pipeline) -> float:
     seconds, micros = pipeline.redis.time()
     return seconds + micros / 1e6
+
+
+def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_only_the_rest(make_pipeline,
+                                                                                          tmp_path):
+    """Two runs of one row, each with a cap of exactly one call's worst case: (a) the primary's answer cannot be
+    read (billed at its estimate) and the fallback no longer fits; (b) the answer fails the JSON schema and its
+    second try no longer fits. The billed spend reaches SQL as a ``stopped`` result; ``resume`` asks the row
+    once more and adds to it. (Before: SQL 0 while Redis had the spend, and the resumed total was short.)"""
+    (row,) = rows(1)
+    with FakeProvider() as server:
+        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        cap = worst_case("gpt-4o-mini", row["text"], 40) / 1e9
+        fallback = pipeline.submit(write(tmp_path / "a.csv", [row]), TEMPLATE, id_column="id",
+                                   provider="openai", model="gpt-4o-mini", fallbacks=["openai:gpt-4o"],
+                                   max_tokens=40, max_cost=cap, use_cache=False)
+        schema = pipeline.submit(write(tmp_path / "b.csv", [row]), TEMPLATE, id_column="id", provider="openai",
+                                 model="gpt-4o-mini", json_schema=SCHEMA, max_tokens=40, max_cost=cap,
+                                 use_cache=False, name="schema")
+        server.configure(fail_next=["malformed"])
+        pipeline.work()
+        pipeline.collect()
+        stopped = {run_id: pipeline.results(run_id) for run_id in (fallback.run_id, schema.run_id)}
+        spend_at_stop = {run_id: redis_spend(pipeline, run_id) for run_id in stopped}
+        status_at_stop = {run_id: pipeline.run_row(run_id)["status"] for run_id in stopped}
+        calls_at_stop = server.stats()["requests"]
+
+        server.configure(answers=[{"match": "Q:", "content": '{"label": "fine"}'}])
+        for run_id in stopped:
+            runs.resume(pipeline.redis, pipeline.settings, run_id, max_cost=1.0, engine=pipeline.engine)
+        pipeline.work()
+        pipeline.collect()
+        calls = server.stats()["requests"]
+
+    assert calls_at_stop == 2 and calls == 4                      # one call each, then one more each on resume
+    for run_id, (result,) in stopped.items():
+        assert result["status"] == "stopped" and result["attempts"] == 1 and result["cost_nano"] > 0
+        assert status_at_stop[run_id] == "budget_exhausted"
+        assert result["cost_nano"] == spend_at_stop[run_id]
+    assert stopped[fallback.run_id][0]["cost_nano"] == worst_case("gpt-4o-mini", row["text"], 40)
+    for run_id in stopped:
+        (final,) = pipeline.results(run_id)
+        run = pipeline.run_row(run_id)
+        assert (final["status"], final["attempts"], run["status"]) == ("succeeded", 2, "completed")
+        assert run["cost_nano"] == final["cost_nano"] == redis_spend(pipeline, run_id) > spend_at_stop[run_id]
+    print(f"budget stop: SQL {spend_at_stop} n$ = Redis at the stop (before: 0); 4 calls in all")
+
+
+def test_a_cancel_after_a_billed_answer_keeps_its_spend(make_pipeline, tmp_path):
+    """The answer fails the JSON schema; its second try waits for the rate limit (1 a minute) and the run is
+    cancelled meanwhile: the billed answer reaches SQL as a ``stopped`` result. (Before: no result, SQL 0.)"""
+    with FakeProvider() as server:
+        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1",
+                                 ratelimit_burst_seconds=61)
+        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
+                                 model="gpt-4o-mini", json_schema=SCHEMA, max_tokens=40, max_cost=1.0, rpm=1,
+                                 use_cache=False)
+
+        def cancel_after_first_answer() -> None:
+            processes.wait_for(lambda: server.stats()["by_status"].get("200") == 1, 60, "the first answer")
+            runs.cancel(pipeline.redis, pipeline.settings, report.run_id)
+
+        canceller = threading.Thread(target=cancel_after_first_answer)
+        canceller.start()
+        pipeline.work()
+        canceller.join()
+        pipeline.collect()
+        assert server.stats()["requests"] == 1
+    (result,) = pipeline.results(report.run_id)
+    assert result["status"] == "stopped" and "cancelled" in result["error"] and result["cost_nano"] > 0
+    run = pipeline.run_row(report.run_id)
+    assert run["status"] == "cancelled"
+    assert run["cost_nano"] == result["cost_nano"] == redis_spend(pipeline, report.run_id)
+    print(f"cancel: SQL {run['cost_nano']} n$ = Redis {redis_spend(pipeline, report.run_id)} n$ (before: SQL 0)")
