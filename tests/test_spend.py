@@ -7,7 +7,6 @@ import asyncio
 import threading
 
 import redis.asyncio as aioredis
-from rq.registry import StartedJobRegistry
 
 from pipeline import handoff, runs
 from pipeline.answer import estimate_tokens
@@ -15,7 +14,6 @@ from pipeline.budget import RunBudget, holds_key, spend_key
 from pipeline.collector import Collector
 from pipeline.metrics import PipelineMetrics
 from pipeline.pricing import PriceTable
-from pipeline.queue import SERIALIZER
 
 from . import processes
 from .datasets import write
@@ -155,3 +153,105 @@ def test_a_cancel_after_a_billed_answer_keeps_its_spend(make_pipeline, tmp_path)
     assert run["status"] == "cancelled"
     assert run["cost_nano"] == result["cost_nano"] == redis_spend(pipeline, report.run_id)
     print(f"cancel: SQL {run['cost_nano']} n$ = Redis {redis_spend(pipeline, report.run_id)} n$ (before: SQL 0)")
+
+
+def test_a_budget_hold_lives_as_long_as_its_call_can(make_pipeline, tmp_path):
+    """REQUEST_TIMEOUT of 700 s: the hold a call takes must not expire while the call may still run (before: a
+    fixed 600 s, so a slow call's worst case left the budget and other calls could overspend the cap)."""
+    with FakeProvider(latency=1.0) as server:
+        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=700)
+        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
+                                 model="gpt-4o-mini", max_tokens=40, max_cost=1.0, use_cache=False)
+        seen: list[float] = []
+
+        def watch_the_hold() -> None:
+            key = holds_key(report.run_id)
+            processes.wait_for(lambda: pipeline.redis.zcard(key) == 1, 60, "the call's budget hold")
+            ((_, expires),) = pipeline.redis.zrange(key, 0, -1, withscores=True)
+            seen.append(expires - _redis_time(pipeline))
+
+        watcher = threading.Thread(target=watch_the_hold)
+        watcher.start()
+        pipeline.work()
+        watcher.join()
+    assert seen and seen[0] > 700
+    print(f"hold lives {seen[0]:.0f} s with REQUEST_TIMEOUT=700 (before: 600 s)")
+
+
+def test_a_cancel_ends_a_wait_for_room_in_the_budget(make_pipeline, tmp_path):
+    """Another worker's hold leaves no room for this row's call, so the row waits for it to settle; a cancel
+    ends that wait at once (before: the row waited until the other hold expired, here an hour)."""
+    with FakeProvider() as server:
+        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
+                                 model="gpt-4o-mini", max_tokens=40, max_cost=0.001, use_cache=False,
+                                 rpm=60_000)  # its bucket's key appears as the row takes its place, just before
+
+        async def hold_most_of_the_budget() -> None:
+            client = aioredis.Redis.from_url(pipeline.settings.redis_url)
+            try:
+                await RunBudget(client, report.run_id, 0.001, hold_seconds=3600).reserve(999_000)
+            finally:
+                await client.aclose()
+
+        asyncio.run(hold_most_of_the_budget())
+        worker = processes.start(["worker.py", "--burst"], pipeline.env())
+        try:
+            processes.wait_for(lambda: pipeline.redis.exists("ratelimit:openai:gpt-4o-mini:requests"), 60,
+                               "the row to reach the budget")
+            runs.cancel(pipeline.redis, pipeline.settings, report.run_id)
+            assert worker.wait(timeout=60) == 0
+        finally:
+            processes.kill_tree(worker)
+        assert server.stats()["requests"] == 0
+    assert pipeline.redis.hlen(handoff.done_key(report.run_id)) == 0             # the row is left for resume
+
+
+def test_a_timed_out_call_is_spend_in_sql_too(make_pipeline, tmp_path):
+    """A call that times out may be billed: its worst case is spent in Redis, and now on the row's result in
+    SQL as well (before: Redis had it, SQL did not)."""
+    (row,) = rows(1)
+    with FakeProvider(hang_seconds=3) as server:
+        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=0.5)
+        report = pipeline.submit(write(tmp_path / "d.csv", [row]), TEMPLATE, id_column="id", provider="openai",
+                                 model="gpt-4o-mini", max_tokens=40, max_cost=1.0, use_cache=False)
+        server.configure(fail_next=["hang"])
+        pipeline.work()
+        pipeline.collect()
+    (result,) = pipeline.results(report.run_id)
+    timed_out = worst_case("gpt-4o-mini", row["text"], 40)
+    assert (result["status"], result["timeouts"], result["attempts"], result["usage_estimated"]) == \
+        ("succeeded", 1, 2, 1)
+    assert result["cost_nano"] > timed_out
+    assert pipeline.run_row(report.run_id)["cost_nano"] == result["cost_nano"] == redis_spend(pipeline, report.run_id)
+    print(f"timeout: SQL {result['cost_nano']} n$ = Redis (before: SQL {result['cost_nano'] - timed_out} n$)")
+
+
+def test_a_second_paid_answer_to_a_row_reaches_sql_totals_once(pipeline, tmp_path):
+    """A duplicated or resumed chunk answers a row that already has its answer: the row keeps the first, but
+    the second was paid for and counts, once, however often its entry is delivered (before: 2000 n$ in SQL for
+    3400 paid)."""
+    from pipeline.records import SUCCEEDED, Result
+
+    report = pipeline.submit(write(tmp_path / "d.csv", rows(2)), TEMPLATE, id_column="id")
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")      # this test plays the workers
+
+    def answer(i: int, cost: int, worker: str) -> Result:
+        return Result(run_id=report.run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": "q"},
+                      answer=f"by {worker}", provider="openai", model="gpt-4o-mini", attempts=1, input_tokens=3,
+                      output_tokens=2, cost_nano=cost, finished_at=1000.0 + i, calls={"openai|gpt-4o-mini|200": 1})
+
+    first, second = [answer(i, 1000, "a") for i in range(2)], [answer(i, 700, "b") for i in range(2)]
+    stream = pipeline.settings.result_stream
+    handoff.publish_results(pipeline.redis, stream, [*first, second[0]])   # r0 twice in one batch
+    pipeline.collect()
+    handoff.publish_results(pipeline.redis, stream, [second[1]])           # r1's second answer in a later one
+    pipeline.collect()
+    handoff.publish_results(pipeline.redis, stream, [*second, *first])     # every entry delivered again
+    pipeline.collect()
+    results = pipeline.results(report.run_id)
+    assert [(r["answer"], r["cost_nano"], r["attempts"], r["calls"]) for r in results] == \
+        [("by a", 1700, 2, {"openai|gpt-4o-mini|200": 2})] * 2
+    run = pipeline.run_row(report.run_id)
+    assert (run["status"], run["rows_succeeded"], run["cost_nano"], run["attempts"], run["input_tokens"]) == \
+        ("completed", 2, 3400, 4, 12)
