@@ -255,3 +255,30 @@ def test_a_second_paid_answer_to_a_row_reaches_sql_totals_once(pipeline, tmp_pat
     run = pipeline.run_row(report.run_id)
     assert (run["status"], run["rows_succeeded"], run["cost_nano"], run["attempts"], run["input_tokens"]) == \
         ("completed", 2, 3400, 4, 12)
+
+
+def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_the_readme_says(database_url):
+    import re
+
+    import pytest
+    from sqlalchemy import create_engine, text
+
+    from pipeline import store
+    from pipeline.errors import ConfigError
+
+    from .conftest import ROOT
+
+    store.make_engine(database_url).dispose()
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for column in ("usage_estimated", "generation", "result_id"):
+            conn.execute(text(f"ALTER TABLE results DROP COLUMN {column}"))
+    with pytest.raises(ConfigError, match="older version .* 'Upgrading a database'"):
+        store.make_engine(database_url)
+    readme = (ROOT / "README.md").read_text()
+    with engine.begin() as conn:
+        for statement in re.findall(r"^ALTER TABLE results ADD COLUMN (?:usage_estimated|generation|result_id).*;$",
+                                    readme, re.M):
+            conn.execute(text(statement))
+    engine.dispose()
+    store.make_engine(database_url).dispose()
