@@ -4,6 +4,7 @@ spend to the nano-dollar, on SQLite and PostgreSQL, with the official SDKs again
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import redis.asyncio as aioredis
@@ -12,6 +13,7 @@ from pipeline import handoff, runs
 from pipeline.answer import estimate_tokens
 from pipeline.budget import RunBudget, holds_key, spend_key
 from pipeline.collector import Collector
+from pipeline.export import export_run
 from pipeline.metrics import PipelineMetrics
 from pipeline.pricing import PriceTable
 
@@ -67,6 +69,9 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
         counted = metrics.registry.get_sample_value("pipeline_estimated_usage_answers_total",
                                                     {"provider": provider, "model": model})
         assert counted == 2
+        export_run(pipeline.engine, run_id, "jsonl", tmp_path / f"{provider}.jsonl")
+        exported = [json.loads(line) for line in (tmp_path / f"{provider}.jsonl").read_text().splitlines()]
+        assert [r["usage_estimated"] for r in exported] == [1, 1]
     # The token bucket charged each call its prompt estimate and max output, and kept it (nothing refunded): its
     # theoretical arrival time is the first call's time plus that at the limit's rate (far ahead of the clock).
     rate = 6 * (1 - pipeline.settings.ratelimit_headroom) / 60
