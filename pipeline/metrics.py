@@ -56,9 +56,9 @@ class PipelineMetrics:
                                   registry=self.registry)
         self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
         self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
-        self.estimated_usage = Counter("pipeline_estimated_usage_answers", "Answers billed without usage from the "
-                                       "provider (or timed out): tokens and cost counted at the reserved worst "
-                                       "case", labels, registry=self.registry)
+        self.estimated_usage = Counter("pipeline_estimated_usage_answers", "Answers billed at their reserved worst "
+                                       "case because their usage is not known: none reported, an unreadable "
+                                       "answer, or a call that timed out", labels, registry=self.registry)
         self.parked = Counter("pipeline_parked_entries", "Hand-over entries the collector could not write and "
                               "moved to the parked stream (unreadable, or refused by the database)",
                               registry=self.registry)

@@ -18,8 +18,8 @@ TEMPLATE = "Q: {{ text }}"
 
 
 def cli(pipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "enqueue.py", *args], check=False, cwd=ROOT, env=pipeline.env(),
+                          capture_output=True, text=True, timeout=120)
 
 
 def _in_sql(pipeline, run_id: str) -> set[str]:

@@ -16,7 +16,7 @@ def test_a_worker_whose_clock_is_behind_and_a_redelivery_leave_no_row_retrying(m
     row must end failed and the run completed with it counted (before: the row stayed ``retrying``)."""
     data = [{"id": "good", "text": "fine"}, {"id": "bad", "text": "refused"}]
     with FakeProvider(rules=[{"match": "refused", "action": 400, "times": None}]) as server:
-        settings = dict(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        settings = {"openai_api_key": "sk-test", "openai_base_url": f"{server.url}/v1"}
         pipeline = make_pipeline(**settings)
         behind = make_pipeline(clock_offset=-3.0, **settings)          # the same Redis and database
         report = pipeline.submit(write(tmp_path / "d.csv", data), TEMPLATE, id_column="id", provider="openai",

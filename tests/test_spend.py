@@ -283,7 +283,7 @@ def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_th
     readme = (ROOT / "README.md").read_text()
     with engine.begin() as conn:
         for statement in re.findall(r"^ALTER TABLE results ADD COLUMN (?:usage_estimated|generation|result_id).*;$",
-                                    readme, re.M):
+                                    readme, re.MULTILINE):
             conn.execute(text(statement))
     engine.dispose()
     store.make_engine(database_url).dispose()
