@@ -214,8 +214,12 @@ class StageBars:
 
 
 def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.SubmitReport:
-    with StageBars(quiet) as bars:
-        report = runs.submit(ctx.redis, ctx.settings, request, progress=bars)
+    record = store.open_engine(ctx.settings.resolved_database_url)  # SQL, if Redis lost a run it has done
+    try:
+        with StageBars(quiet) as bars:
+            report = runs.submit(ctx.redis, ctx.settings, request, progress=bars, engine=record)
+    finally:
+        record.dispose()
     if report.unpriced:  # said once, here: status and runs then show the cost as unknown
         click.echo(f"note: no price for {', '.join(report.unpriced)}: the run's cost will show as unknown "
                    "(PRICE_FILE or --price-in/--price-out give one)", err=True)
@@ -455,12 +459,16 @@ def schedule(ctx: Context, runs_file: Path) -> None:
 @click.pass_obj
 @fails_cleanly
 def wait(ctx: Context, run_id: str, timeout: float, max_failed: float) -> None:
-    """Wait for a run to end. Exit 0 if it completed within the failure threshold, 1 if not, 3 on timeout."""
+    """Wait for a run to end. Exit 0 if it completed within the failure threshold, 1 if not, 3 on timeout, 4 at
+    once if Redis lost the run's queue state (nothing would ever finish it: run resume)."""
     deadline = time.monotonic() + timeout
     while True:
         info = runs.run_status(ctx.redis, ctx.engine, run_id)
         if info["status"] in store.FINAL_STATUSES:
             break
+        if info["note"]:  # Redis lost the run's queue state: nothing works on it, so it would never end
+            click.echo(f"run {run_id}: {info['status']}, but {info['note']}", err=True)
+            sys.exit(4)
         if time.monotonic() >= deadline:
             info = runs.run_status(ctx.redis, ctx.engine, run_id, ctx.settings.queue_name)
             note = f" ({info['note']})" if info["note"] else ""

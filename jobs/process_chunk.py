@@ -17,8 +17,8 @@ from pipeline import handoff, runstate
 from pipeline.answer import RowAnswerer, Target
 from pipeline.budget import RunBudget
 from pipeline.cache import ResponseCache
-from pipeline.errors import BudgetExceeded, ConfigError, RunCancelled, RunNotFound
-from pipeline.queue import connect
+from pipeline.errors import BudgetExceeded, ConfigError, RowInterrupted, RunCancelled, RunNotFound
+from pipeline.queue import chunk_generation, connect
 from pipeline.ratelimit import SharedRateLimiter
 from pipeline.pricing import NANO
 from pipeline.records import SUCCEEDED, Result, Row, RunConfig
@@ -85,8 +85,10 @@ def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: 
     done = connection.hmget(handoff.done_key(run_id), [r.key for r in rows]) if rows else []
     reason = f"{exc_type.__name__}: {exc}" if exc_type is not None else "unknown error"
     error = redact(f"chunk {payload['chunk']} failed on every try ({reason})")[:2000]
-    handoff.publish_results(connection, worker_settings().result_stream,
-                            [Result.failure(run_id, row, error) for row, status in zip(rows, done) if status is None])
+    failures = [Result.failure(run_id, row, error) for row, status in zip(rows, done) if not handoff.is_done(status)]
+    for failure in failures:
+        failure.generation = chunk_generation(payload["chunk"])
+    handoff.publish_results(connection, worker_settings().result_stream, failures)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class ChunkRunner:
         self.run_id: str = payload["run_id"]
         self.chunk: str = payload["chunk"]
         self.rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
+        self.generation = chunk_generation(self.chunk)
         self.stopped: str | None = None
         self.tally = ChunkTally()
         self._cancel_checked = float("-inf")
@@ -169,9 +172,10 @@ class ChunkRunner:
     async def _fail_rows(self, rows: list[Row], error: str) -> int:
         log.error("chunk %s of run %s: %s", self.chunk, self.run_id, error, extra={"run_id": self.run_id})
         results = [Result.failure(self.run_id, row, error) for row in rows]
-        await handoff.publish_results_async(self.client, self.settings.result_stream, results)
         for result in results:
+            result.generation = self.generation
             self.tally.add(result)
+        await handoff.publish_results_async(self.client, self.settings.result_stream, results)
         return len(rows)
 
     async def _rows_without_result(self) -> list[Row]:
@@ -179,7 +183,7 @@ class ChunkRunner:
         if not self.rows:
             return []
         done = await self.client.hmget(handoff.done_key(self.run_id), [r.key for r in self.rows])
-        return [row for row, status in zip(self.rows, done) if status is None]
+        return [row for row, status in zip(self.rows, done) if not handoff.is_done(status)]
 
     def _answerer(self, config: RunConfig) -> RowAnswerer:
         s = self.settings
@@ -197,7 +201,8 @@ class ChunkRunner:
         policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
                              call_deadline=s.request_timeout + 5, max_retry_after=s.max_retry_after)
         return RowAnswerer(config, targets, policy=policy, prices=prices,
-                           budget=RunBudget(self.client, config.run_id, config.max_cost),
+                           budget=RunBudget(self.client, config.run_id, config.max_cost,
+                                            hold_seconds=policy.hold_seconds()),
                            cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",
                                                reads=self.window.reads, writes=self.window.writes),
                            should_stop=self._should_stop, in_flight=self.window.prompts_in_flight)
@@ -212,13 +217,14 @@ class ChunkRunner:
                     return
                 try:
                     result = await answerer.answer(row)
-                except BudgetExceeded:
+                except BudgetExceeded as exc:
+                    await self._hand_over_billed(exc)
                     await self._stop(runstate.BUDGET_EXHAUSTED)
                     return
-                except RunCancelled:  # cancelled while this row waited (rate limit, backoff): left for resume
+                except RunCancelled as exc:  # cancelled while this row waited (rate limit, backoff): left for resume
+                    await self._hand_over_billed(exc)
                     return
-                stream = self.settings.result_stream
-                await self.window.writes.run(lambda pipe: handoff.stage_result(pipe, stream, result))
+                await self._hand_over(result)
                 answered += 1
                 self.tally.add(result)
 
@@ -226,6 +232,18 @@ class ChunkRunner:
             for row in rows:
                 group.create_task(one(row))
         return answered
+
+    async def _hand_over(self, result: Result) -> None:
+        result.generation = self.generation
+        result.finished_at += self.settings.clock_offset
+        stream = self.settings.result_stream
+        await self.window.writes.run(lambda pipe: handoff.stage_result(pipe, stream, result))
+
+    async def _hand_over_billed(self, exc: RowInterrupted) -> None:
+        """A row cut short after answers were billed for it: its ``stopped`` result carries that spend to SQL
+        (``resume`` asks the row again, and its new result adds to it)."""
+        if isinstance(exc.billed, Result):
+            await self._hand_over(exc.billed)
 
     async def _should_stop(self) -> bool:
         """Looks at the cancel flag at most every CANCEL_CHECK_SECONDS, not once per row."""

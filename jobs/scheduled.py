@@ -9,7 +9,7 @@ from typing import Any
 from rq import get_current_job
 
 from jobs.process_chunk import worker_settings
-from pipeline import runs
+from pipeline import runs, store
 from pipeline.queue import connect
 from pipeline.schedules import firing_key, load_runs_file
 
@@ -21,5 +21,9 @@ def submit_named_run(runs_file: str, name: str) -> dict[str, Any]:
     fired_at = (job.enqueued_at if job is not None and job.enqueued_at else datetime.now(timezone.utc))
     named = load_runs_file(Path(runs_file), settings.allowed_data_dir)[name]
     request = replace(named.request, idempotency_key=firing_key(named, fired_at))
-    report = runs.submit(connection, settings, request)
+    record = store.open_engine(settings.resolved_database_url)  # SQL, if Redis lost a run it has done
+    try:
+        report = runs.submit(connection, settings, request, engine=record)
+    finally:
+        record.dispose()
     return report.__dict__

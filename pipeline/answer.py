@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -19,12 +20,12 @@ from redis.exceptions import RedisError
 
 from .budget import RunBudget
 from .cache import ALONE, ASK, ResponseCache, cache_key
-from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RunCancelled,
-                     TemplateError, UnreadableAnswer)
+from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RowInterrupted,
+                     RunCancelled, TemplateError, UnreadableAnswer)
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
-from .records import SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
+from .records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
 from .redaction import redact
 from .retry import RetryPolicy
 from .templates import PromptTemplate
@@ -53,11 +54,15 @@ class _Tally:
     cost_nano: int | None = 0  # None once an answer came from a model without a price
     errors: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    usage_estimated: int = 0  # answers billed at their estimate (no usage reported, or timed out)
+    answers_billed: int = 0
 
-    def billed(self, response: ProviderResponse, cost_nano: int | None) -> None:
+    def billed(self, response: ProviderResponse, cost_nano: int | None, *, estimated: bool = False) -> None:
         self.input_tokens += response.input_tokens
         self.output_tokens += response.output_tokens
         self.cost_nano = None if cost_nano is None or self.cost_nano is None else self.cost_nano + cost_nano
+        self.usage_estimated += int(estimated)
+        self.answers_billed += 1
 
     def call(self, target: "Target", outcome: str) -> None:
         key = f"{target.spec.provider}|{target.spec.model}|{outcome}"
@@ -125,6 +130,18 @@ class RowAnswerer:
             return self._finish(result, started)
         result.prompt_hash = stable_hash(prompt)[:16]
         tally = _Tally()
+        try:
+            await self._try_targets(result, prompt, tally)
+        except RowInterrupted as exc:
+            if tally.answers_billed:  # paid for: the row's spend must reach SQL even though it has no answer
+                result.status, result.error = STOPPED, redact(f"stopped after {tally.answers_billed} billed "
+                                                              f"answer(s): {exc}")[:2000]
+                exc.billed = self._finish(self._with_tally(result, tally), started)
+            raise
+        return self._finish(self._with_tally(result, tally), started)
+
+    async def _try_targets(self, result: Result, prompt: str, tally: _Tally) -> None:
+        """The primary, then each fallback, until one answers."""
         for target in self.targets:
             request = self._request(prompt, target.spec.model)
             try:
@@ -133,15 +150,18 @@ class RowAnswerer:
                 tally.errors.append(redact(str(exc)))
                 continue
             self._fill_success(result, target, response, parsed, cached)
-            break
-        else:
-            result.error = " | ".join(tally.errors)[:2000]
-            result.provider, result.model = self.targets[-1].spec.provider, self.targets[-1].spec.model
+            return
+        result.error = " | ".join(tally.errors)[:2000]
+        result.provider, result.model = self.targets[-1].spec.provider, self.targets[-1].spec.model
+
+    @staticmethod
+    def _with_tally(result: Result, tally: _Tally) -> Result:
         result.attempts, result.timeouts, result.rate_limited = tally.attempts, tally.timeouts, tally.rate_limited
         result.input_tokens, result.output_tokens = tally.input_tokens, tally.output_tokens
         result.cost_nano = tally.cost_nano
         result.calls = tally.calls
-        return self._finish(result, started)
+        result.usage_estimated = tally.usage_estimated
+        return result
 
     def _render(self, row: Row) -> str:
         prompt = self.template.render(row.values)
@@ -223,7 +243,8 @@ class RowAnswerer:
                 await self._unless_cancelled()
                 try:
                     await target.limiter.acquire(estimated_tokens, sleep=self._sleep_unless_cancelled)
-                    held = await self.budget.reserve(worst_case)  # after the wait: the hold cannot expire in it
+                    # after the wait: the hold cannot expire in it; a cancel ends a wait for room in the budget
+                    held = await self.budget.reserve(worst_case, sleep=self._sleep_unless_cancelled)
                 except (RunCancelled, BudgetExceeded):
                     await target.limiter.release(estimated_tokens)  # the limit is shared with other runs
                     raise
@@ -235,18 +256,22 @@ class RowAnswerer:
                     self._log_call(target, "unreadable", called)
                     tally.call(target, "200")
                     tally.billed(ProviderResponse("", input_estimate, output_cap, request.model),
-                                 worst_case if price else None)
+                                 worst_case if price else None, estimated=True)
                     await self.budget.settle(held, worst_case)
                     raise
                 except ProviderError as exc:
                     self._log_call(target, call_outcome(exc), called)
                     tally.call(target, call_outcome(exc))
-                    await self._after_failure(exc, held, worst_case, target, tally)
+                    await self._after_failure(exc, held, worst_case, target, tally,
+                                              ProviderResponse("", input_estimate, output_cap, request.model),
+                                              priced=price is not None)
                     raise
                 self._log_call(target, "200", called)
                 tally.call(target, "200")
+                if not response.usage_reported:  # billed, but by how much nobody said: the reserved worst case
+                    response = dataclasses.replace(response, input_tokens=input_estimate, output_tokens=output_cap)
                 cost = price.cost_nano(response.input_tokens, response.output_tokens) if price else None
-                tally.billed(response, cost)
+                tally.billed(response, cost, estimated=not response.usage_reported)
                 await self.budget.settle(held, cost or 0)
                 # a provider's TPM limit counts the max output tokens when it admits a call (OpenAI), not the
                 # tokens the answer used: refunding those makes the bucket run ahead of the provider's (429s)
@@ -284,10 +309,12 @@ class RowAnswerer:
             raise RunCancelled(f"run {self.config.run_id} was cancelled")
 
     async def _after_failure(self, exc: ProviderError, held: str, worst_case: int, target: Target,
-                             tally: _Tally) -> None:
-        """Settle the budget hold and tell the limiter. A timed-out call may still be billed: keep its hold."""
+                             tally: _Tally, estimate: ProviderResponse, *, priced: bool) -> None:
+        """Settle the budget hold and tell the limiter. A timed-out call may still be billed: its worst case is
+        spent, in Redis and on the row's result alike."""
         if isinstance(exc, ProviderTimeout):
             tally.timeouts += 1
+            tally.billed(estimate, worst_case if priced else None, estimated=True)
             await self.budget.settle(held, worst_case)
             return
         await self.budget.settle(held, 0)

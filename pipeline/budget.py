@@ -4,12 +4,15 @@ Each call holds its worst-case cost (prompt estimate + max output tokens at the 
 to the real cost afterwards. A call that would cross the cap waits while other calls' holds are out (they
 usually settle far below their estimate) and gives up only when the settled spend alone leaves no room, so
 concurrent workers use the budget fully yet never overshoot it. Holds expire, so a worker killed mid-call
-cannot freeze the budget. Amounts are nano-dollars so that Redis integer arithmetic stays exact.
+cannot freeze the budget, but never before their call could still be running: the owner passes
+``hold_seconds`` from its retry policy (``RetryPolicy.hold_seconds``). Amounts are nano-dollars so that Redis
+integer arithmetic stays exact.
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -47,17 +50,17 @@ def holds_key(run_id: str) -> str:
 
 
 class RunBudget:
-    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None,
-                 hold_seconds: float = 600.0) -> None:
+    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None, *,
+                 hold_seconds: float) -> None:
         self._client = client
         self._keys = [spend_key(run_id), holds_key(run_id)]
         self._cap = -1 if max_cost is None else int(round(max_cost * NANO))
         self._hold_seconds = hold_seconds
         self._reserve = client.register_script(_RESERVE)
 
-    async def reserve(self, amount: int) -> str:
+    async def reserve(self, amount: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> str:
         """Hold ``amount`` nano-dollars against the cap (waiting while other holds are out) or raise
-        BudgetExceeded."""
+        BudgetExceeded. ``sleep`` waits between tries; the caller's may end the wait (a cancel) by raising."""
         if self._cap < 0:
             return ""  # no cap: nothing to enforce, and the spend is summed from the results anyway
         member = f"{uuid.uuid4().hex}:{amount}"
@@ -69,7 +72,7 @@ class RunBudget:
                 return member
             if verdict < 0:
                 raise BudgetExceeded(f"the run's budget of ${self._cap / NANO:.4f} is spent")
-            await asyncio.sleep(WAIT_SECONDS)
+            await sleep(WAIT_SECONDS)
 
     async def settle(self, hold: str, actual: int) -> None:
         """Release the hold and add what the call really cost (nano-dollars: the very amount its result carries

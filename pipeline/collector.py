@@ -141,7 +141,8 @@ class Collector:
             store.set_run_status(conn, record["run_id"], record["status"],
                                  config=RunConfig.from_dict(config) if config else None)
             if record.get("retrying"):
-                store.reopen_failed(conn, record["run_id"], record["retrying"], before=record["at"])
+                store.reopen_failed(conn, record["run_id"], record["retrying"], before=record["at"],
+                                    generation=record.get("generation"))
 
     def _park(self, entry: Entry, reason: str) -> None:
         self.reader.park(entry, reason)

@@ -22,11 +22,19 @@ class RunNotFound(PipelineError):
     """No run has the given id."""
 
 
-class BudgetExceeded(PipelineError):
+class RowInterrupted(PipelineError):
+    """A row stopped before its answer. ``billed`` is its ``stopped`` result when answers were already billed
+    for it (rejected by the JSON schema, a primary's before a fallback, a call that timed out), so that what
+    was paid reaches SQL; None when nothing was."""
+
+    billed: object | None = None
+
+
+class BudgetExceeded(RowInterrupted):
     """The run's ``--max-cost`` would be exceeded by the next call; the row is left for ``resume``."""
 
 
-class RunCancelled(PipelineError):
+class RunCancelled(RowInterrupted):
     """The run was cancelled; remaining rows are left unanswered."""
 
 

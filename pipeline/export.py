@@ -37,6 +37,7 @@ def _flat(result: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
         "cost_usd": None if result["cost_nano"] is None else result["cost_nano"] / NANO,
         "latency_ms": result["latency_ms"], "cached": bool(result["cached"]),
         "attempts": result["attempts"],
+        "usage_estimated": result["usage_estimated"],  # answers billed at their worst case (no usage reported)
     }
     for name, value in out.items():
         row[name + "_llm" if name in row else name] = value

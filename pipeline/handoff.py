@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from .records import Result, RunConfig
+from .records import STOPPED, Result, RunConfig
 
 GROUP = "collector"
 RESULT = "result"
@@ -28,10 +28,21 @@ def done_key(run_id: str) -> str:
     return f"run:{run_id}:done"
 
 
+def is_done(status: bytes | str | None) -> bool:
+    """Whether a row's done mark means it needs no more answers: a ``stopped`` row (cut short by a budget stop or
+    a cancel, its billed answers handed over) is asked again by resume."""
+    if isinstance(status, bytes):
+        status = status.decode()
+    return status is not None and status != STOPPED
+
+
 def stage_result(pipe: Any, stream: str, result: Result) -> None:
     """Queue a result's hand-over on a (transactional) pipeline: the stream entry and the row's done mark."""
     pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
-    pipe.hset(done_key(result.run_id), result.row_key, result.status)
+    if result.status == STOPPED:  # never over another worker's answer to the same row
+        pipe.hsetnx(done_key(result.run_id), result.row_key, result.status)
+    else:
+        pipe.hset(done_key(result.run_id), result.row_key, result.status)
 
 
 async def publish_results_async(client: aioredis.Redis, stream: str, results: Iterable[Result]) -> None:
@@ -95,6 +106,9 @@ def _status_event(data: dict[str, Any]) -> dict[str, Any]:
     retrying = data.get("retrying")
     if retrying is not None and (not isinstance(retrying, list) or not isinstance(data.get("at"), (int, float))):
         raise ValueError("retrying must be a list of row keys, with its time in 'at'")
+    generation = data.get("generation")
+    if generation is not None and (not isinstance(generation, int) or isinstance(generation, bool)):
+        raise ValueError("generation must be an integer")
     if data.get("config") is not None:
         RunConfig.from_dict(data["config"])
     return data

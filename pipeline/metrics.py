@@ -56,6 +56,9 @@ class PipelineMetrics:
                                   registry=self.registry)
         self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
         self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
+        self.estimated_usage = Counter("pipeline_estimated_usage_answers", "Answers billed at their reserved worst "
+                                       "case because their usage is not known: none reported, an unreadable "
+                                       "answer, or a call that timed out", labels, registry=self.registry)
         self.parked = Counter("pipeline_parked_entries", "Hand-over entries the collector could not write and "
                               "moved to the parked stream (unreadable, or refused by the database)",
                               registry=self.registry)
@@ -75,6 +78,8 @@ class PipelineMetrics:
         self.last_write.set(time.time())
         for result, previous in zip(applied.changed, applied.previous):
             self._observe_one(result, previous)
+        for result, previous in applied.extra:  # another paid answer to a row whose result stays: its spend only
+            self._observe_spend(result, previous)
 
     def start_series(self, config: RunConfig) -> None:
         """Create a run's provider/model label sets at zero before its first result is counted: a series that
@@ -86,7 +91,7 @@ class PipelineMetrics:
             for code in FIRST_CODES:
                 self.requests.labels(provider, model, code)
             for counter in (self.retries, self.rate_limited, self.timeouts, self.cache_hits, self.cost,
-                            self.latency):
+                            self.latency, self.estimated_usage):
                 counter.labels(provider, model)
             for direction in ("in", "out"):
                 self.tokens.labels(provider, model, direction)
@@ -95,6 +100,14 @@ class PipelineMetrics:
         """A replaced result (retry-failed) carries its predecessor's calls and spending: count only the rest."""
         provider, model = result["provider"] or "none", result["model"] or "none"
         self.results.labels(provider, model, result["status"]).inc()
+        self._observe_spend(result, previous)
+        if result["cached"]:
+            self.cache_hits.labels(provider, model).inc()
+        if result["status"] == "succeeded":
+            self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
+
+    def _observe_spend(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        provider, model = result["provider"] or "none", result["model"] or "none"
         earlier_calls = (previous or {}).get("calls") or {}
         for key, count in (result.get("calls") or {}).items():
             count -= earlier_calls.get(key, 0)
@@ -107,18 +120,16 @@ class PipelineMetrics:
             elif code == "timeout":
                 self.timeouts.labels(call_provider, call_model).inc(count)
         spent = {c: result[c] - (previous[c] if previous else 0)
-                 for c in ("attempts", "input_tokens", "output_tokens")}
+                 for c in ("attempts", "input_tokens", "output_tokens", "usage_estimated")}
         if spent["attempts"] > 1:
             self.retries.labels(provider, model).inc(spent["attempts"] - 1)
-        if result["cached"]:
-            self.cache_hits.labels(provider, model).inc()
+        if spent["usage_estimated"] > 0:
+            self.estimated_usage.labels(provider, model).inc(spent["usage_estimated"])
         self.tokens.labels(provider, model, "in").inc(spent["input_tokens"])
         self.tokens.labels(provider, model, "out").inc(spent["output_tokens"])
         cost_nano = result["cost_nano"]
         if cost_nano is not None:  # unknown (a model without a price) is left out, never counted as free
             self.cost.labels(provider, model).inc((cost_nano - ((previous or {}).get("cost_nano") or 0)) / NANO)
-        if result["status"] == "succeeded":
-            self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Serve /metrics on a daemon thread; returns (server, thread) so callers can shut it down."""

@@ -73,6 +73,16 @@ def chunk_label(chunk_no: int, generation: int = 0) -> str:
     return f"c{chunk_no:06d}" if generation == 0 else f"g{generation}-c{chunk_no:06d}"
 
 
+def chunk_generation(label: str) -> int:
+    """The retry generation a chunk label carries (0 for the submit's chunks): results are ordered by it."""
+    if label.startswith("g") and "-" in label:
+        try:
+            return int(label[1:label.index("-")])
+        except ValueError:
+            return 0
+    return 0
+
+
 def job_id(run_id: str, label: str) -> str:
     """Deterministic, so enqueueing the same chunk again can be recognised and skipped."""
     return f"{run_id}-{label}"

@@ -12,12 +12,13 @@ import json
 
 import redis
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import handoff, store
 from .budget import spend_key
 from .errors import RunNotFound
 from .records import FAILED, SUCCEEDED, RunConfig
-from .runstate import config_key, idempotency_key, load_config
+from .runstate import config_key, idempotency_key, load_config, submitted_key
 
 DONE_BATCH = 1000  # row keys per HSET
 
@@ -30,6 +31,23 @@ def known_config(connection: redis.Redis, engine: Engine | None, run_id: str) ->
         if engine is None:
             raise
     return rebuild(connection, engine, run_id)
+
+
+def recorded_submit(connection: redis.Redis, engine: Engine, run_id: str) -> bool:
+    """A ``submit`` of a run that Redis does not know: if SQL has it (Redis lost it), rebuild its state so that
+    the submit goes on as a repeated one: rows with a result in SQL are done, and a run that is final in SQL, or
+    has every row done, is marked submitted so that nothing is enqueued. False when SQL has no such run (or
+    does not answer: the submit then starts the run afresh, as it would without SQL)."""
+    try:
+        rebuild(connection, engine, run_id)
+        with engine.connect() as conn:
+            status = store.get_run(conn, run_id)["status"]
+    except (RunNotFound, SQLAlchemyError):
+        return False
+    config = load_config(connection, run_id)
+    if status in store.FINAL_STATUSES or connection.hlen(handoff.done_key(run_id)) >= config.total_rows:
+        connection.set(submitted_key(run_id), "1")
+    return True
 
 
 def rebuild(connection: redis.Redis, engine: Engine, run_id: str) -> RunConfig:

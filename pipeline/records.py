@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from .pricing import NANO
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 RETRYING = "retrying"  # a failed row that retry-failed sent again, until its new result comes
+STOPPED = "stopped"    # a budget stop or a cancel cut the row short after answers were billed: resume asks again
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class Result:
     cached: bool = False
     finished_at: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)  # "provider|model|outcome" -> provider calls made
+    usage_estimated: int = 0  # answers billed without usage from the provider: counted at their reserved worst case
+    # The retry generation of the chunk that answered (0: submit; resume and retry-failed count up in Redis): it,
+    # not a host's clock, orders two outcomes of one row.
+    generation: int = 0
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per answer: a redelivery keeps it
 
     @classmethod
     def failure(cls, run_id: str, row: "Row", error: str | None = None) -> "Result":
@@ -138,6 +145,7 @@ class Result:
         for data that is not a result."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("result_id", "")  # an older worker's result: no id, so never counted as a second answer
         if "cost_nano" not in data and isinstance(data.get("cost"), (int, float)):
             values["cost_nano"] = int(round(data["cost"] * NANO))
         try:
@@ -149,10 +157,12 @@ class Result:
 
     def _check(self) -> None:
         texts = (self.run_id, self.row_key, self.status)
-        if not all(isinstance(v, str) for v in texts) or self.status not in (SUCCEEDED, FAILED):
-            raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED} or {FAILED}")
+        if not all(isinstance(v, str) for v in texts) or self.status not in (SUCCEEDED, FAILED, STOPPED):
+            raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED}, {FAILED} or {STOPPED}")
+        if not isinstance(self.result_id, str):
+            raise ValueError("result_id must be text")
         counts = (self.row_index, self.attempts, self.timeouts, self.rate_limited, self.input_tokens,
-                  self.output_tokens)
+                  self.output_tokens, self.usage_estimated, self.generation)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
             raise ValueError("row_index, attempts and token counts must be integers")
         if self.cost_nano is not None and (not isinstance(self.cost_nano, int) or isinstance(self.cost_nano, bool)):

@@ -17,6 +17,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from .errors import ProviderTimeout, RetryableError
 
 log = logging.getLogger("pipeline.retry")
+DEFAULT_CALL_SECONDS = 600.0  # a call without a deadline of its own (the SDK's default timeout)
+HOLD_MARGIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class RetryPolicy:
             log.warning("Retry-After of %.0f s capped at MAX_RETRY_AFTER = %.0f s", retry_after, self.max_retry_after)
             return self.max_retry_after
         return retry_after
+
+    def hold_seconds(self) -> float:
+        """How long a budget hold must live: a hold is taken for one attempt (after its rate-limit wait, settled
+        before any backoff), so the longest one call may take plus a margin for the Redis round trips around
+        it. One that expired while its call ran would let the run overspend its cap; one much longer would
+        freeze the budget long after a killed worker."""
+        deadline = self.call_deadline if self.call_deadline is not None else DEFAULT_CALL_SECONDS
+        return deadline + HOLD_MARGIN_SECONDS
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1``."""

@@ -28,7 +28,7 @@ from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, consuming_workers, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
 from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
-from .rebuild import known_config
+from .rebuild import known_config, recorded_submit
 from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runlock import RequeueClaim
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
@@ -110,13 +110,14 @@ class ChunkSpool:
 
 
 def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
-           progress: ProgressCallback | None = None) -> SubmitReport:
+           progress: ProgressCallback | None = None, engine: Engine | None = None) -> SubmitReport:
     """Validate everything, then enqueue. Any error is raised before the first job is enqueued.
 
     ``progress`` hears each stage with its total: the file's bytes read, then hashed, then the rows enqueued.
 
     Submitting again what an earlier submit started (same content, or same idempotency key) enqueues only
-    what that submit did not get to, e.g. because it was killed half-way; usually nothing.
+    what that submit did not get to, e.g. because it was killed half-way; usually nothing. With ``engine``, a run
+    that Redis lost but SQL has is rebuilt from SQL first: no row with a result there is asked again.
     """
     if request.idempotency_key:
         known = connection.get(idempotency_key(request.idempotency_key))
@@ -130,6 +131,8 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         config = validate(settings, request, progress, spool=spool)
         unpriced = unpriced_models(settings, config)
         dataset = Path(config.dataset)  # this path was just read: the run may know the same content by another
+        if engine is not None and not connection.exists(config_key(config.run_id)):
+            recorded_submit(connection, engine, config.run_id)
         existing = not connection.set(config_key(config.run_id), json.dumps(config.to_dict()), nx=True)
         if existing:
             config = load_config(connection, config.run_id)
@@ -362,7 +365,7 @@ def _resume_claimed(connection: redis.Redis, settings: Settings, config: RunConf
     chunks = []
     for n, rows in enumerate(iter_chunks(path, config.chunk_size, config.id_column)):
         status = connection.hmget(done, [r.key for r in rows])
-        todo = [row for row, s in zip(rows, status) if s is None]
+        todo = [row for row, s in zip(rows, status) if not handoff.is_done(s)]
         if todo:
             chunks.append((chunk_label(n, generation), todo))
         if n % 100 == 0:
@@ -392,13 +395,15 @@ def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, 
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))
+    # The rows' new results carry this generation: the collector reopens only results of an older one ("at",
+    # this host's clock, is for collectors of an older version; clocks of different hosts order nothing).
+    generation = int(connection.incr(generation_key(run_id)))
     keys, at = [r.key for r in failed], time.time()
     for start in range(0, len(keys), RETRY_EVENT_KEYS):
         connection.hdel(handoff.done_key(run_id), *keys[start:start + RETRY_EVENT_KEYS])
         handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
-                              {"run_id": run_id, "status": "running", "at": at,
+                              {"run_id": run_id, "status": "running", "at": at, "generation": generation,
                                "retrying": keys[start:start + RETRY_EVENT_KEYS]})
-    generation = int(connection.incr(generation_key(run_id)))
     size = config.chunk_size
     chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
     return _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = None
     compatible_base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. vLLM or Ollama.")
     compatible_api_key: SecretStr | None = None
+    clock_offset: float = Field(0.0, description="Seconds added to the times this worker stamps on results: "
+                                "only to test that no outcome depends on a host's clock (results are ordered "
+                                "by their retry generation, never by time).")
     fake_latency: float = Field(0.0, ge=0, description="Simulated latency of the offline fake provider.")
     price_file: Path | None = Field(None, description="TOML/JSON price table extending the built-in one.")
 

@@ -79,8 +79,19 @@ results = Table(
     Column("cached", Boolean, nullable=False, default=False),
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
     Column("finished_at", Float, nullable=False),
+    Column("usage_estimated", Integer, nullable=False, default=0),  # answers billed at their reserved worst case
+    Column("generation", Integer, nullable=False, default=0),       # orders a row's outcomes (never host clocks)
+    Column("result_id", String(32)),                                # the worker's id of the answer kept here
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
     Index("ix_results_run_status", "run_id", "status"),
+)
+
+# Answers whose spend a row counts besides the one it keeps (a failure it replaced, a second paid success of a
+# duplicated chunk): a redelivered entry of one of them is recognised here and not counted twice.
+counted_answers = Table(
+    "counted_answers", metadata,
+    Column("result_id", String(32), primary_key=True),
+    Column("run_id", String(64), nullable=False),
 )
 
 # Run totals that move with each result: (runs column, how one result contributes).
@@ -98,6 +109,10 @@ _TOTALS: dict[str, Any] = {
     "latency_ms_sum": lambda r: r["latency_ms"],
 }
 RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
+# Columns an older version's tables lack, with what they hold (the README's 'Upgrading a database' adds them).
+_NEWER_COLUMNS = {"runs": {"cost_nano": "money as a float"},
+                  "results": {"cost_nano": "money as a float", "usage_estimated": "no estimated-usage count",
+                              "generation": "no retry generation", "result_id": "no answer id"}}
 
 
 def make_engine(url: str) -> Engine:
@@ -128,9 +143,11 @@ def prepare(engine: Engine) -> None:
 def _refuse_old_schema(engine: Engine) -> None:
     """Tables made by a version that kept money as a float ``cost``: create_all leaves them as they are."""
     tables = inspect(engine)
-    for table in (runs, results):
-        if "cost_nano" not in {c["name"] for c in tables.get_columns(table.name)}:
-            raise ConfigError(f"the database's {table.name} table is from an older version (cost as a float); "
+    for table, newer in _NEWER_COLUMNS.items():
+        have = {c["name"] for c in tables.get_columns(table)}
+        missing = [why for column, why in newer.items() if column not in have]
+        if missing:
+            raise ConfigError(f"the database's {table} table is from an older version ({missing[0]}); "
                               "upgrade it as the README's 'Upgrading a database' says")
 
 
@@ -211,6 +228,8 @@ class Applied:
     changed: list[dict[str, Any]] = field(default_factory=list)
     previous: list[dict[str, Any] | None] = field(default_factory=list)
     runs: set[str] = field(default_factory=set)
+    # Rows whose kept result did not change but that now count another paid answer: (row after, row before).
+    extra: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
     def record(self, new: dict[str, Any], old: dict[str, Any] | None) -> None:
         self.changed.append(new)
@@ -221,6 +240,7 @@ class Applied:
         self.changed += other.changed
         self.previous += other.previous
         self.runs |= other.runs
+        self.extra += other.extra
 
 
 def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
@@ -230,24 +250,73 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     (``retry-failed``). Within the batch, the last outcome for a row wins the same way. A row only counts if its
     INSERT or UPDATE really happened; one that another writer got to first is looked at again.
     """
-    incoming = _latest_per_row(batch)
+    ledger = _Ledger()
+    incoming = _latest_per_row(batch, ledger)
     hold_runs(conn, (run_id for run_id, _ in incoming))
     applied = Applied()
     for _ in range(_ROUNDS):
         if not incoming:
             break
-        incoming = _apply(conn, incoming, applied)
+        incoming = _apply(conn, incoming, applied, ledger)
     if incoming:
         raise RuntimeError(f"{len(incoming)} results changed under this writer {_ROUNDS} times running")
+    _count_other_answers(conn, ledger, applied)
     _move_totals(conn, applied)
     return applied
+
+
+@dataclass
+class _Ledger:
+    """Answers of a batch other than the ones rows keep: ``superseded`` ones (their spend is merged into the row
+    that replaced them) and ``others`` (paid answers to rows that keep another result: counted once each)."""
+
+    superseded: dict[str, str] = field(default_factory=dict)      # result_id -> run_id
+    others: list[dict[str, Any]] = field(default_factory=list)
+
+    def replaced(self, old: dict[str, Any]) -> None:
+        if old.get("result_id"):
+            self.superseded[old["result_id"]] = old["run_id"]
+
+    def kept_another(self, row: dict[str, Any], kept: dict[str, Any]) -> None:
+        if row["result_id"] and row["result_id"] != kept.get("result_id") and _spent(row):
+            self.others.append(row)
+
+
+def _spent(row: dict[str, Any]) -> bool:
+    return bool(row["attempts"] or row["cost_nano"] or row["input_tokens"] or row["output_tokens"])
+
+
+def _count_other_answers(conn: Connection, ledger: _Ledger, applied: Applied) -> None:
+    """Record superseded answers, and add each paid answer a row does not keep to that row and its run, once:
+    a resumed or duplicated chunk's second paid success is spend too (SQL then equals the budget in Redis)."""
+    known = [{"result_id": rid, "run_id": run_id} for rid, run_id in ledger.superseded.items()]
+    if known:
+        conn.execute(_insert(conn, counted_answers).on_conflict_do_nothing(index_elements=["result_id"]), known)
+    for row in ledger.others:
+        current = _existing(conn, [(row["run_id"], row["row_key"])]).get((row["run_id"], row["row_key"]))
+        if current is None or not current["result_id"] or current["result_id"] == row["result_id"]:
+            continue  # a row from before answer ids, or a redelivery of the answer it keeps
+        insert = (_insert(conn, counted_answers).values(result_id=row["result_id"], run_id=row["run_id"])
+                  .on_conflict_do_nothing(index_elements=["result_id"]).returning(counted_answers.c.result_id))
+        if conn.execute(insert).first() is None:
+            continue  # counted before: a redelivered entry
+        merged = {**_with_spending_of(current, row), **{c: current[c] for c in _KEPT}}
+        conn.execute(update(results).where(results.c.id == current["id"])
+                     .values(**{c: merged[c] for c in (*_SPENDING, "cost_nano", "calls")}))
+        applied.extra.append((merged, current))
+        applied.runs.add(row["run_id"])
+
+
+# What a row keeps of its own result when another answer's spend is added to it.
+_KEPT = ("status", "answer", "parsed", "error", "provider", "model", "prompt_hash", "input", "latency_ms",
+         "cached", "finished_at", "generation", "result_id", "row_index")
 
 
 _ROUNDS = 3
 
 
-def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]],
-           applied: Applied) -> dict[tuple[str, str], dict[str, Any]]:
+def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], applied: Applied,
+           ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
     """One round of upserts. Returns the rows whose write did not take (changed since they were read)."""
     existing = _existing(conn, incoming.keys())
     fresh = [row for key, row in incoming.items() if key not in existing]
@@ -262,10 +331,12 @@ def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]],
     for key, old in existing.items():
         row = incoming[key]
         if not _replaces(row, old):
+            ledger.kept_another(row, old)
             continue
         merged = _with_spending_of(old, row)
         if _update_unchanged(conn, merged, old):
             applied.record(merged, old)
+            ledger.replaced(old)
         else:
             missed[key] = row
     return missed
@@ -286,11 +357,15 @@ def _update_unchanged(conn: Connection, row: dict[str, Any], old: dict[str, Any]
                                               c.finished_at == old["finished_at"]).values(**row)).rowcount == 1
 
 
-def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before: float) -> int:
-    """Failed rows that retry-failed sent again (at ``before``) count as pending until their new result comes.
-    A result newer than the retry is that new result: a redelivered event must not reopen it."""
-    reopened = conn.execute(update(results).where(results.c.run_id == run_id, results.c.row_key.in_(row_keys),
-                                                  results.c.status == FAILED, results.c.finished_at < before)
+def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before: float,
+                  generation: int | None = None) -> int:
+    """Failed rows that retry-failed sent again (as retry ``generation``) count as pending until their new
+    result comes. A result of that generation is that new result: a redelivered event must not reopen it. (An
+    event from an older version has only its CLI host's time, ``before``.)"""
+    c = results.c
+    newer = c.finished_at < before if generation is None else c.generation < generation
+    reopened = conn.execute(update(results).where(c.run_id == run_id, c.row_key.in_(row_keys),
+                                                  c.status == FAILED, newer)
                             .values(status=RETRYING)).rowcount
     if reopened:
         conn.execute(update(runs).where(runs.c.run_id == run_id)
@@ -299,12 +374,18 @@ def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before
 
 
 def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """A success is final; otherwise a success wins, then the later retry generation (a number every host
+    shares, where clocks are not), then, within one generation (a chunk's own retries), the later finish."""
     if old["status"] == SUCCEEDED:
         return False
-    return new["status"] == SUCCEEDED or new["finished_at"] > old["finished_at"]
+    if new["status"] == SUCCEEDED:
+        return True
+    if new["generation"] != old["generation"]:
+        return new["generation"] > old["generation"]
+    return new["finished_at"] > old["finished_at"]
 
 
-def _latest_per_row(batch: Sequence[Result]) -> dict[tuple[str, str], dict[str, Any]]:
+def _latest_per_row(batch: Sequence[Result], ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for item in batch:
         row = {c: getattr(item, c) for c in RESULT_COLUMNS}
@@ -316,6 +397,9 @@ def _latest_per_row(batch: Sequence[Result]) -> dict[tuple[str, str], dict[str, 
             latest[key] = row
         elif _replaces(row, kept):
             latest[key] = _with_spending_of(kept, row)
+            ledger.replaced(kept)
+        else:
+            ledger.kept_another(row, kept)
     return latest
 
 
@@ -337,7 +421,7 @@ def storable(value: Any) -> Any:
 
 
 # What a row's calls consumed: a newer result for the row (retry-failed) adds to it instead of replacing it.
-_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens")
+_SPENDING = ("attempts", "timeouts", "rate_limited", "input_tokens", "output_tokens", "usage_estimated")
 
 
 def _with_spending_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +454,7 @@ def _existing(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[s
 def _move_totals(conn: Connection, applied: Applied) -> None:
     deltas: dict[str, dict[str, float]] = {}
     bounds: dict[str, list[float]] = {}
-    for new, old in zip(applied.changed, applied.previous):
+    for new, old in [*zip(applied.changed, applied.previous), *applied.extra]:
         delta = deltas.setdefault(new["run_id"], dict.fromkeys(_TOTALS, 0))
         for column, contribution in _TOTALS.items():
             delta[column] += contribution(new) - (contribution(old) if old else 0)

@@ -49,6 +49,7 @@ class Config:
     fail_next: list[Instruction] = field(default_factory=list)
     rules: list[dict[str, Any]] = field(default_factory=list)     # {"match", "action", "times": N | None}
     answers: list[dict[str, str]] = field(default_factory=list)   # {"match", "content"}
+    usage: bool = True                  # False: answers carry no "usage" (some OpenAI-compatible servers)
 
 
 class Bucket:
@@ -333,6 +334,8 @@ class FakeProvider:
                 stats.by_status[200] += 1
             payload = (_openai_body if style == "openai" else _anthropic_body)(
                 body.get("model", "unknown"), content, prompt_tokens, _tokens(content), finish)
+            if not config.usage:
+                del payload["usage"]
             return web.json_response(payload, headers=headers)
         finally:
             with self._lock:

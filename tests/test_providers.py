@@ -292,7 +292,7 @@ def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, 
         target = Target(ModelTarget("flaky", "m"), Flaky(), SharedRateLimiter(client, "flaky:m", rpm=None, tpm=None))
         policy = RetryPolicy(max_timeout_attempts=2, backoff_base=0.01, call_deadline=0.2)
         answerer = RowAnswerer(config, [target], policy=policy, prices=PriceTable.load(),
-                               budget=RunBudget(client, "rtest", None), cache=None)
+                               budget=RunBudget(client, "rtest", None, hold_seconds=60), cache=None)
         try:
             return await asyncio.gather(*(answerer.answer(Row(str(i), i, {"text": t}))
                                           for i, t in enumerate(["fine", "boom", "fine too", "stall"])))

@@ -5,7 +5,7 @@ from typing import Any
 
 import anthropic
 
-from .base import ProviderRequest, ProviderResponse, rate_limit_state
+from .base import ProviderRequest, ProviderResponse, rate_limit_state, usage_counts
 from .sdk_errors import translate
 from .wire import SdkWire
 
@@ -20,13 +20,14 @@ class AnthropicProvider:
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
             message, headers = await self._wire.post_json("/v1/messages", self._arguments(request))
-            usage = message.get("usage") or {}
+            input_tokens, output_tokens, reported = usage_counts(message.get("usage"), "input_tokens", "output_tokens")
             return ProviderResponse(
                 text="".join(block["text"] for block in message["content"] if block.get("type") == "text"),
-                input_tokens=int(usage.get("input_tokens") or 0),
-                output_tokens=int(usage.get("output_tokens") or 0),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
                 model=message.get("model") or request.model,
                 rate_limit=rate_limit_state(headers, style="anthropic"),
+                usage_reported=reported,
             )
         except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
             raise translate(exc, anthropic, self.name) from None

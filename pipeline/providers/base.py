@@ -37,6 +37,18 @@ class ProviderResponse:
     output_tokens: int
     model: str
     rate_limit: RateLimitState | None = None
+    usage_reported: bool = True  # False: the provider sent no usage (tokens 0); the caller bills an estimate
+
+
+def usage_counts(usage: Any, input_name: str, output_name: str) -> tuple[int, int, bool]:
+    """(input tokens, output tokens, reported) from a response's usage object; a missing or partial one (an
+    OpenAI-compatible server that omits it) is not reported, never zero tokens."""
+    if not isinstance(usage, Mapping):
+        return 0, 0, False
+    counts = usage.get(input_name), usage.get(output_name)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return 0, 0, False
+    return counts[0], counts[1], True
 
 
 class Provider(Protocol):

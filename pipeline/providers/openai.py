@@ -6,7 +6,7 @@ from typing import Any
 
 import openai
 
-from .base import ProviderRequest, ProviderResponse, rate_limit_state
+from .base import ProviderRequest, ProviderResponse, rate_limit_state, usage_counts
 from .sdk_errors import translate
 from .wire import SdkWire
 
@@ -23,13 +23,14 @@ class OpenAIProvider:
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
             completion, headers = await self._wire.post_json("/chat/completions", self._arguments(request))
-            usage = completion.get("usage") or {}
+            input_tokens, output_tokens, reported = usage_counts(completion.get("usage"), "prompt_tokens", "completion_tokens")
             return ProviderResponse(
                 text=completion["choices"][0]["message"].get("content") or "",
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
                 model=completion.get("model") or request.model,
                 rate_limit=rate_limit_state(headers, style="openai"),
+                usage_reported=reported,
             )
         except Exception as exc:  # every failure, an odd response shape included, leaves as a typed error
             raise translate(exc, openai, self.name) from None
