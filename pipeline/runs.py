@@ -71,6 +71,7 @@ class RunRequest:
     tpm: int | None = None
     name: str | None = None
     idempotency_key: str | None = None
+    owner: str | None = None  # a web user's name: the run is theirs alone (its id and idempotency key too)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
     what that submit did not get to, e.g. because it was killed half-way; usually nothing.
     """
     if request.idempotency_key:
-        known = connection.get(idempotency_key(request.idempotency_key))
+        known = connection.get(idempotency_key(request.idempotency_key, request.owner))
         if known is not None:
             config = load_config(connection, known.decode())
             finished = connection.exists(submitted_key(config.run_id))
@@ -133,7 +134,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         else:
             handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
         if request.idempotency_key:
-            connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
+            connection.set(idempotency_key(request.idempotency_key, request.owner), config.run_id, nx=True)
         report = _finish_enqueue(connection, settings, config, dataset, existing, spool)
     finally:
         spool.close()
@@ -192,10 +193,10 @@ def validate(settings: Settings, request: RunRequest, progress: Callable[[int], 
         chunk_size=chunk_size, total_rows=summary.rows, total_chunks=-(-summary.rows // chunk_size),
         max_cost=request.max_cost, price_in=request.price_in, price_out=request.price_out,
         use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
-        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(),
+        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(), owner=request.owner,
     )
     identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")
-                and not (k in ("price_in", "price_out") and v is None)}  # the ids of runs before these options
+                and not (k in ("price_in", "price_out", "owner") and v is None)}  # ids of runs before these options
     config.run_id = "r" + stable_hash(identity)[:15]
     return config
 
@@ -435,5 +436,5 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str) -> dict[str
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost, "note": note,
+        "max_cost": config.max_cost, "note": note, "owner": config.owner,
     }
