@@ -205,6 +205,23 @@ def test_health_metrics_access_log_and_create_user_command(web, tmp_path):
         in metrics
 
 
+def test_pages_forms_need_the_csrf_token_and_login_redirects_stay_on_site(web, tmp_path):
+    web.add_user("alice")
+    web.login("alice")
+    run_id = upload(web, "alice", write(tmp_path / "d.csv", ROWS[:2])).json()["run_id"]
+    session = requests.Session()
+    page = session.post(f"{web.url}/login", data={"username": "alice", "password": PASSWORD,
+                                                  "next": "//evil.example/"}, allow_redirects=False, timeout=10)
+    assert page.status_code == 302 and page.headers["Location"] == "/"
+    forged = session.post(f"{web.url}/runs/{run_id}/cancel", allow_redirects=False, timeout=10)
+    assert forged.status_code in (302, 401) and "/login" in forged.headers.get("Location", "/login")
+    assert web.get("alice", f"/api/v1/runs/{run_id}").json()["status"] != "cancelled"
+    token = session.cookies["csrf_access_token"]
+    done = session.post(f"{web.url}/runs/{run_id}/cancel", data={"csrf_token": token}, allow_redirects=False,
+                        timeout=10)
+    assert done.status_code == 302 and web.get("alice", f"/api/v1/runs/{run_id}").json()["status"] == "cancelled"
+
+
 def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(web, tmp_path):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
@@ -218,19 +235,23 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(web, 
     schema = schemathesis.openapi.from_url(f"{web.url}/openapi.json")
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     calls: list[int] = []
+    seen: dict[str, set[int]] = {}
     for operation in schema.get_all_operations():
         operation = operation.ok()
+        if operation.path == "/api/v1/auth/logout":  # would revoke the token the other calls use
+            continue
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+        @settings(max_examples=8, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
         def fuzz(case) -> None:
             if case.path_parameters and "run_id" in case.path_parameters and len(calls) % 2:
                 case.path_parameters["run_id"] = known  # half the calls on a real run
             response = case.call(base_url=web.url, headers=web.auth("alice"), timeout=30)
             calls.append(response.status_code)
+            seen.setdefault(operation.label, set()).add(response.status_code)
             case.validate_response(response, checks=checks)
 
         fuzz()
-    print(f"schemathesis: {len(calls)} calls, statuses {sorted(set(calls))}")
+    print(f"schemathesis: {len(calls)} calls", {label: sorted(codes) for label, codes in seen.items()})
     assert len(calls) >= 60 and not [s for s in calls if s >= 500]

@@ -9,9 +9,11 @@ from flask import Response, send_file
 from flask_jwt_extended import current_user, jwt_required
 from flask_limiter import Limiter
 
+from pipeline import users
+
 from . import actions
 from .auth import API_AUTH, caller_key
-from .schemas import ActionOut, PageQuery, ResultsQuery, ResumeIn, RunOut, RunsPage, SubmitIn, SubmitOut
+from .schemas import ActionOut, PageQuery, ResultsQuery, ResumeIn, RunDetail, RunsPage, SubmitIn, SubmitOut
 
 RESULT_CONTENT = {mimetype: {"schema": {"type": "string", "format": "binary"}}
                   for mimetype in actions.MIMETYPES.values()}
@@ -46,12 +48,12 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
 
     @bp.get("/runs/<string:run_id>")
     @jwt_required(locations=["headers"])
-    @bp.output(RunOut)
+    @bp.output(RunDetail)
     @bp.doc(summary="A run's status", description="Counts, tokens, cost and timings.", responses=[401, 404],
             **API_AUTH)
     def get_run(run_id: str) -> dict[str, Any]:
         info = actions.visible_status(services, current_user, run_id)
-        return {**info, "filename": None}
+        return {**info, "filename": users.run_filenames(services.engine, [run_id]).get(run_id)}
 
     @bp.get("/runs/<string:run_id>/results")
     @jwt_required(locations=["headers"])

@@ -92,6 +92,10 @@ class RunOut(Schema):
     note = String(allow_none=True)
 
 
+class RunDetail(RunOut):
+    """One run (its own class: APIFlask would register RunOut twice, once nested in RunsPage)."""
+
+
 class RunsPage(Schema):
     items = List(Nested(RunOut), required=True)
     page = Integer(required=True)

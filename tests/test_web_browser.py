@@ -1,0 +1,113 @@
+"""The page set in a real browser: Debian's Chromium, headless, driven by Selenium through chromedriver.
+
+Steps: log in; upload examples/reviews.csv with examples/sentiment.j2 and an id column; the runs page shows
+the run; burst workers and a burst collector finish it while the page reloads itself; the row reads
+completed with every row succeeded; the CSV download link gives the file `enqueue.py export` writes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.export import export_run
+
+from .conftest import ROOT
+from .webserver import make_web, web  # noqa: F401  (fixtures)
+
+DATASET = ROOT / "examples" / "reviews.csv"
+TEMPLATE = ROOT / "examples" / "sentiment.j2"
+
+
+def browser_paths() -> tuple[str, str]:
+    """Chromium and chromedriver. Missing: a skip on a developer's machine, a failure in CI (which installs
+    the Debian packages chromium and chromium-driver in .ci/run)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium / chromedriver not installed (CI installs chromium and chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    return chromium, driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium, driver = browser_paths()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    session = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    session.downloads = downloads
+    try:
+        yield session
+    finally:
+        session.quit()
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    web.add_user("dana")
+    browser.get(f"{web.url}/")  # not logged in: the login page
+    assert "/login" in browser.current_url
+    browser.find_element(By.ID, "username").send_keys("dana")
+    browser.find_element(By.ID, "password").send_keys("correct horse battery")
+    browser.find_element(By.ID, "login").click()
+    wait_for(lambda: browser.find_elements(By.ID, "user"), what="the runs page")
+    assert browser.find_element(By.ID, "user").text == "dana"
+    assert "No runs yet." in browser.find_element(By.ID, "runs").text
+
+    browser.find_element(By.ID, "file").send_keys(str(DATASET))
+    browser.find_element(By.ID, "template").send_keys(TEMPLATE.read_text(encoding="utf-8"))
+    browser.find_element(By.ID, "id_column").send_keys("id")
+    browser.find_element(By.ID, "submit").click()
+    message = wait_for(lambda: browser.find_elements(By.ID, "message-1"), what="the submit message")[0].text
+    assert message.startswith("Run r") and "300 rows" in message, message
+    run_id = message.split()[1].rstrip(":")
+    row = browser.find_element(By.ID, f"run-{run_id}")
+    assert row.find_element(By.CLASS_NAME, "total").text == "300"
+    assert row.find_element(By.CLASS_NAME, "status").text in ("submitted", "running")
+    assert row.find_elements(By.CLASS_NAME, "cancel")  # a going run offers cancel
+
+    web.finish(run_id)  # burst workers and collector; the page reloads itself every 2 s meanwhile
+
+    def completed_row():
+        rows = browser.find_elements(By.ID, f"run-{run_id}")
+        return rows and rows[0].find_element(By.CLASS_NAME, "status").text == "completed" and rows[0]
+    row = wait_for(completed_row, what="the run to show as completed")
+    assert row.find_element(By.CLASS_NAME, "succeeded").text == "300"
+    assert row.find_element(By.CLASS_NAME, "pending").text == "0"
+    assert float(row.find_element(By.CLASS_NAME, "cost").text) > 0
+    assert row.find_element(By.CLASS_NAME, "file").text == "reviews.csv"
+    assert row.find_elements(By.CLASS_NAME, "resume") and not row.find_elements(By.CLASS_NAME, "cancel")
+
+    row.find_element(By.CLASS_NAME, "download-csv").click()
+    downloaded = wait_for(lambda: [p for p in browser.downloads.iterdir() if p.suffix == ".csv"],
+                          what="the CSV download")[0]
+    expected = tmp_path / "cli.csv"
+    export_run(web.pipeline.engine, run_id, "csv", expected)
+    wait_for(lambda: downloaded.stat().st_size == expected.stat().st_size, what="the download to complete")
+    assert downloaded.read_bytes() == expected.read_bytes()
+    assert downloaded.read_text(encoding="utf-8").count("\nrev-") == 300
