@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     dashboard_user: str = "admin"
     dashboard_password: SecretStr | None = Field(None, description="Basic-auth password of the queue dashboard; "
                                                  "the dashboard refuses to start without one.")
+    web_host: str = Field("127.0.0.1", description="Address the web API and pages bind to (gunicorn).")
+    web_port: int = Field(8000, ge=1)
+    web_threads: int = Field(8, ge=1, description="Threads of the web's one gunicorn worker process.")
     web_secret_key: SecretStr | None = Field(None, description="Signs the web API's JWTs; the web process "
                                              "refuses to start without one (32+ characters).")
     web_access_token_seconds: int = Field(900, ge=1, description="Lifetime of a web access token.")

@@ -9,9 +9,7 @@ import logging
 import re
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import requests
 from click.testing import CliRunner
 
@@ -197,7 +195,8 @@ def test_health_metrics_access_log_and_create_user_command(web, tmp_path):
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     entry = next(e for e in lines if e["path"] == "/api/v1/runs/rnope")
     assert entry["route"] == "/api/v1/runs/<string:run_id>" and entry["status"] == 404
-    assert entry["role"] == "web" and entry["duration_ms"] >= 0 and "Bearer" not in json.dumps(lines)
+    assert entry["role"] == "web" and entry["duration_ms"] >= 0 and entry["user"] == "carol"
+    assert "Bearer" not in json.dumps(lines)
     metrics = web.get(None, "/metrics").text
     assert ('web_http_requests_total{method="GET",route="/api/v1/runs/<string:run_id>",status="404"} 1.0'
             in metrics)

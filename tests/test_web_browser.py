@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -76,7 +75,8 @@ def read_row(browser, run_id: str) -> dict[str, str] | None:
         rows = browser.find_elements(By.ID, f"run-{run_id}")
         if not rows:
             return None
-        cells = {cell.get_attribute("class").split()[-1]: cell.text for cell in rows[0].find_elements(By.TAG_NAME, "td")}
+        cells = {cell.get_attribute("class").split()[-1]: cell.text
+                 for cell in rows[0].find_elements(By.TAG_NAME, "td")}
         for name in ("cancel", "resume", "retry", "download-csv"):
             cells[name] = bool(rows[0].find_elements(By.CLASS_NAME, name))
         return cells

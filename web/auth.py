@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 from apiflask import APIBlueprint
-from flask import Flask, current_app, redirect, request, url_for
+from flask import Flask, current_app, g, redirect, request, url_for
 from flask_jwt_extended import (JWTManager, create_access_token, create_refresh_token, current_user,
                                 decode_token, get_jwt, get_jwt_identity, jwt_required, verify_jwt_in_request)
 from flask_limiter import Limiter
@@ -42,6 +42,7 @@ def setup_jwt(app: Flask, connection: redis.Redis, engine: Engine) -> JWTManager
     @jwt.user_lookup_loader
     def load_user(_header: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
         user = users.find_user(engine, payload["sub"])
+        g.user_name = payload["sub"]  # for the access log
         return None if user is None or user["disabled"] else user
 
     def refused(reason: str):

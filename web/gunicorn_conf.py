@@ -4,12 +4,13 @@ One worker process with threads: the request metrics live in that process's regi
 uploads and downloads wait on I/O, and submits validate in C libraries (pyarrow) that release the GIL. Run
 more web processes behind the proxy for more capacity.
 """
-import os
+from pipeline.settings import load_settings
 
-bind = f"{os.environ.get('WEB_HOST', '127.0.0.1')}:{os.environ.get('WEB_PORT', '8000')}"
+_settings = load_settings()
+bind = f"{_settings.web_host}:{_settings.web_port}"
 workers = 1
 worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "8"))
+threads = _settings.web_threads
 timeout = 300          # a large upload is validated within its request
 graceful_timeout = 30
 accesslog = None       # web.observe writes one JSON access line per request

@@ -11,8 +11,8 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, send_file, url_for
-from flask_jwt_extended import (create_access_token, current_user, get_csrf_token, get_jwt, jwt_required, set_access_cookies,
-                                set_refresh_cookies, unset_jwt_cookies, verify_jwt_in_request)
+from flask_jwt_extended import (create_access_token, current_user, get_csrf_token, get_jwt, jwt_required,
+                                set_access_cookies, set_refresh_cookies, unset_jwt_cookies, verify_jwt_in_request)
 from flask_limiter import Limiter
 from marshmallow import ValidationError
 
