@@ -122,6 +122,8 @@ def test_bad_uploads_are_problems_naming_the_row_and_nothing_is_enqueued(web, tm
     assert str(web.pipeline.settings.data_dir) not in body["detail"]  # the stored path is not shown
     missing = is_problem(upload(web, "alice", duplicate, template="{{ nope }}"), 422)
     assert "nope" in missing["detail"]
+    bomb = is_problem(upload(web, "alice", duplicate, template='{{ "x" * 400000000 }}'), 422)
+    assert "1,000,000" in bomb["detail"] or "1000000" in bomb["detail"], bomb  # the CLI's sandbox limit
     no_file = is_problem(web.post("alice", "/api/v1/runs", data={"template": "x"}), 422)
     assert "'file'" in no_file["detail"] and no_file["errors"]
     binary = tmp_path / "bin.csv"
@@ -143,6 +145,24 @@ def test_bad_uploads_are_problems_naming_the_row_and_nothing_is_enqueued(web, tm
     assert not (tmp_path / "etc").exists() and not (uploads.parent.parent / "etc").exists()
     listed = web.get("alice", "/api/v1/runs").json()["items"]
     assert listed[0]["filename"] == "passwd.csv"
+
+
+def test_admins_see_every_run_and_users_only_their_own(web, tmp_path):
+    web.add_user("alice")
+    web.add_user("root", admin=True)
+    web.login("alice")
+    web.login("root")
+    dataset = write(tmp_path / "d.csv", ROWS[:3])
+    alices = upload(web, "alice", dataset).json()["run_id"]
+    from_cli = web.pipeline.submit(dataset, TEMPLATE, id_column="id").run_id  # no owner
+    web.pipeline.collect()  # the runs' rows in SQL
+    assert from_cli != alices
+    assert web.get("alice", f"/api/v1/runs/{from_cli}").status_code == 404
+    assert [r["run_id"] for r in web.get("alice", "/api/v1/runs").json()["items"]] == [alices]
+    assert web.get("root", f"/api/v1/runs/{from_cli}").status_code == 200
+    assert web.get("root", f"/api/v1/runs/{alices}").status_code == 200
+    assert {r["run_id"] for r in web.get("root", "/api/v1/runs").json()["items"]} == {alices, from_cli}
+    assert web.post("root", f"/api/v1/runs/{alices}/cancel").status_code == 200
 
 
 def test_body_size_rate_limits_and_cors(make_web, tmp_path):
