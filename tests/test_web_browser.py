@@ -2,7 +2,8 @@
 
 Steps: log in; upload examples/reviews.csv with examples/sentiment.j2 and an id column; the runs page shows
 the run; burst workers and a burst collector finish it while the page reloads itself; the row reads
-completed with every row succeeded; the CSV download link gives the file `enqueue.py export` writes.
+completed with every row succeeded; the CSV download link gives the file `enqueue.py export` writes; log out,
+and the page's token no longer opens the runs page.
 """
 from __future__ import annotations
 
@@ -124,3 +125,11 @@ def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web,
     wait_for(lambda: downloaded.stat().st_size == expected.stat().st_size, what="the download to complete")
     assert downloaded.read_bytes() == expected.read_bytes()
     assert downloaded.read_text(encoding="utf-8").count("\nrev-") == 300
+
+    token = browser.get_cookie("access_token_cookie")["value"]
+    browser.find_element(By.ID, "logout").click()
+    wait_for(lambda: "/login" in browser.current_url, what="the login page after logging out")
+    assert web.pipeline.redis.keys("web:revoked:*")  # the page's token is on the revocation list
+    import requests
+    again = requests.get(f"{web.url}/", cookies={"access_token_cookie": token}, allow_redirects=False, timeout=10)
+    assert again.status_code == 302 and "/login" in again.headers["Location"]

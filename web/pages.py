@@ -1,7 +1,7 @@
 """The page set for people: log in, upload a dataset with the run's settings, a runs table with live progress
 (a meta refresh while a run is going), download links, cancel / resume / retry-failed buttons.
 
-Server-rendered (Jinja2), no JavaScript. The session is the same JWTs as the API's, in HttpOnly cookies; every
+Server-rendered (Jinja2), no JavaScript. The session is an access JWT like the API's, in an HttpOnly cookie; every
 form carries Flask-JWT-Extended's CSRF token (double submit), checked before the view runs.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, send_file, url_for
 from flask_jwt_extended import (create_access_token, current_user, get_csrf_token, get_jwt, jwt_required,
-                                set_access_cookies, set_refresh_cookies, unset_jwt_cookies, verify_jwt_in_request)
+                                set_access_cookies, unset_jwt_cookies, verify_jwt_in_request)
 from flask_limiter import Limiter
 from marshmallow import ValidationError
 
@@ -43,8 +43,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
                                    next=_safe_next(request.form.get("next"))), 401
         tokens = issue_tokens(user)
         response = redirect(_safe_next(request.form.get("next")) or url_for("pages.runs_page"))
-        set_access_cookies(response, tokens["access_token"])
-        set_refresh_cookies(response, tokens["refresh_token"])
+        set_access_cookies(response, tokens["access_token"])  # no refresh cookie: an idle page's session ends
         return response
 
     @bp.post("/logout")
