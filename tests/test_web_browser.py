@@ -1,6 +1,6 @@
 """The page set in a real browser: Debian's Chromium, headless, driven by Selenium through chromedriver.
 
-Steps: log in; upload examples/reviews.csv with examples/sentiment.j2 and an id column; the runs page shows
+Steps: log in; a wrong file is refused with a message on the page; upload examples/reviews.csv with examples/sentiment.j2 and an id column; the runs page shows
 the run; burst workers and a burst collector finish it while the page reloads itself; the row reads
 completed with every row succeeded; the CSV download link gives the file `enqueue.py export` writes; log out,
 and the page's token no longer opens the runs page.
@@ -97,6 +97,13 @@ def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web,
     wait_for(lambda: browser.find_elements(By.ID, "user"), what="the runs page")
     assert browser.find_element(By.ID, "user").text == "dana"
     assert "No runs yet." in browser.find_element(By.ID, "runs").text
+
+    browser.find_element(By.ID, "file").send_keys(str(TEMPLATE))  # the wrong file: refused, said on the page
+    browser.find_element(By.ID, "template").send_keys("{{ review }}")
+    browser.find_element(By.ID, "submit").click()
+    refused = wait_for(lambda: browser.find_elements(By.ID, "message-1"), what="the refusal")[0].text
+    assert refused.startswith("Not submitted: sentiment.j2: unsupported file type '.j2'"), refused
+    assert web.pipeline.redis.keys("run:*") == []
 
     browser.find_element(By.ID, "file").send_keys(str(DATASET))
     browser.find_element(By.ID, "template").send_keys(TEMPLATE.read_text(encoding="utf-8"))

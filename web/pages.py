@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
+from apiflask import HTTPError
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, send_file, url_for
 from flask_jwt_extended import (create_access_token, current_user, get_csrf_token, get_jwt, jwt_required,
                                 set_access_cookies, unset_jwt_cookies, verify_jwt_in_request)
@@ -77,11 +78,8 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
             return redirect(url_for("pages.runs_page"))
         try:
             report = actions.submit_upload(services, current_user, fields["file"], fields)
-        except Exception as exc:  # a problem (HTTPError) is shown on the page, not as JSON
-            detail = getattr(exc, "detail", None)
-            if not isinstance(detail, str):
-                raise
-            flash(f"Not submitted: {detail}", "error")
+        except HTTPError as exc:  # a problem is shown on the page, not as JSON
+            flash(f"Not submitted: {exc.detail}", "error")
             return redirect(url_for("pages.runs_page"))
         flash(f"{'Existing run' if report.existing else 'Run'} {report.run_id}: {report.rows} rows, "
               f"{report.jobs_enqueued} jobs enqueued.", "info")
@@ -107,11 +105,8 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
                 n = actions.resume(services, current_user, run_id, None)
             else:
                 n = actions.retry_failed(services, current_user, run_id)
-        except Exception as exc:
-            detail = getattr(exc, "detail", None)
-            if not isinstance(detail, str):
-                raise
-            flash(f"{action}: {detail}", "error")
+        except HTTPError as exc:
+            flash(f"{action}: {exc.detail}", "error")
             return redirect(url_for("pages.runs_page"))
         flash(f"{action} {run_id}: {n} jobs.", "info")
         return redirect(url_for("pages.runs_page"))
