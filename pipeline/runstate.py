@@ -36,8 +36,8 @@ def submitted_key(run_id: str) -> str:
 
 
 def idempotency_key(key: str, owner: str | None = None) -> str:
-    """Keys are scoped by owner: one web user's key can never find another user's run."""
-    return f"runs:idempotency:{key}" if owner is None else f"runs:idempotency:@{owner}:{key}"
+    """Keys are scoped by owner: one web user's key can never find another user's run (nor a CLI run's key)."""
+    return f"runs:idempotency:{key}" if owner is None else f"runs:idempotency-of:{owner}:{key}"
 
 
 def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
