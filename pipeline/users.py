@@ -44,7 +44,7 @@ user_runs = Table(
     Column("created_at", Float, nullable=False),
 )
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_SECRET = 8
 _hasher = PasswordHasher()
 # Verifying a name that does not exist still costs one hash, so timing does not tell which names exist.
@@ -57,7 +57,7 @@ def prepare(engine: Engine) -> None:
 
 def create_user(engine: Engine, name: str, secret: str, *, admin: bool = False, client: bool = False) -> int:
     """Add a user (or an API client); ConfigError for a bad or taken name or a short secret."""
-    if not NAME.match(name or ""):
+    if not NAME.fullmatch(name or ""):
         raise ConfigError(f"user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
     if len(secret) < MIN_SECRET:
         raise ConfigError(f"the password must have at least {MIN_SECRET} characters")
@@ -73,7 +73,7 @@ def create_user(engine: Engine, name: str, secret: str, *, admin: bool = False, 
 
 def authenticate(engine: Engine, name: str, secret: str) -> dict[str, Any] | None:
     """The user if the name and secret match an enabled user, else None (same work either way)."""
-    user = find_user(engine, name)
+    user = find_user(engine, name) if NAME.fullmatch(name) else None
     try:
         _hasher.verify(user["secret_hash"] if user else _DUMMY_HASH, secret)
     except (VerificationError, InvalidHashError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pipeline.settings import Settings
 from .problems import problem
 from .uploads import display_name, store_upload
 
+RUN_ID = re.compile(r"r[0-9a-f]{15}")
 MIMETYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 
 
@@ -106,6 +108,8 @@ def _json_object(text: str | None, field: str) -> dict[str, Any]:
 
 def visible_status(services: Services, user: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The run's status (``runs.run_status``) if the user may see it; 404 otherwise."""
+    if not RUN_ID.fullmatch(run_id):  # what runs.validate makes; anything else never reaches Redis or SQL
+        raise not_found(run_id)
     try:
         info = runs.run_status(services.redis, services.engine, run_id)
     except RunNotFound:

@@ -6,6 +6,7 @@ the database on every request, so a disabled user's tokens stop working at once.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -75,7 +76,8 @@ def login_key() -> str:
     anywhere); ``login_address_key`` limits each address as well."""
     data = request.get_json(silent=True) if request.is_json else request.form
     name = data.get("username") if isinstance(data, dict) or hasattr(data, "get") else None
-    return f"login:{name if isinstance(name, str) else ''}"[:100]
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(name, str) else ""
+    return f"login:{digest}"  # any text the client sent, as a fixed-size key Redis can take
 
 
 def login_address_key() -> str:

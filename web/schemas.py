@@ -4,14 +4,30 @@ from __future__ import annotations
 from apiflask import Schema
 from apiflask.fields import Boolean, File, Float, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range
+from marshmallow import ValidationError
 
 PROVIDERS = ("fake", "openai", "anthropic", "compatible")
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
 
 
+def storable_text(value: str) -> None:
+    """No text the API takes may hold a NUL or a lone surrogate: PostgreSQL's text columns refuse the first
+    (Schemathesis found a 500 there), UTF-8 cannot encode the second."""
+    if "\x00" in value:
+        raise ValidationError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("must be valid Unicode text (no lone surrogates)") from None
+
+
+def text(low: int, high: int) -> list:
+    return [Length(low, high), storable_text]
+
+
 class LoginIn(Schema):
-    username = String(required=True, validate=Length(1, 64))
-    password = String(required=True, validate=Length(1, 1024))
+    username = String(required=True, validate=text(1, 64))
+    password = String(required=True, validate=text(1, 1024))
 
 
 class TokensOut(Schema):
@@ -28,23 +44,23 @@ class RefreshOut(Schema):
 
 
 class LogoutIn(Schema):
-    refresh_token = String(validate=Length(1, 4096), metadata={"description": "Revoke this refresh token too."})
+    refresh_token = String(validate=text(1, 4096), metadata={"description": "Revoke this refresh token too."})
 
 
 class SubmitIn(Schema):
     """The CLI's submit options, as form fields beside the uploaded file."""
 
     file = File(required=True, metadata={"description": "The dataset: .csv, .jsonl/.ndjson or .parquet/.pq."})
-    template = String(required=True, validate=Length(1, 100_000), metadata={"description": "Jinja2 template."})
+    template = String(required=True, validate=text(1, 100_000), metadata={"description": "Jinja2 template."})
     provider = String(load_default="fake", validate=OneOf(PROVIDERS))
-    model = String(validate=Length(1, 200))
-    system = String(validate=Length(0, 100_000))
+    model = String(validate=text(1, 200))
+    system = String(validate=text(0, 100_000))
     temperature = Float(validate=Range(0, 2))
     max_tokens = Integer(load_default=256, validate=Range(1, 1_000_000))
-    params = String(validate=Length(0, 100_000), metadata={"description": "A JSON object of provider parameters."})
-    json_schema = String(validate=Length(0, 100_000), metadata={"description": "A JSON schema for the answers."})
-    fallback = List(String(validate=Length(3, 300)), metadata={"description": "PROVIDER:MODEL, repeatable."})
-    id_column = String(validate=Length(1, 200))
+    params = String(validate=text(0, 100_000), metadata={"description": "A JSON object of provider parameters."})
+    json_schema = String(validate=text(0, 100_000), metadata={"description": "A JSON schema for the answers."})
+    fallback = List(String(validate=text(3, 300)), metadata={"description": "PROVIDER:MODEL, repeatable."})
+    id_column = String(validate=text(1, 200))
     chunk_size = Integer(validate=Range(1, 100_000))
     max_cost = Float(validate=Range(0, 1e9))
     price_in = Float(validate=Range(0, 1e9))
@@ -52,8 +68,8 @@ class SubmitIn(Schema):
     no_cache = Boolean(load_default=False)
     rpm = Integer(validate=Range(1, 100_000_000))
     tpm = Integer(validate=Range(1, 1_000_000_000))
-    name = String(validate=Length(1, 200))
-    idempotency_key = String(validate=Length(1, 200))
+    name = String(validate=text(1, 200))
+    idempotency_key = String(validate=text(1, 200))
 
 
 class SubmitOut(Schema):
