@@ -66,23 +66,37 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def read_row(browser, run_id: str) -> dict[str, str] | None:
-    """The run's row as text by cell class (buttons and links by presence), or None while the page reloads
-    (the runs page refreshes itself while a run is going)."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+READ_ROW = """
+const row = document.getElementById(arguments[0]);
+if (!row) return null;
+const cells = {};
+for (const td of row.querySelectorAll("td")) cells[td.classList[td.classList.length - 1]] = td.innerText;
+for (const name of ["cancel", "resume", "retry", "download-csv"]) cells[name] = !!row.querySelector("." + name);
+return cells;
+"""
+
+
+SUBMITTED = """
+const row = document.querySelector("tr.submitted");
+const message = document.getElementById("message-1");
+return row && {row: row.id, message: message && message.innerText};
+"""
+
+
+def script(browser, source: str, *args):
+    """Run a script that reads the page in one go, so that the page's own reload (every 2 s while a run is
+    going) cannot come between two reads; None while the page reloads."""
+    from selenium.common.exceptions import WebDriverException
 
     try:
-        rows = browser.find_elements(By.ID, f"run-{run_id}")
-        if not rows:
-            return None
-        cells = {cell.get_attribute("class").split()[-1]: cell.text
-                 for cell in rows[0].find_elements(By.TAG_NAME, "td")}
-        for name in ("cancel", "resume", "retry", "download-csv"):
-            cells[name] = bool(rows[0].find_elements(By.CLASS_NAME, name))
-        return cells
-    except StaleElementReferenceException:
+        return browser.execute_script(source, *args)
+    except WebDriverException:  # the document went away under the script
         return None
+
+
+def read_row(browser, run_id: str) -> dict[str, str] | None:
+    """The run's row as text by cell class, buttons and links by presence."""
+    return script(browser, READ_ROW, f"run-{run_id}")
 
 
 def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web, browser, tmp_path):
@@ -109,9 +123,10 @@ def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web,
     browser.find_element(By.ID, "template").send_keys(TEMPLATE.read_text(encoding="utf-8"))
     browser.find_element(By.ID, "id_column").send_keys("id")
     browser.find_element(By.ID, "submit").click()
-    message = wait_for(lambda: browser.find_elements(By.ID, "message-1"), what="the submit message")[0].text
-    assert message.startswith("Run r") and "300 rows" in message, message
-    run_id = message.split()[1].rstrip(":")
+    shown = wait_for(lambda: script(browser, SUBMITTED), what="the submitted run's row")
+    run_id = shown["row"].removeprefix("run-")
+    if shown["message"] is not None:  # the flashed message, unless the page's reload came first
+        assert shown["message"].startswith(f"Run {run_id}: 300 rows"), shown
     row = wait_for(lambda: read_row(browser, run_id), what="the run's row")
     assert row["total"] == "300" and row["file"] == "reviews.csv"
     assert row["status"] in ("submitted", "running") and row["cancel"]  # a going run offers cancel

@@ -64,7 +64,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
         return render_template("runs.html", listing=listing, user=current_user, formats=EXPORT_FORMATS,
                                providers=PROVIDERS, csrf_token=_csrf_token(),
                                refresh=REFRESH_SECONDS if going else None, final=store.FINAL_STATUSES,
-                               when=_when)
+                               when=_when, submitted=request.args.get("submitted"))
 
     @bp.post("/runs")
     @limiter.limit(submit_limit, key_func=caller_key)
@@ -83,7 +83,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
             return redirect(url_for("pages.runs_page"))
         flash(f"{'Existing run' if report.existing else 'Run'} {report.run_id}: {report.rows} rows, "
               f"{report.jobs_enqueued} jobs enqueued.", "info")
-        return redirect(url_for("pages.runs_page"))
+        return redirect(url_for("pages.runs_page", submitted=report.run_id))  # its row stays marked on reloads
 
     @bp.get("/runs/<run_id>/results")
     @jwt_required(locations=["cookies"])
