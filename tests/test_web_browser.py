@@ -1,9 +1,9 @@
 """The page set in a real browser: Debian's Chromium, headless, driven by Selenium through chromedriver.
 
-Steps: log in; a wrong file is refused with a message on the page; upload examples/reviews.csv with examples/sentiment.j2 and an id column; the runs page shows
-the run; burst workers and a burst collector finish it while the page reloads itself; the row reads
-completed with every row succeeded; the CSV download link gives the file `enqueue.py export` writes; log out,
-and the page's token no longer opens the runs page.
+Steps: log in; a wrong file is refused with a message on the page; upload examples/reviews.csv with
+examples/sentiment.j2 and an id column; the runs page shows the run; burst workers and a burst collector finish
+it while the page reloads itself; the row reads completed with every row succeeded; the CSV download link gives
+the file `enqueue.py export` writes; log out, and the page's token no longer opens the runs page.
 """
 from __future__ import annotations
 
