@@ -19,7 +19,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
-from pipeline import runs, store
+from pipeline import runs, store, users
 from pipeline.collector import Collector, serve_collector
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.estimate import Estimate
@@ -425,6 +425,24 @@ def retry_failed(ctx: Context, run_id: str) -> None:
     """Enqueue only the failed rows of a run again."""
     n = runs.retry_failed(ctx.redis, ctx.settings, ctx.engine, run_id)
     click.echo(f"run {run_id}: {n} jobs enqueued for failed rows")
+
+
+@cli.command("create-user")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--admin", is_flag=True, help="May see and act on every run, the CLI's included.")
+@click.option("--client", is_flag=True, help="An API client (a service) rather than a person.")
+@click.pass_obj
+@fails_cleanly
+def create_user(ctx: Context, name: str, password_stdin: bool, admin: bool, client: bool) -> None:
+    """Add a user (or API client) of the web API and pages; the password is asked for (or read from stdin)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    users.create_user(ctx.engine, name, password, admin=admin, client=client)
+    kind = "API client" if client else "admin" if admin else "user"
+    click.echo(f"created {kind} {name}")
 
 
 @cli.command()

@@ -60,7 +60,7 @@ def rebuild(connection: redis.Redis, engine: Engine, run_id: str) -> RunConfig:
     if config.max_cost is not None:
         connection.set(spend_key(run_id), row["cost_nano"])     # exact: both are nano-dollars
     if config.idempotency_key:
-        connection.set(idempotency_key(config.idempotency_key), run_id, nx=True)
+        connection.set(idempotency_key(config.idempotency_key, config.owner), run_id, nx=True)
     connection.set(config_key(run_id), json.dumps(config.to_dict()), nx=True)  # last: the run is whole now
     return load_config(connection, run_id)
 

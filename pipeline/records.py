@@ -84,6 +84,7 @@ class RunConfig:
     name: str | None = None
     idempotency_key: str | None = None
     created_at: float = 0.0
+    owner: str | None = None  # the web user who submitted it; None: the CLI, a runs file or the scheduler
 
     @property
     def targets(self) -> list[ModelTarget]:

@@ -72,6 +72,7 @@ class RunRequest:
     tpm: int | None = None
     name: str | None = None
     idempotency_key: str | None = None
+    owner: str | None = None  # a web user's name: the run is theirs alone (its id and idempotency key too)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
     that Redis lost but SQL has is rebuilt from SQL first: no row with a result there is asked again.
     """
     if request.idempotency_key:
-        known = connection.get(idempotency_key(request.idempotency_key))
+        known = connection.get(idempotency_key(request.idempotency_key, request.owner))
         if known is not None:
             config = load_config(connection, known.decode())
             finished = connection.exists(submitted_key(config.run_id))
@@ -139,7 +140,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         else:
             handoff.publish_event(connection, settings.result_stream, handoff.RUN, config.to_dict())
         if request.idempotency_key:
-            connection.set(idempotency_key(request.idempotency_key), config.run_id, nx=True)
+            connection.set(idempotency_key(request.idempotency_key, request.owner), config.run_id, nx=True)
         report = _finish_enqueue(connection, settings, config, dataset, existing, spool, progress)
     finally:
         spool.close()
@@ -204,10 +205,10 @@ def validate(settings: Settings, request: RunRequest, progress: ProgressCallback
         chunk_size=chunk_size, total_rows=summary.rows, total_chunks=-(-summary.rows // chunk_size),
         max_cost=request.max_cost, price_in=request.price_in, price_out=request.price_out,
         use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
-        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(),
+        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(), owner=request.owner,
     )
     identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")
-                and not (k in ("price_in", "price_out") and v is None)}  # the ids of runs before these options
+                and not (k in ("price_in", "price_out", "owner") and v is None)}  # ids of runs before these options
     config.run_id = "r" + stable_hash(identity)[:15]
     return config
 
@@ -467,5 +468,5 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str, queue_name:
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost, "workers": workers, "note": note,
+        "max_cost": config.max_cost, "workers": workers, "note": note, "owner": config.owner,
     }

@@ -35,8 +35,9 @@ def submitted_key(run_id: str) -> str:
     return f"run:{run_id}:submitted"
 
 
-def idempotency_key(key: str) -> str:
-    return f"runs:idempotency:{key}"
+def idempotency_key(key: str, owner: str | None = None) -> str:
+    """Keys are scoped by owner: one web user's key can never find another user's run (nor a CLI run's key)."""
+    return f"runs:idempotency:{key}" if owner is None else f"runs:idempotency-of:{owner}:{key}"
 
 
 def load_config(connection: redis.Redis, run_id: str) -> RunConfig:
@@ -56,10 +57,11 @@ def run_keys(connection: redis.Redis, run_id: str) -> list[str]:
     keys = [config_key(run_id), cancelled_key(run_id), generation_key(run_id), submitted_key(run_id),
             enqueued_key(run_id), done_key(run_id), spend_key(run_id), holds_key(run_id)]
     try:
-        key = load_config(connection, run_id).idempotency_key
+        config = load_config(connection, run_id)
+        key, owner = config.idempotency_key, config.owner
     except (RunNotFound, ValueError, TypeError):
-        key = None
-    return keys + ([idempotency_key(key)] if key else [])
+        key = owner = None
+    return keys + ([idempotency_key(key, owner)] if key else [])
 
 
 def expire_run(connection: redis.Redis, run_id: str, seconds: int) -> None:

@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     dashboard_user: str = "admin"
     dashboard_password: SecretStr | None = Field(None, description="Basic-auth password of the queue dashboard; "
                                                  "the dashboard refuses to start without one.")
+    web_host: str = Field("127.0.0.1", description="Address the web API and pages bind to (gunicorn).")
+    web_port: int = Field(8000, ge=1)
+    web_threads: int = Field(8, ge=1, description="Threads of the web's one gunicorn worker process.")
+    web_secret_key: SecretStr | None = Field(None, description="Signs the web API's JWTs; the web process "
+                                             "refuses to start without one (32+ characters).")
+    web_access_token_seconds: int = Field(900, ge=1, description="Lifetime of a web access token.")
+    web_refresh_token_seconds: int = Field(7 * 24 * 3600, ge=1, description="Lifetime of a web refresh token.")
+    web_max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest request body the web API takes.")
+    web_cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the API "
+                                        "from a browser (JSON list); none by default.")
+    web_submit_limit: str = Field("30/minute", description="Submits per user (Flask-Limiter notation).")
+    web_login_limit: str = Field("10/minute", description="Login attempts per user name and per address.")
+    web_cookie_secure: bool = Field(True, description="The page's session cookies are sent over HTTPS only.")
+    web_metrics_token: SecretStr | None = Field(None, description="Bearer token for the web's /metrics; unset: "
+                                                "only loopback clients may read it.")
     log_file: Path | None = Field(None, description="JSON log file (rotating, safe across processes).")
     log_level: str = "INFO"
     log_max_bytes: int = Field(20 * 1024 * 1024, ge=0, description="The JSON log file rotates at this size "
