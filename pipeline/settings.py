@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, description="RQ retries of a chunk job whose worker died or crashed.")
     job_monitoring_interval: int = Field(10, ge=1, description="Worker heartbeat period during a job (s).")
     worker_maintenance_interval: int = Field(30, ge=1, description="How often a worker looks for abandoned jobs.")
+    job_heartbeat_grace: int = Field(60, ge=1, description="Seconds a running chunk's heartbeat may be overdue "
+                                     "before another worker takes the chunk as abandoned (RQ's fixed 60 s).")
     worker_concurrency: int = Field(256, ge=1, description="Provider calls in flight per worker process, "
                                     "across all the chunks it runs at once.")
     max_row_bytes: int = Field(1_000_000, ge=1, description="A larger input row is rejected at submit.")
