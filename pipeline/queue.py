@@ -22,7 +22,6 @@ from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
-SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"  # the job a runs file's cron entry enqueues
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 
