@@ -130,6 +130,9 @@ def test_primary_killed_mid_run_fails_over_and_the_run_finishes_with_nothing_los
     promoted = connect(pipeline.settings)
     assert promoted.connection_pool.get_master_address()[1] == sentinel_set.replica_port
     promoted.close()
+    from dashboard import redis_url_of
+
+    assert redis_url_of(pipeline.settings) == f"redis://127.0.0.1:{sentinel_set.replica_port}"  # asked at start
     run = pipeline.run_row(report.run_id)
     results = pipeline.results(report.run_id)
     assert (run["rows_succeeded"], run["rows_failed"]) == (ROWS, 0)
@@ -147,3 +150,12 @@ def _status(pipeline, run_id: str) -> str | None:
     with pipeline.engine.connect() as conn:
         row = store.get_run(conn, run_id)
     return row["status"] if row else None
+
+
+def test_sentinel_addresses_are_parsed_and_a_malformed_one_is_a_one_line_error():
+    from pipeline.errors import ConfigError
+    from pipeline.queue import sentinel_addresses
+
+    assert sentinel_addresses("10.0.0.1:26379, [::1]:26380") == [("10.0.0.1", 26379), ("::1", 26380)]
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS: 'sentinel-b' is not host:port"):
+        sentinel_addresses("sentinel-a:26379,sentinel-b")
