@@ -9,7 +9,7 @@ from json.encoder import encode_basestring_ascii as json_text
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
-import redis.sentinel as sentinel
+from redis import sentinel
 from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry as RedisRetry

@@ -27,7 +27,7 @@ class NetnsUnavailable(RuntimeError):
 
 def ip(*args: str) -> str:
     try:
-        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=False)
     except FileNotFoundError as exc:
         raise NetnsUnavailable("iproute2's ip command is not installed") from exc
     if done.returncode != 0:
@@ -39,7 +39,7 @@ def ip(*args: str) -> str:
 class Host:
     name: str        # the namespace
     address: str     # its IPv4 address on the bridge
-    network: "Network"
+    network: Network
 
     def popen(self, command: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
               user: str | None = None) -> subprocess.Popen:
@@ -59,9 +59,6 @@ class Host:
     def cut_off(self) -> None:
         """Its link goes down: its processes live on, but reach nothing and nobody reaches them."""
         ip("-n", self.name, "link", "set", "eth0", "down")
-
-    def pids(self) -> list[int]:
-        return [int(p) for p in ip("netns", "pids", self.name).split()]
 
 
 @dataclass
@@ -113,12 +110,12 @@ class Network:
         for host in self.hosts.values():
             _kill_namespace(host.name)
         if self.root_link:
-            subprocess.run(["ip", "link", "del", self.root_link], capture_output=True)
+            subprocess.run(["ip", "link", "del", self.root_link], capture_output=True, check=False)
 
 
 def _kill_namespace(name: str) -> None:
     for _ in range(50):
-        done = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        done = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
         pids = [int(p) for p in done.stdout.split()]
         if not pids:
             break
@@ -128,12 +125,12 @@ def _kill_namespace(name: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def remove_leftovers() -> None:
     """Namespaces of earlier runs whose test process is gone (killed before its cleanup ran)."""
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if not name.startswith(PREFIX):
@@ -144,7 +141,7 @@ def remove_leftovers() -> None:
 
 
 def _free_subnet() -> str:
-    taken = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    taken = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False).stdout
     for _ in range(100):
         subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
         if f" {subnet}." not in taken:
@@ -153,8 +150,7 @@ def _free_subnet() -> str:
 
 
 def make_network() -> Network:
-    """An empty network; the first ``add_host`` is its hub. Raises NetnsUnavailable when namespaces cannot be
-    made; whatever was made before a failure is removed."""
+    """An empty network; the first ``add_host`` is its hub (``add_host`` raises NetnsUnavailable when namespaces
+    cannot be made). Call ``remove`` in a ``finally``: it removes whatever was made."""
     remove_leftovers()
-    network = Network(tag=f"{os.getpid()}x{secrets.token_hex(2)}", subnet=_free_subnet())
-    return network
+    return Network(tag=f"{os.getpid()}x{secrets.token_hex(2)}", subnet=_free_subnet())

@@ -94,7 +94,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         db.python(["-m", "tests.fakeprovider", "--host", db.address, "--port", "8000", "--latency", str(LATENCY)],
                   env=dict(os.environ, PYTHONPATH=str(hosts.ROOT)), log=logs / "provider.log")
         for port, what in ((6379, "Redis"), (5432, "PostgreSQL"), (8000, "the provider")):
-            wait_for(lambda: _answers(db.address, port), 30, f"{what} on the db host", interval=0.1)
+            wait_for(lambda port=port: _answers(db.address, port), 30, f"{what} on the db host", interval=0.1)
         yield Cluster(db, workers, collector, f"http://{db.address}:8000", logs)
     finally:
         network.remove()
