@@ -84,8 +84,7 @@ def _primary_kwargs(settings: Settings) -> dict:
     if not settings.redis_url:
         return {}
     parsed = redis.connection.parse_url(settings.redis_url)
-    kwargs = {k: parsed[k] for k in ("db", "username", "password") if parsed.get(k) is not None}
-    return kwargs
+    return {k: parsed[k] for k in ("db", "username", "password") if parsed.get(k) is not None}
 
 
 def _tls(settings: Settings) -> bool:

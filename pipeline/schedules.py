@@ -36,6 +36,7 @@ from .userfiles import read_text
 
 log = logging.getLogger("pipeline.schedule")
 
+
 @dataclass(frozen=True)
 class NamedRun:
     name: str

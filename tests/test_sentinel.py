@@ -154,8 +154,11 @@ def _status(pipeline, run_id: str) -> str | None:
 
 def test_sentinel_addresses_are_parsed_and_a_malformed_one_is_a_one_line_error():
     from pipeline.errors import ConfigError
-    from pipeline.queue import sentinel_addresses
+    from pipeline.queue import _primary_kwargs, sentinel_addresses
+    from pipeline.settings import Settings
 
     assert sentinel_addresses("10.0.0.1:26379, [::1]:26380") == [("10.0.0.1", 26379), ("::1", 26380)]
+    settings = Settings(_env_file=None, redis_sentinels="s:26379", redis_url="redis://app:secret@ignored:1/3")
+    assert _primary_kwargs(settings) == {"db": 3, "username": "app", "password": "secret"}  # the host is not used
     with pytest.raises(ConfigError, match="REDIS_SENTINELS: 'sentinel-b' is not host:port"):
         sentinel_addresses("sentinel-a:26379,sentinel-b")
