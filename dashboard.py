@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import Flask, Response, request
 from rq import Worker
@@ -79,10 +80,18 @@ def _basic_auth(user: str, password: str):
 
 
 def redis_url_of(settings: Any) -> str:
-    """REDIS_URL, or a unix-socket URL of the embedded server that the other processes share under DATA_DIR."""
+    """The primary the sentinels name (asked once, at start: restart the dashboard after a failover), REDIS_URL,
+    or a unix-socket URL of the embedded server that the other processes share under DATA_DIR."""
+    from pipeline.queue import connect
+
+    if settings.redis_sentinels:
+        host, port = connect(settings).connection_pool.get_master_address()
+        parts = urlsplit(settings.redis_url or "redis://")
+        credentials = parts.netloc.rpartition("@")[0]
+        return urlunsplit((parts.scheme, f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}",
+                           parts.path, parts.query, ""))
     if settings.redis_url:
         return settings.redis_url
-    from pipeline.queue import connect
 
     client = connect(settings)  # starts or joins the embedded server; kept open for the process's life
     return f"unix://{client.socket_file}"

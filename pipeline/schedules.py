@@ -12,26 +12,29 @@ A runs file lists named runs::
     cron = "0 2 * * *"               # or: every = 3600 (seconds)
 
 Each firing submits with the idempotency key ``NAME@SLOT`` (the scheduled time it belongs to), so a double
-trigger, from two schedulers or a cron line plus the scheduler, starts one run.
+trigger, from two schedulers or a cron line plus the scheduler, starts one run. The scheduler submits in its own
+process: the files are read where the runs file is, and workers get the rows in the chunk jobs.
 """
 from __future__ import annotations
 
+import logging
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from croniter import croniter
 from redis import Redis
-from rq import Queue
 from rq.cron import CronJob, CronScheduler
 
-from .errors import ConfigError
-from .queue import SCHEDULED_FUNCTION, SERIALIZER
-from .runs import RunRequest
+from . import runs, store
+from .errors import ConfigError, PipelineError
+from .runs import RunRequest, SubmitReport
+from .settings import Settings
 from .userfiles import read_text
 
+log = logging.getLogger("pipeline.schedule")
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,43 @@ def firing_key(run: NamedRun, at: datetime) -> str:
     return f"{run.name}@{at.date().isoformat()}"
 
 
-class JsonCronJob(CronJob):
-    """RQ's CronJob enqueues with the default (pickle) serializer; our workers accept only JSON jobs."""
+def fire(connection: Redis, settings: Settings, runs_file: Path, name: str, at: datetime) -> SubmitReport | None:
+    """One firing: submit the named run, read afresh from the runs file, with the key of the slot ``at`` is in.
 
-    def enqueue(self, connection: Redis):
-        queue = Queue(self.queue_name, connection=connection, serializer=SERIALIZER)
-        with connection.pipeline() as pipe:
-            job = queue.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options,
-                                pipeline=pipe)
-            pipe.zadd(self.job_history_key, {job.id: job.enqueued_at.timestamp()})
-            pipe.execute()
-        return job
+    A firing that cannot submit (a missing dataset, a bad row, a run gone from the file) logs one line and
+    returns None: the scheduler goes on, and the next slot tries again."""
+    try:
+        named = load_runs_file(runs_file, settings.allowed_data_dir).get(name)
+        if named is None:
+            raise ConfigError(f"{runs_file}: no run named {name!r} any more")
+        request = replace(named.request, idempotency_key=firing_key(named, at))
+        record = store.open_engine(settings.resolved_database_url)  # SQL, if Redis lost a run it has done
+        try:
+            report = runs.submit(connection, settings, request, engine=record)
+        finally:
+            record.dispose()
+    except PipelineError as exc:
+        log.error("scheduled run %s not submitted: %s", name, exc)
+        return None
+    log.info("scheduled run %s: %s run %s, %d jobs enqueued", name, "existing" if report.existing else "new",
+             report.run_id, report.jobs_enqueued)
+    return report
+
+
+class FiringCronJob(CronJob):
+    """A named run's schedule on RQ's cron scheduler. A firing submits the run here, in the scheduler's process,
+    which reads the runs file and the dataset; the rows reach the workers inside the chunk jobs' payloads, so
+    worker hosts never read a file (RQ's CronJob would enqueue a job that a worker runs)."""
+
+    def __init__(self, settings: Settings, runs_file: Path, run: NamedRun) -> None:
+        super().__init__(queue_name=settings.queue_name, func_name=f"{__name__}.fire", cron=run.cron,
+                         interval=run.every, name=f"pipeline:{run.name}")
+        self.settings = settings
+        self.runs_file = runs_file
+        self.run_name = run.name
+
+    def enqueue(self, connection: Redis) -> None:  # type: ignore[override]
+        fire(connection, self.settings, self.runs_file, self.run_name, datetime.now(timezone.utc))
 
 
 class PipelineCronScheduler(CronScheduler):
@@ -114,15 +143,13 @@ class PipelineCronScheduler(CronScheduler):
         self._cron_jobs.append(job)
 
 
-def build_scheduler(connection: Redis, queue_name: str, runs_file: Path,
-                    allowed_dir: Path | None = None) -> PipelineCronScheduler:
+def build_scheduler(connection: Redis, settings: Settings, runs_file: Path) -> PipelineCronScheduler:
     """A CronScheduler with one entry per scheduled named run (runs without cron/every are skipped)."""
     scheduler = PipelineCronScheduler(connection=connection, name=f"pipeline-cron:{runs_file.name}")
-    for run in load_runs_file(runs_file, allowed_dir).values():
+    runs_file = runs_file.resolve()
+    for run in load_runs_file(runs_file, settings.allowed_data_dir).values():
         if run.cron or run.every:
-            scheduler.add(JsonCronJob(queue_name=queue_name, func_name=SCHEDULED_FUNCTION,
-                                      args=(str(runs_file.resolve()), run.name), cron=run.cron,
-                                      interval=run.every, name=f"pipeline:{run.name}"))
+            scheduler.add(FiringCronJob(settings, runs_file, run))
     if not scheduler.get_jobs():
         raise ConfigError(f"{runs_file}: no run has a 'cron' or 'every' schedule")
     return scheduler

