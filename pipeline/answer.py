@@ -191,17 +191,19 @@ class RowAnswerer:
                                tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
         """Get a prompt's answer for every row of this process that has it: from the cache, by waiting while
         another worker asks for it, or by claiming it and asking. Rows repeating it meanwhile wait on ``_in_flight``."""
+        cache = self.cache
+        assert cache is not None  # only called with the response cache on
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
         answer: ProviderResponse | None = None
         try:
             delay = CLAIM_POLL_SECONDS
             while True:
-                verdict, answer = await self.cache.get_or_claim(key)
+                verdict, answer = await cache.get_or_claim(key)
                 if answer is not None:
                     return answer, self._validate(answer.text), True
                 if verdict in (ASK, ALONE):  # ALONE: a call for it just failed, so ask without a claim
-                    async with self.cache.holding(key) if verdict == ASK else contextlib.nullcontext():
+                    async with cache.holding(key) if verdict == ASK else contextlib.nullcontext():
                         answer, parsed = await self._fresh_answer(target, request, tally, key)
                     return answer, parsed, False
                 await asyncio.sleep(delay)  # another worker is asking it: its answer lands in the cache
@@ -210,7 +212,7 @@ class RowAnswerer:
         finally:
             try:
                 if answer is None:
-                    await self.cache.failed(key)  # (only if this chunk held the claim) before waiters wake
+                    await cache.failed(key)  # (only if this chunk held the claim) before waiters wake
             finally:
                 del self._in_flight[key]
                 shared.set_result(answer)

@@ -136,7 +136,7 @@ class Collector:
     def _apply_event(conn, kind: str, record: Decoded) -> None:
         if isinstance(record, RunConfig):
             store.save_run(conn, record, "submitted")
-        elif kind == handoff.STATUS:
+        elif kind == handoff.STATUS and isinstance(record, dict):
             config = record.get("config")
             store.set_run_status(conn, record["run_id"], record["status"],
                                  config=RunConfig.from_dict(config) if config else None)

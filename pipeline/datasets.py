@@ -172,8 +172,10 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- batches of rows
 
 TEXT, NUMBER, ANY = "text", "number", "any"  # what a column's values are: all str, all int, any JSON-safe value
-_encode = json.encoder.c_make_encoder(None, None, json_text, None, ": ", ", ", False, False, True)
-_encode_finite = json.encoder.c_make_encoder(None, None, json_text, None, ": ", ", ", False, False, False)
+_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]  # CPython's C encoder, no stub
+    None, None, json_text, None, ": ", ", ", False, False, True)
+_encode_finite = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, None, json_text, None, ": ", ", ", False, False, False)
 
 
 def to_json(value: Any) -> str:
@@ -189,8 +191,8 @@ class Batch:
     start: int                                    # index of the first row in the file's rows
     size: int
     names: list[str]
-    columns: list[list[Any]] | None = None
-    kinds: list[str] | None = None
+    columns: list[list[Any]] = field(default_factory=list)  # by column: one list of values a name
+    kinds: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] | None = None
     end_byte: int | None = None                   # how far into the file the reader is, if it knows
     _jsons: list[str] | None = field(default=None, repr=False)
@@ -231,7 +233,7 @@ class Batch:
     def row_jsons(self) -> list[str]:
         """Each row's values as ASCII JSON, serialized once and kept."""
         if self._jsons is None:
-            self._jsons = self._records_json() if self.records is not None else self._columns_json()
+            self._jsons = self._records_json(self.records) if self.records is not None else self._columns_json()
         return self._jsons
 
     def _columns_json(self) -> list[str]:
@@ -242,13 +244,14 @@ class Batch:
                    else list(map(to_json, column)) for column, kind in zip(self.columns, self.kinds)]
         return [form % row for row in zip(*encoded)]
 
-    def _records_json(self) -> list[str]:
+    @staticmethod
+    def _records_json(records: list[dict[str, Any]]) -> list[str]:
         jsons = []
-        for at, record in enumerate(self.records):
+        for at, record in enumerate(records):
             try:
                 jsons.append("".join(_encode_finite(record, 0)))
             except ValueError:  # NaN or infinity somewhere in it: JSON has none, they become null
-                self.records[at] = record = json_safe(record)
+                records[at] = record = json_safe(record)
                 jsons.append(to_json(record))
         return jsons
 
@@ -327,7 +330,7 @@ def _parquet_batches(path: Path) -> Iterator[Batch]:
 
 
 def _jsonl_batches(path: Path) -> Iterator[Batch]:
-    scan_object = make_scanner(json.JSONDecoder())
+    scan_object = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # the stub types the C scanner oddly
     start = 0
     with path.open("rb") as handle:
         while lines := handle.readlines(1 << 20):
@@ -398,7 +401,7 @@ def batch_keys(batch: Batch, id_column: str | None) -> tuple[list[str], Problem 
     if found is None:
         return [], (0, f"id column {id_column!r} is missing or empty")
     column, kind = found
-    keys = column if kind == TEXT else [None if v is None else str(v) for v in column]
+    keys: list[Any] = column if kind == TEXT else [None if v is None else str(v) for v in column]
     if None in keys or "" in keys or max(map(len, keys), default=0) > MAX_ID_LENGTH or "\x00" in "".join(keys):
         for at, value in enumerate(column):
             problem = _id_problem(value, id_column)
@@ -516,7 +519,8 @@ class ChunkText:
     """Gathers row entries into chunks of ``size`` rows, each handed to ``emit`` as one RowsJSON."""
 
     def __init__(self, size: int, emit: Callable[[RowsJSON], None]) -> None:
-        self.size, self.emit, self.pending = size, emit, []
+        self.size, self.emit = size, emit
+        self.pending: list[str] = []
 
     def add(self, entries: list[str]) -> None:
         self.pending += entries

@@ -161,7 +161,7 @@ class StreamReader:
         return self._read_from(">", count, block_ms)
 
     def _read_from(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
-        reply = self.client.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        reply: Any = self.client.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
         if not reply:
             return []
         return [e for e in (self._entry(i, f) for i, f in reply[0][1]) if e]

@@ -9,6 +9,7 @@ capped run's spend starts from its SQL total. Only Redis is written; SQL is only
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
@@ -41,9 +42,12 @@ def recorded_submit(connection: redis.Redis, engine: Engine, run_id: str) -> boo
     try:
         rebuild(connection, engine, run_id)
         with engine.connect() as conn:
-            status = store.get_run(conn, run_id)["status"]
+            run = store.get_run(conn, run_id)
     except (RunNotFound, SQLAlchemyError):
         return False
+    if run is None:
+        return False
+    status = run["status"]
     config = load_config(connection, run_id)
     if status in store.FINAL_STATUSES or connection.hlen(handoff.done_key(run_id)) >= config.total_rows:
         connection.set(submitted_key(run_id), "1")
@@ -68,7 +72,7 @@ def rebuild(connection: redis.Redis, engine: Engine, run_id: str) -> RunConfig:
 def _mark_done(connection: redis.Redis, run_id: str, statuses) -> None:
     """Rows with a final result in SQL are done; ``retrying`` rows (sent by a retry-failed whose jobs Redis
     lost) are not, so that resume sends them again."""
-    batch: dict[str, str] = {}
+    batch: dict[Any, str] = {}  # (redis-py types hset's keys as an invariant union)
     for row_key, status in statuses:
         if status in (SUCCEEDED, FAILED):
             batch[row_key] = status

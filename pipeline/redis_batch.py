@@ -19,7 +19,7 @@ Stage = Callable[[Pipeline], Any]
 
 def stage_script(pipe: Pipeline, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
     """Queue a registered Lua script on a pipeline (the pipeline loads it first if the server lacks it)."""
-    pipe.scripts.add(script)
+    pipe.scripts.add(script)  # type: ignore[arg-type]  # the asyncio pipeline holds AsyncScripts
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 

@@ -36,7 +36,8 @@ class RequeueClaim:
     def __enter__(self) -> "RequeueClaim":
         key = requeue_key(self.run_id)
         if not self.connection.set(key, f"{self.what}:{self.token}", nx=True, ex=CLAIM_SECONDS):
-            holder = (self.connection.get(key) or b"another command").decode().partition(":")[0]
+            held = self.connection.get(key)
+            holder = (held.decode() if isinstance(held, bytes) else "another command").partition(":")[0]
             raise ConfigError(f"run {self.run_id}: a {holder} of this run is enqueueing right now; "
                               "wait for it, then look at `status`")
         return self

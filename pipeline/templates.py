@@ -24,12 +24,14 @@ def _size(value: Any) -> int | None:
 def _check_binop(operator: str, left: Any, right: Any) -> None:
     if operator == "*":
         for sequence, times in ((left, right), (right, left)):
-            if _size(sequence) is not None and isinstance(times, int) and _size(sequence) * times > MAX_TEMPLATE_SIZE:
+            size = _size(sequence)
+            if size is not None and isinstance(times, int) and size * times > MAX_TEMPLATE_SIZE:
                 raise SecurityError(f"the template builds a value over the limit of {MAX_TEMPLATE_SIZE:,}")
     elif operator == "**":
         if isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
             raise SecurityError(f"the template raises to a power over {_MAX_EXPONENT}")
-    elif _size(left) is not None and _size(right) is not None and _size(left) + _size(right) > MAX_TEMPLATE_SIZE:
+    elif (sizes := (_size(left), _size(right))) and sizes[0] is not None and sizes[1] is not None \
+            and sizes[0] + sizes[1] > MAX_TEMPLATE_SIZE:
         raise SecurityError(f"the template builds a value over the limit of {MAX_TEMPLATE_SIZE:,}")
 
 

@@ -64,9 +64,11 @@ def create_user(engine: Engine, name: str, secret: str, *, admin: bool = False, 
     prepare(engine)
     try:
         with engine.begin() as conn:
-            return conn.execute(insert(users).values(
+            created = conn.execute(insert(users).values(
                 name=name, secret_hash=_hasher.hash(secret), is_admin=admin, is_client=client, disabled=False,
-                created_at=time.time())).inserted_primary_key[0]
+                created_at=time.time())).inserted_primary_key
+            assert created is not None  # a plain INSERT of one row
+            return created[0]
     except IntegrityError:
         raise ConfigError(f"user {name!r} exists already") from None
 

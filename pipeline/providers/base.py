@@ -6,7 +6,8 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeGuard
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,14 @@ def usage_counts(usage: Any, input_name: str, output_name: str) -> tuple[int, in
     OpenAI-compatible server that omits it) is not reported, never zero tokens."""
     if not isinstance(usage, Mapping):
         return 0, 0, False
-    counts = usage.get(input_name), usage.get(output_name)
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+    tokens_in, tokens_out = usage.get(input_name), usage.get(output_name)
+    if not (_is_count(tokens_in) and _is_count(tokens_out)):
         return 0, 0, False
-    return counts[0], counts[1], True
+    return tokens_in, tokens_out, True
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Provider(Protocol):
@@ -107,11 +112,11 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
     millis = headers.get("retry-after-ms")
     if millis:
         try:
-            wait = float(millis) / 1000.0
+            wait_ms = float(millis) / 1000.0
         except ValueError:
-            wait = math.nan
-        if math.isfinite(wait):
-            return max(0.0, wait)
+            wait_ms = math.nan
+        if math.isfinite(wait_ms):
+            return max(0.0, wait_ms)
     wait = parse_duration(headers.get("retry-after"))
     return wait if wait is None or math.isfinite(wait) else None
 
