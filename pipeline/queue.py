@@ -20,6 +20,7 @@ from .settings import Settings
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
 SCHEDULED_FUNCTION = "jobs.scheduled.submit_named_run"  # the job a runs file's cron entry enqueues
+BATCH_POLL_FUNCTION = "jobs.batch_chunk.poll_batch"     # batch mode: looks at one provider batch, with backoff
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 

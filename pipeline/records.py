@@ -82,6 +82,7 @@ class RunConfig:
     name: str | None = None
     idempotency_key: str | None = None
     created_at: float = 0.0
+    mode: str = "online"   # "batch": the provider's batch API, at its batch price (pipeline.batches)
 
     @property
     def targets(self) -> list[ModelTarget]:
@@ -121,6 +122,7 @@ class Result:
     cached: bool = False
     finished_at: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)  # "provider|model|outcome" -> provider calls made
+    batch_id: str | None = None  # the provider batch that answered the row (batch mode)
 
     @classmethod
     def failure(cls, run_id: str, row: "Row", error: str | None = None) -> "Result":
@@ -159,6 +161,8 @@ class Result:
             raise ValueError("cost_nano must be an integer or null")
         if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
             raise ValueError("input must be an object and finished_at a number")
+        if self.batch_id is not None and not isinstance(self.batch_id, str):
+            raise ValueError("batch_id must be text or null")
 
 
 def stable_hash(*parts: Any) -> str:

@@ -79,6 +79,7 @@ results = Table(
     Column("cached", Boolean, nullable=False, default=False),
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
     Column("finished_at", Float, nullable=False),
+    Column("batch_id", String(128)),  # the provider batch that answered the row (batch mode); NULL online
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
     Index("ix_results_run_status", "run_id", "status"),
 )
@@ -132,6 +133,9 @@ def _refuse_old_schema(engine: Engine) -> None:
         if "cost_nano" not in {c["name"] for c in tables.get_columns(table.name)}:
             raise ConfigError(f"the database's {table.name} table is from an older version (cost as a float); "
                               "upgrade it as the README's 'Upgrading a database' says")
+    if "batch_id" not in {c["name"] for c in tables.get_columns(results.name)}:
+        raise ConfigError("the database's results table is from before batch mode (no batch_id column): "
+                          "ALTER TABLE results ADD COLUMN batch_id VARCHAR(128), as the README's 'Batch mode' says")
 
 
 @contextmanager
