@@ -88,7 +88,8 @@ def settled(pipeline, run_id, count):
 def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_skip_the_batch(
         batch_pipeline, server, tmp_path, provider):
     pipeline = batch_pipeline()
-    data = rows(24) + [{"id": "dup", "text": "row 3 — ü"}]      # the same prompt as row 3, in the last chunk
+    data = rows(24)
+    data.insert(9, {"id": "dup", "text": "row 3 — ü"})          # row 3's prompt again, in its chunk: asked once
     run_id = submit(pipeline, tmp_path, data, provider)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     found = results(pipeline, run_id)
@@ -102,7 +103,9 @@ def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_s
         assert result["cost_nano"] == batch.cost_nano(result["input_tokens"], result["output_tokens"])
         assert abs(2 * result["cost_nano"] - online.cost_nano(result["input_tokens"], result["output_tokens"])) <= 1
     stats = server.stats()
-    assert stats["batches_created"] == 3 and stats["batch_items"] == 25      # dup asked again: in another chunk
+    assert stats["batches_created"] == 3 and stats["batch_items"] == 24
+    assert (found["dup"]["cached"], found["dup"]["cost_nano"], found["dup"]["batch_id"]) == (
+        True, 0, found["0003"]["batch_id"])
     assert "/v1/chat/completions" not in stats["by_path"] and "/v1/messages" not in stats["by_path"]
     info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
     assert info["batches"] == {"completed": 3} and info["cost_usd"] > 0
@@ -122,3 +125,115 @@ def test_batch_mode_is_refused_for_providers_without_a_batch_api(batch_pipeline,
     with pytest.raises(ConfigError, match="--fallback cannot be used with --mode batch"):
         pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch",
                         fallbacks=["anthropic:claude-haiku-4-5"])
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_batch_whose_create_reply_was_lost_is_found_again_not_made_twice(batch_pipeline, server, tmp_path,
+                                                                          provider):
+    """The provider made the batch but the worker never recorded its id (the reply was lost, as when the worker
+    dies right after the create call): the next look finds it by its chunk id and adopts it."""
+    server.configure(batch_lose_create=1)
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(20), provider)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    found = results(pipeline, run_id)
+    assert len(found) == 20 and all(r["status"] == "succeeded" for r in found.values())
+    assert server.stats()["batches_created"] == 2                     # one per chunk: 0 extra
+    assert set(server.stats()["paid"].values()) == {1}
+    assert {r["batch_id"] for r in found.values()} == set(server.batches.batches)
+
+
+def test_an_expired_batch_sends_only_its_missing_items_again(batch_pipeline, server, tmp_path):
+    server.configure(batch_plan=[{"keep": 4, "end": "expired"}])
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(10), "openai")
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    found = results(pipeline, run_id)
+    first, second = sorted(server.batches.batches.values(), key=lambda b: b.created)
+    assert (first.final, len(first.items), second.final, len(second.items)) == ("expired", 10, "completed", 6)
+    assert all(r["status"] == "succeeded" for r in found.values())
+    assert [r["batch_id"] for r in found.values()] == [first.id] * 4 + [second.id] * 6   # in row order
+    assert set(server.stats()["paid"].values()) == {1} and server.stats()["batch_items"] == 10
+    assert sorted(r["attempts"] for r in found.values()) == [1] * 4 + [2] * 6
+    assert runs.run_status(pipeline.redis, pipeline.engine, run_id)["batches"] == {"expired": 1, "completed": 1}
+
+
+def test_items_that_keep_failing_fail_after_the_last_round_and_permanent_errors_at_once(batch_pipeline, server,
+                                                                                       tmp_path):
+    server.configure(rules=[{"match": "row 1 ", "action": 500}, {"match": "row 2 ", "action": 400}])
+    pipeline = batch_pipeline(batch_max_rounds=2)
+    run_id = submit(pipeline, tmp_path, rows(5), "anthropic")
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    found = results(pipeline, run_id)
+    assert [k for k, r in found.items() if r["status"] == "failed"] == ["0001", "0002"]
+    assert "api_error" in found["0001"]["error"] and found["0001"]["attempts"] == 2
+    assert "invalid_request_error" in found["0002"]["error"] and found["0002"]["attempts"] == 1
+    assert [len(b.items) for b in sorted(server.batches.batches.values(), key=lambda b: b.created)] == [5, 1]
+
+
+def test_cancel_cancels_the_providers_batch_keeps_what_it_finished_and_resume_sends_only_the_rest(
+        batch_pipeline, server, tmp_path):
+    server.configure(batch_plan=[{"keep": 3, "end": "stall"}])
+    pipeline = batch_pipeline()
+    data = rows(10)
+    run_id = submit(pipeline, tmp_path, data, "anthropic")
+    drive(pipeline, lambda: runs.run_status(pipeline.redis, pipeline.engine, run_id)["batches"] == {"in_progress": 1})
+    runs.cancel(pipeline.redis, pipeline.settings, run_id)
+    drive(pipeline, lambda: not batchstate.open_batch_count(pipeline.redis, run_id), what="the cancelled batch")
+    found = results(pipeline, run_id)
+    assert server.stats()["batches_cancelled"] == 1
+    assert sorted(found) == ["0000", "0001", "0002"] and all(r["status"] == "succeeded" for r in found.values())
+    info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
+    assert (info["status"], info["rows_pending"], info["batches"]) == ("cancelled", 7, {"cancelled": 1})
+
+    runs.resume(pipeline.redis, pipeline.settings, run_id, engine=pipeline.engine)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    assert len(results(pipeline, run_id)) == 10
+    assert [len(b.items) for b in sorted(server.batches.batches.values(), key=lambda b: b.created)] == [10, 7]
+    assert set(server.stats()["paid"].values()) == {1}
+
+
+def test_open_batches_stay_under_the_enqueued_token_limit_from_settings(batch_pipeline, server, tmp_path):
+    """Two chunks whose batches together pass the limit: the second waits until the first has ended. The fake
+    server enforces the same limit, and refuses nothing."""
+    data = [{"id": f"{i:04d}", "text": f"row {i:02d}"} for i in range(20)]
+    pipeline = batch_pipeline()
+    probe = runs.validate(pipeline.settings, runs.RunRequest(dataset=write(tmp_path / "p.jsonl", data[:1]),
+                                                             template=TEMPLATE))
+    per_item = -(-len(f"Say: {data[0]['text']}".encode()) // 3) + probe.max_tokens
+    limit = 15 * per_item                                              # one chunk of 10 fits, two do not
+    server.configure(batch_token_limit=limit, batch_delay=1.5)
+    pipeline = batch_pipeline(batch_enqueued_tokens={MODELS["openai"]: limit})
+    run_id = submit(pipeline, tmp_path, data, "openai")
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    first, second = sorted(server.batches.batches.values(), key=lambda b: b.created)
+    assert server.stats()["batches_refused"] == 0 and second.created >= first.ends_at
+    assert all(r["status"] == "succeeded" for r in results(pipeline, run_id).values())
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_provider_refusing_a_batch_for_its_enqueued_token_limit_is_waited_for_not_failed(batch_pipeline, server,
+                                                                                          tmp_path, provider):
+    server.configure(batch_token_limit=10 * 300, batch_delay=1.5)      # a chunk of 10 fits, two do not
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(20), provider)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    found = results(pipeline, run_id)
+    assert server.stats()["batches_refused"] >= 1
+    assert len(found) == 20 and all(r["status"] == "succeeded" for r in found.values())
+    assert set(server.stats()["paid"].values()) == {1}
+
+
+def test_max_cost_stops_before_a_batch_whose_worst_case_would_pass_it(batch_pipeline, server, tmp_path):
+    data = [{"id": f"{i:04d}", "text": f"row {i:02d}"} for i in range(20)]     # every prompt the same size
+    pipeline = batch_pipeline()
+    price = PriceTable.load().batch_price("openai", MODELS["openai"])
+    per_item = price.cost_nano(-(-len(f"Say: {data[0]['text']}".encode()) // 3), 256)
+    cap = (10 * per_item + 1) / 1e9                                     # one chunk's worst case, and a nano-dollar
+    run_id = submit(pipeline, tmp_path, data, "openai", max_cost=cap)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "budget_exhausted" and
+          not batchstate.open_batch_count(pipeline.redis, run_id))
+    assert server.stats()["batches_created"] == 1
+    info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
+    assert (info["rows_succeeded"], info["rows_pending"]) == (10, 10)
+    assert info["cost_usd"] <= cap

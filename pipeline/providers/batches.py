@@ -120,7 +120,8 @@ class OpenAIBatches:
         data = ("\n".join(lines) + "\n").encode("utf-8")
         uploaded = self.client.files.create(file=("chunk.jsonl", io.BytesIO(data), "application/jsonl"),
                                             purpose="batch")
-        batch = self.client.batches.create(input_file_id=uploaded.id, endpoint=self.ENDPOINT,
+        # never retried by the SDK: a create whose reply was lost may have made the batch (found again instead)
+        batch = self.client.with_options(max_retries=0).batches.create(input_file_id=uploaded.id, endpoint=self.ENDPOINT,
                                            completion_window="24h", metadata={"chunk_id": chunk_id})
         return batch.id
 
@@ -194,7 +195,8 @@ class AnthropicBatches:
 
         requests = [{"custom_id": item.custom_id, "params": AnthropicProvider._arguments(item.request)}
                     for item in items]
-        return self.client.messages.batches.create(requests=requests).id
+        # never retried by the SDK: a create whose reply was lost may have made the batch (found again instead)
+        return self.client.with_options(max_retries=0).messages.batches.create(requests=requests).id
 
     @_typed("anthropic", "anthropic")
     def find(self, chunk_id: str, prefix: str, count: int, since: float, taken: Callable[[str], bool]) -> str | None:
