@@ -23,6 +23,12 @@ MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 
 
 @pytest.fixture
+def database_url(tmp_path):
+    """SQLite only: these tests are about providers and queues; test_batch_store covers both databases."""
+    return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+@pytest.fixture
 def server():
     with FakeProvider() as fake:
         yield fake
