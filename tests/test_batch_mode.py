@@ -12,6 +12,7 @@ from rq.job import Job
 
 from pipeline import batchstate, runs
 from pipeline.errors import ConfigError
+from pipeline.metrics import PipelineMetrics
 from pipeline.pricing import PriceTable
 from pipeline.queue import SERIALIZER, chunk_queue
 
@@ -184,6 +185,11 @@ def test_cancel_cancels_the_providers_batch_keeps_what_it_finished_and_resume_se
     data = rows(10)
     run_id = submit(pipeline, tmp_path, data, "anthropic")
     drive(pipeline, lambda: runs.run_status(pipeline.redis, pipeline.engine, run_id)["batches"] == {"in_progress": 1})
+    scrape = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine).registry.get_sample_value
+    assert scrape("pipeline_batches", {"state": "in_progress"}) == 1
+    assert scrape("pipeline_batches", {"state": "completed"}) == 0
+    assert 0 <= scrape("pipeline_batch_oldest_open_age_seconds") < 60
+    assert 86000 < scrape("pipeline_batch_expiry_seconds") <= 86400      # the fake's 24 h window
     runs.cancel(pipeline.redis, pipeline.settings, run_id)
     drive(pipeline, lambda: not batchstate.open_batch_count(pipeline.redis, run_id), what="the cancelled batch")
     found = results(pipeline, run_id)
@@ -191,6 +197,7 @@ def test_cancel_cancels_the_providers_batch_keeps_what_it_finished_and_resume_se
     assert sorted(found) == ["0000", "0001", "0002"] and all(r["status"] == "succeeded" for r in found.values())
     info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
     assert (info["status"], info["rows_pending"], info["batches"]) == ("cancelled", 7, {"cancelled": 1})
+    assert scrape("pipeline_batches", {"state": "cancelled"}) == 1 and scrape("pipeline_batch_expiry_seconds") is None
 
     runs.resume(pipeline.redis, pipeline.settings, run_id, engine=pipeline.engine)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
