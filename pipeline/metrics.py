@@ -182,11 +182,12 @@ class _ScrapeTime(PromCollector):
                                 "(0 when none is open)")
         age.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
         yield age
+        expiry = GaugeMetricFamily("pipeline_batch_expiry_seconds", "Seconds until the soonest expiry of an open "
+                                   "provider batch (its unfinished items then expire and go again); no sample when "
+                                   "none is open")
         if soonest is not None:
-            expiry = GaugeMetricFamily("pipeline_batch_expiry_seconds", "Seconds until the soonest expiry of an "
-                                       "open provider batch (its unfinished items then expire and go again)")
             expiry.add_metric([], soonest - now)
-            yield expiry
+        yield expiry
 
     def _run_metrics(self) -> Iterable[Any]:
         """Per-run row gauges for the RECENT_RUNS newest runs (a bounded label set), and runs by status."""
