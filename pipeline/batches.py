@@ -31,7 +31,7 @@ from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import CANCELLED, OPEN_STATES, BatchAPI, BatchItem, ItemOutcome, build_batch_api
+from .providers.batches import CANCELLED, LIMITS, OPEN_STATES, BatchAPI, BatchItem, ItemOutcome, build_batch_api
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
 from .redaction import redact
@@ -205,8 +205,12 @@ class BatchRunner:
             return self.settings.batch_wait_seconds
         if not self._hold_budget(record):
             return None if record.done else self.settings.batch_wait_seconds
-        bs.set_fields(self.connection, record.slot, creating=str(record.attempt))
         items = [BatchItem(i.custom_id, self._request(i.prompt)) for i in record.items]
+        too_big = self._over_limits(items)
+        if too_big:
+            bs.release_tokens(self.connection, record.slot, self.target)
+            return self._fail_slot(record, too_big)
+        bs.set_fields(self.connection, record.slot, creating=str(record.attempt))
         try:
             batch_id = self.api.create(record.provider_chunk_id, items)
         except RateLimited as exc:  # the enqueued-token limit (Anthropic), or the batch API's own rate limit
@@ -222,6 +226,15 @@ class BatchRunner:
             log.warning("%s: creating the batch: %s", record.slot, exc, extra={"run_id": record.run_id})
             return self.settings.batch_poll_seconds
         bs.record_batch(self.connection, record, batch_id, bs.now(), None, "created")
+        return None
+
+    def _over_limits(self, items: list[BatchItem]) -> str | None:
+        """Why the provider would refuse this batch for its size, if it would (checked before paying for an upload)."""
+        most_requests, most_bytes = LIMITS[self.config.provider]
+        size = sum(len(json.dumps(vars(i.request), default=str).encode("utf-8")) + 200 for i in items)
+        if len(items) > most_requests or size > most_bytes:
+            return (f"a batch of {len(items)} requests and about {size / 2**20:.0f} MB is over {self.config.provider}'s "
+                    f"limits ({most_requests:,} requests, {most_bytes // 2**20} MB): submit with a smaller --chunk-size")
         return None
 
     def _find(self, record: bs.SlotRecord) -> bool | None:

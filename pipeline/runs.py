@@ -184,6 +184,9 @@ def validate(settings: Settings, request: RunRequest, progress: Callable[[int], 
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
     chunk_size = request.chunk_size or settings.chunk_size
+    if request.mode == "batch" and chunk_size > BATCH_REQUEST_LIMITS[request.provider]:
+        raise ConfigError(f"--chunk-size {chunk_size}: a {request.provider} batch holds at most "
+                          f"{BATCH_REQUEST_LIMITS[request.provider]:,} requests, and each chunk is one batch")
     summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes, template=template,
                    progress=progress, chunk_size=chunk_size, on_chunk=spool.write if spool is not None else None)
     config = RunConfig(
@@ -257,6 +260,7 @@ def _check_fields(request: RunRequest) -> None:
 
 
 BATCH_MODE_PROVIDERS = ("openai", "anthropic")
+BATCH_REQUEST_LIMITS = {"openai": 50_000, "anthropic": 100_000}  # as pipeline.providers.batches.LIMITS
 
 
 def _check_mode(request: RunRequest) -> None:

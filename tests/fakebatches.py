@@ -6,10 +6,12 @@ after its creation, checked when it is read; ``batch_plan`` makes the next batch
 ``keep`` items and then expire, or stall until cancelled. ``batch_token_limit`` refuses a batch whose tokens
 (input + max output per item) would put its model's open batches over the limit, as OpenAI does (the batch is
 created ``failed`` with ``token_limit_exceeded``) and Anthropic does (429). ``batch_lose_create`` creates the
-batch, then answers 500, as a create whose reply was lost.
+batch, then answers 500, as a create whose reply was lost; ``batch_hang_create`` creates it, then holds the reply
+``hang_seconds`` (a worker can be killed between the create and its record).
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -107,6 +109,14 @@ class FakeBatches:
                 self.server.config.batch_lose_create -= 1
                 return True
             return False
+
+    async def _hang_if_asked(self) -> None:
+        with self.server._lock:
+            hang = self.server.config.batch_hang_create > 0
+            if hang:
+                self.server.config.batch_hang_create -= 1
+        if hang:
+            await asyncio.sleep(self.server.config.hang_seconds)
 
     # --- ending ----------------------------------------------------------------------------------------------
     def _settle_all(self) -> None:
@@ -218,6 +228,7 @@ class FakeBatches:
                 items.append((entry["custom_id"], entry["body"]))
         batch = self._new_batch("openai", items, metadata=body.get("metadata") or {},
                                 input_file_id=body["input_file_id"])
+        await self._hang_if_asked()
         if self._lose_reply():
             return web.json_response({"error": {"message": "reply lost", "type": "server_error"}}, status=500)
         with self.server._lock:
@@ -285,6 +296,7 @@ class FakeBatches:
         batch = self._new_batch("anthropic", items)
         if batch.refused:
             return web.json_response(_anthropic_error(429, batch.refused), status=429, headers={"retry-after": "1"})
+        await self._hang_if_asked()
         if self._lose_reply():
             return web.json_response(_anthropic_error(500, "reply lost"), status=500)
         with self.server._lock:

@@ -59,6 +59,7 @@ class Config:
     batch_plan: list[dict[str, Any]] = field(default_factory=list)
     batch_token_limit: int | None = None   # enqueued tokens per model over its open batches; above it, refused
     batch_lose_create: int = 0             # the next N creates make the batch, then answer 500 (reply lost)
+    batch_hang_create: int = 0             # the next N creates make the batch, then hang hang_seconds first
 
 
 class Bucket:

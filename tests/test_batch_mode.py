@@ -8,14 +8,17 @@ from __future__ import annotations
 import time
 
 import pytest
+from rq import Worker
 from rq.job import Job
 
 from pipeline import batchstate, runs
 from pipeline.errors import ConfigError
 from pipeline.metrics import PipelineMetrics
+from pipeline.workers import recover_chunks_of
 from pipeline.pricing import PriceTable
 from pipeline.queue import SERIALIZER, chunk_queue
 
+from . import processes
 from .datasets import write
 from .fakeprovider import FakeProvider
 
@@ -129,6 +132,8 @@ def test_batch_mode_is_refused_for_providers_without_a_batch_api(batch_pipeline,
     path = write(tmp_path / "d.jsonl", rows(3))
     with pytest.raises(ConfigError, match="--mode batch needs a provider with a batch API"):
         pipeline.submit(path, TEMPLATE, provider="fake", model="fake", mode="batch")
+    with pytest.raises(ConfigError, match="a openai batch holds at most 50,000 requests"):
+        pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch", chunk_size=50_001)
     with pytest.raises(ConfigError, match="--fallback cannot be used with --mode batch"):
         pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch",
                         fallbacks=["anthropic:claude-haiku-4-5"])
@@ -148,6 +153,30 @@ def test_a_batch_whose_create_reply_was_lost_is_found_again_not_made_twice(batch
     assert server.stats()["batches_created"] == 2                     # one per chunk: 0 extra
     assert set(server.stats()["paid"].values()) == {1}
     assert {r["batch_id"] for r in found.values()} == set(server.batches.batches)
+
+
+def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_batch(batch_pipeline, server,
+                                                                                     tmp_path):
+    """A worker process is SIGKILLed while the provider has made the batch and its reply is on the way. The
+    chunk comes back (as worker.py's pool gives a dead worker's chunks back), runs again, finds the batch and
+    makes none. (One bare worker process: a pool could respawn a child that takes the chunk as it is killed.)"""
+    server.configure(batch_hang_create=1, hang_seconds=3)
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(10), "openai")
+    worker = processes.start(["-c", "from pipeline.settings import load_settings; from pipeline.workers import "
+                              "run_worker; run_worker(load_settings())"], pipeline.env())
+    try:
+        processes.wait_for(lambda: server.stats()["batches_created"] == 1, 60, "the create call")
+    finally:
+        processes.kill_tree(worker)
+    (record,) = batchstate.run_batches(pipeline.redis, run_id)
+    assert record.batch_id is None and record.extra["creating"] == "1"          # made, never recorded
+    for dead in Worker.all(connection=pipeline.redis, serializer=SERIALIZER):
+        recover_chunks_of(pipeline.redis, pipeline.settings, dead.name)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    assert server.stats()["batches_created"] == 1                                # 0 extra
+    assert {r["batch_id"] for r in pipeline.results(run_id)} == set(server.batches.batches)
+    assert set(server.stats()["paid"].values()) == {1}
 
 
 def test_an_expired_batch_sends_only_its_missing_items_again(batch_pipeline, server, tmp_path):

@@ -25,6 +25,8 @@ CREATED, IN_PROGRESS, COMPLETED, EXPIRED, CANCELLED, FAILED = (
 OPEN_STATES = (CREATED, IN_PROGRESS)
 STATES = (CREATED, IN_PROGRESS, COMPLETED, EXPIRED, CANCELLED, FAILED)
 LIST_PAGE = 100
+# Per batch: most requests, and most bytes of its input (OpenAI's JSONL file; Anthropic's request body).
+LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024)}
 CLOCK_SKEW_SECONDS = 60.0   # a batch found by its creation time may be stamped this much before our intent
 
 
