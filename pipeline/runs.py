@@ -184,6 +184,9 @@ def validate(settings: Settings, request: RunRequest, progress: Callable[[int], 
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
     chunk_size = request.chunk_size or settings.chunk_size
+    if request.mode == "batch" and settings.redis_url is None:
+        raise ConfigError("--mode batch needs a Redis server (REDIS_URL): its poll jobs wait in RQ's scheduler, "
+                          "which workers run only on a Redis server, not the embedded one")
     if request.mode == "batch" and chunk_size > BATCH_REQUEST_LIMITS[request.provider]:
         raise ConfigError(f"--chunk-size {chunk_size}: a {request.provider} batch holds at most "
                           f"{BATCH_REQUEST_LIMITS[request.provider]:,} requests, and each chunk is one batch")

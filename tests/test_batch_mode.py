@@ -137,6 +137,19 @@ def test_batch_mode_is_refused_for_providers_without_a_batch_api(batch_pipeline,
     with pytest.raises(ConfigError, match="--fallback cannot be used with --mode batch"):
         pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch",
                         fallbacks=["anthropic:claude-haiku-4-5"])
+    embedded = pipeline.settings.model_copy(update={"redis_url": None})
+    with pytest.raises(ConfigError, match="--mode batch needs a Redis server"):
+        runs.validate(embedded, runs.RunRequest(dataset=path, template=TEMPLATE, provider="openai",
+                                                model="gpt-4o-mini", mode="batch"))
+
+
+def test_a_dry_run_of_a_batch_run_prices_it_at_the_batch_price(batch_pipeline, tmp_path):
+    pipeline = batch_pipeline()
+    path = write(tmp_path / "d.jsonl", rows(10))
+    cost = {mode: runs.dry_run(pipeline.redis, pipeline.settings, runs.RunRequest(
+        dataset=path, template=TEMPLATE, provider="openai", model="gpt-4o-mini", mode=mode)).cost_usd
+        for mode in ("online", "batch")}
+    assert cost["batch"] == pytest.approx(cost["online"] / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
