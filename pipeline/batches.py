@@ -31,7 +31,8 @@ from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import CANCELLED, LIMITS, OPEN_STATES, BatchAPI, BatchItem, ItemOutcome, build_batch_api
+from .providers.batches import (CANCELLED, LIMITS, OPEN_STATES, BatchAPI, BatchItem, ItemOutcome,
+                                build_batch_api)
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
 from .redaction import redact
@@ -279,12 +280,10 @@ class BatchRunner:
         bs.release_tokens(self.connection, record.slot, self.target)
         bs.finish(self.connection, record, state, self.settings.run_retention_seconds)
         record.done = True
-        return None
 
     def _fail_slot(self, record: bs.SlotRecord, error: str) -> None:
         self._publish([r for item in record.items for r in self._failed(item, redact(error), record)])
         self._end_unmade(record, "failed")
-        return None
 
     def _settle(self, record: bs.SlotRecord, cost_nano: int) -> None:
         hold = bs.take_field(self.connection, record.slot, "hold")

@@ -49,7 +49,7 @@ class FakeBatch:
 
 
 class FakeBatches:
-    def __init__(self, server: "FakeProvider") -> None:
+    def __init__(self, server: FakeProvider) -> None:
         self.server = server
         self.batches: dict[str, FakeBatch] = {}
         self.files: dict[str, bytes] = {}
@@ -387,4 +387,4 @@ def _page(ordered: list[FakeBatch], after: str | None, limit: int) -> tuple[list
 
 
 def _iso(stamp: float) -> str:
-    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat().replace("+00:00", "Z")

@@ -14,15 +14,17 @@ from rq.job import Job
 from pipeline import batchstate, runs
 from pipeline.errors import ConfigError
 from pipeline.metrics import PipelineMetrics
-from pipeline.workers import recover_chunks_of
 from pipeline.pricing import PriceTable
 from pipeline.queue import SERIALIZER, chunk_queue
+from pipeline.workers import recover_chunks_of
 
 from . import processes
 from .datasets import write
 from .fakeprovider import FakeProvider
 
 TEMPLATE = "Say: {{ text }}"
+ONE_WORKER = "from pipeline.settings import load_settings; from pipeline.workers import run_worker; " \
+             "run_worker(load_settings())"
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 
 
@@ -176,8 +178,7 @@ def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_
     server.configure(batch_hang_create=1, hang_seconds=3)
     pipeline = batch_pipeline()
     run_id = submit(pipeline, tmp_path, rows(10), "openai")
-    worker = processes.start(["-c", "from pipeline.settings import load_settings; from pipeline.workers import "
-                              "run_worker; run_worker(load_settings())"], pipeline.env())
+    worker = processes.start(["-c", ONE_WORKER], pipeline.env())
     try:
         processes.wait_for(lambda: server.stats()["batches_created"] == 1, 60, "the create call")
     finally:
