@@ -5,6 +5,9 @@ The tests drive the pipeline as its processes would: burst workers, a burst coll
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -293,3 +296,25 @@ def test_max_cost_stops_before_a_batch_whose_worst_case_would_pass_it(batch_pipe
     info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
     assert (info["rows_succeeded"], info["rows_pending"]) == (10, 10)
     assert info["cost_usd"] <= cap
+
+
+def test_the_cli_submits_a_batch_run_from_a_runs_file_and_status_shows_its_batches(batch_pipeline, tmp_path):
+    pipeline = batch_pipeline()
+    write(tmp_path / "d.jsonl", rows(12))
+    (tmp_path / "runs.toml").write_text('[runs.nightly]\ndataset = "d.jsonl"\ntemplate = "Say: {{ text }}"\n'
+                                        'provider = "anthropic"\nmodel = "claude-haiku-4-5"\nid_column = "id"\n'
+                                        'mode = "batch"\n', encoding="utf-8")
+    env = pipeline.env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "enqueue.py", *args], cwd=processes.ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = cli("submit", str(tmp_path / "d.jsonl"), "-t", TEMPLATE, "--mode", "batch")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --mode batch needs a provider with a batch API (openai, anthropic); fake has none"]
+    run_id = json.loads(cli("submit", "--config", str(tmp_path / "runs.toml"), "--name", "nightly",
+                            "--json").stdout)["run_id"]
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    status = cli("status", run_id).stdout
+    assert "batches    0 created, 0 in progress, 1 completed, 0 expired" in status
