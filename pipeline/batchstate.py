@@ -205,17 +205,27 @@ def run_batches(connection: redis.Redis, run_id: str) -> list[SlotRecord]:
     return [r for r in (load(connection, s) for s in slots) if r is not None]
 
 
+def _slot_fields(connection: redis.Redis, run_id: str, *names: str) -> list[list[str | None]]:
+    """Some fields of every slot of the run, without reading their items (status and resume ask often)."""
+    slots = [m.decode() for m in connection.smembers(run_slots_key(run_id))]
+    with connection.pipeline(transaction=False) as pipe:
+        for slot in slots:
+            pipe.hmget(record_key(slot), ["run_id", *names])
+        rows = pipe.execute()
+    return [[v.decode() if v is not None else None for v in row[1:]] for row in rows if row[0] is not None]
+
+
 def open_batch_count(connection: redis.Redis, run_id: str) -> int:
     """The run's slots not done yet (with a batch, or waiting to make one)."""
-    return sum(1 for r in run_batches(connection, run_id) if not r.done)
+    return sum(1 for (done,) in _slot_fields(connection, run_id, "done") if done != "1")
 
 
 def states(connection: redis.Redis, run_id: str) -> dict[str, int]:
     """The run's batches by state (slots that never made a batch are left out)."""
     counts: dict[str, int] = {}
-    for record in run_batches(connection, run_id):
-        if record.batch_id or record.state not in ("intent", "waiting", "skipped"):
-            counts[record.state] = counts.get(record.state, 0) + 1
+    for state, batch_id in _slot_fields(connection, run_id, "state", "batch_id"):
+        if state and (batch_id or state not in ("intent", "waiting", "skipped")):
+            counts[state] = counts.get(state, 0) + 1
     return counts
 
 
