@@ -102,7 +102,7 @@ class BatchRunner:
         template = PromptTemplate(self.config.template)
         ready: list[Result] = []
         by_key: dict[str, bs.Item] = {}
-        base_url = getattr(self.api, "base_url", None)
+        base_url = self.api.base_url
         tag = stable_hash(slot)[:12]
         for row in rows:
             try:

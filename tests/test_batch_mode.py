@@ -132,6 +132,20 @@ def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_s
     assert server.stats()["batches_created"] == 3
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_answers_an_online_run_paid_for_answer_a_batch_run_from_the_cache(batch_pipeline, server, tmp_path,
+                                                                           provider):
+    pipeline = batch_pipeline()
+    data = rows(6)
+    online = pipeline.submit(write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", provider=provider,
+                             model=MODELS[provider]).run_id
+    drive(pipeline, lambda: pipeline.run_row(online)["status"] == "completed")
+    batch = submit(pipeline, tmp_path, data, provider)
+    drive(pipeline, lambda: pipeline.run_row(batch)["status"] == "completed")
+    assert all(r["cached"] and r["answer"].startswith("ECHO:") for r in results(pipeline, batch).values())
+    assert server.stats()["batches_created"] == 0 and server.stats()["requests"] == 6
+
+
 def test_batch_mode_is_refused_for_providers_without_a_batch_api(batch_pipeline, tmp_path):
     pipeline = batch_pipeline()
     path = write(tmp_path / "d.jsonl", rows(3))

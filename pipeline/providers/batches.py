@@ -58,6 +58,7 @@ class ItemOutcome:
 
 class BatchAPI(Protocol):
     name: str
+    base_url: str   # the server the client posts to, as in the online provider's response-cache key
 
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str: ...
 
@@ -111,6 +112,7 @@ class OpenAIBatches:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.base_url = str(client.base_url)  # as the online provider's: the response cache is shared
 
     @_typed("openai", "openai")
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str:
@@ -190,6 +192,7 @@ class AnthropicBatches:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.base_url = str(client.base_url)  # as the online provider's: the response cache is shared
 
     @_typed("anthropic", "anthropic")
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str:
