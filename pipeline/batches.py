@@ -7,9 +7,10 @@ scheduled poll job looks at it with backoff (``advance``). When it ends, every a
 as a Result carrying its ``batch_id``, costed at the batch price. Items that errored or expired go into a next
 round (a new slot with only them), a bounded number of times; succeeded ones are never sent again.
 
-Exactly once: a slot makes at most one live batch. Before creating, the record says so (``creating``); a job that
-finds that mark (a worker killed after the create call, a create whose reply was lost, an RQ retry) first looks
-for the batch at the provider (``BatchAPI.find``: OpenAI by the chunk id in its metadata, Anthropic by time,
+Exactly once: a slot makes at most one live batch. Before creating, a job takes a lease on it in the record
+(``creating``), so two jobs never create at once; a job that finds a lapsed lease of the same attempt (a worker
+killed after the create call, a create whose reply was lost, an RQ retry) first looks for the batch at the
+provider (``BatchAPI.find``: OpenAI by the chunk id in its metadata, Anthropic by time,
 size and custom_id prefix) and adopts it instead of creating another.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import (CANCELLED, LIMITS, OPEN_STATES, BatchAPI, BatchItem, ItemOutcome,
-                                build_batch_api)
+from .providers.batches import (CANCELLED, LIMITS, OPEN_STATES, UPLOAD_RETRIES, UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
+                                ItemOutcome, build_batch_api)
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
 from .redaction import redact
@@ -45,6 +46,12 @@ BATCH_PROVIDERS = ("openai", "anthropic")
 HOLD_SECONDS = 26 * 3600       # a batch's budget hold outlives its 24 h window
 PUBLISH_AT_ONCE = 500
 ACTIVE_JOB_STATES = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}
+
+
+def create_lease_seconds(settings: Settings) -> float:
+    """How long a job holds the right to create a slot's batch: longer than its calls can last (an upload with
+    its retries, then the create), each bounded by the client's timeout."""
+    return ((UPLOAD_RETRIES + 2) * UPLOAD_TIMEOUT_FACTOR + 1) * settings.request_timeout
 
 
 def poll_job_id(slot: str) -> str:
@@ -196,35 +203,42 @@ class BatchRunner:
 
     def _create(self, record: bs.SlotRecord) -> float | None:
         """Find the slot's batch if an earlier attempt may have made it, else create it. None once recorded."""
-        if record.extra.get("creating") == str(record.attempt):
+        claim = bs.claim_create(self.connection, record, create_lease_seconds(self.settings))
+        if claim == bs.BUSY:  # another job is creating it right now: look again later
+            return self.settings.batch_poll_seconds
+        if claim == bs.MAY_EXIST:
             found = self._find(record)
             if found is not None:
+                if not found:
+                    bs.end_create_lease(self.connection, record)
                 return None if found else self.settings.batch_poll_seconds
         limit = self.settings.batch_enqueued_tokens.get(self.config.model)
         if not bs.enqueue_tokens(self.connection, record.slot, self.target, sum(i.tokens for i in record.items), limit):
             log.info("%s: its model's open batches are at the enqueued-token limit (%s); waiting", record.slot, limit)
+            bs.drop_create_claim(self.connection, record)
             return self.settings.batch_wait_seconds
         if not self._hold_budget(record):
+            bs.drop_create_claim(self.connection, record)
             return None if record.done else self.settings.batch_wait_seconds
         items = [BatchItem(i.custom_id, self._request(i.prompt)) for i in record.items]
         too_big = self._over_limits(items)
         if too_big:
             bs.release_tokens(self.connection, record.slot, self.target)
             return self._fail_slot(record, too_big)
-        bs.set_fields(self.connection, record.slot, creating=str(record.attempt))
         try:
             batch_id = self.api.create(record.provider_chunk_id, items)
         except RateLimited as exc:  # the enqueued-token limit (Anthropic), or the batch API's own rate limit
             log.warning("%s: creating the batch was refused, waiting: %s", record.slot, exc,
                         extra={"run_id": record.run_id})
-            self.connection.hdel(bs.record_key(record.slot), "creating")
+            bs.drop_create_claim(self.connection, record)
             bs.release_tokens(self.connection, record.slot, self.target)
             return max(self.settings.batch_wait_seconds, exc.retry_after or 0)
         except PermanentError as exc:
-            self.connection.hdel(bs.record_key(record.slot), "creating")
+            bs.drop_create_claim(self.connection, record)
             return self._fail_slot(record, f"creating the batch failed: {exc}")
         except ProviderError as exc:  # the batch may exist (reply lost): the next look finds it first
             log.warning("%s: creating the batch: %s", record.slot, exc, extra={"run_id": record.run_id})
+            bs.end_create_lease(self.connection, record)
             return self.settings.batch_poll_seconds
         bs.record_batch(self.connection, record, batch_id, bs.now(), None, "created")
         return None

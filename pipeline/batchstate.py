@@ -180,6 +180,41 @@ return 1
 """
 
 
+# KEYS: record. ARGV: attempt, now, lease end. 0: another job is creating this attempt's batch right now;
+# 1: claimed, nothing made before; 2: claimed, but a job that died (or lost the reply) may have made it: look first.
+_CLAIM_CREATE = """
+local mark = redis.call('HGET', KEYS[1], 'creating')
+local verdict = 1
+if mark then
+  local attempt, lease = string.match(mark, '^(%d+):([%d.]+)$')
+  if attempt == ARGV[1] then
+    if tonumber(lease) > tonumber(ARGV[2]) then return 0 end
+    verdict = 2
+  end
+end
+redis.call('HSET', KEYS[1], 'creating', ARGV[1] .. ':' .. ARGV[3])
+return verdict
+"""
+CLAIMED, MAY_EXIST, BUSY = 1, 2, 0
+
+
+def claim_create(connection: redis.Redis, record: SlotRecord, lease_seconds: float) -> int:
+    """Take the right to create the slot's batch for ``lease_seconds`` (the create call's longest life), so two
+    jobs on one slot never both create; a lapsed lease of the same attempt means its batch may exist."""
+    now = time.time()
+    return int(connection.eval(_CLAIM_CREATE, 1, record_key(record.slot), record.attempt, now, now + lease_seconds))
+
+
+def end_create_lease(connection: redis.Redis, record: SlotRecord) -> None:
+    """The create call is over without a recorded id (its reply lost): the next look may search at once."""
+    connection.hset(record_key(record.slot), "creating", f"{record.attempt}:0")
+
+
+def drop_create_claim(connection: redis.Redis, record: SlotRecord) -> None:
+    """Nothing was made (refused, or held back before the call): the next attempt creates afresh."""
+    connection.hdel(record_key(record.slot), "creating")
+
+
 def enqueue_tokens(connection: redis.Redis, slot: str, target: str, tokens: int, limit: int | None) -> bool:
     """Count the slot's tokens against its model's open batches, unless that would pass ``limit`` (a batch
     alone over the limit still goes when nothing else is open: it could never go otherwise)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from rq import Worker
 from rq.job import Job
 
 from pipeline import batchstate, runs
+from pipeline.batches import BatchRunner
 from pipeline.errors import ConfigError
 from pipeline.metrics import PipelineMetrics
 from pipeline.pricing import PriceTable
@@ -48,7 +50,8 @@ def batch_pipeline(make_pipeline, server):
     def make(**overrides):
         values = dict(openai_api_key="sk-test-openai", openai_base_url=f"{server.url}/v1",
                       anthropic_api_key="sk-ant-test", anthropic_base_url=server.url,
-                      batch_poll_seconds=1, batch_poll_max_seconds=1, batch_wait_seconds=1, job_retries=2)
+                      batch_poll_seconds=1, batch_poll_max_seconds=1, batch_wait_seconds=1, job_retries=2,
+                      request_timeout=0.25)   # a create's lease: 17 x 0.25 s
         values.update(overrides)
         return make_pipeline(**values)
     return make
@@ -201,13 +204,37 @@ def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_
     finally:
         processes.kill_tree(worker)
     (record,) = batchstate.run_batches(pipeline.redis, run_id)
-    assert record.batch_id is None and record.extra["creating"] == "1"          # made, never recorded
+    assert record.batch_id is None and record.extra["creating"].startswith("1:")  # made, never recorded
     for dead in Worker.all(connection=pipeline.redis, serializer=SERIALIZER):
         recover_chunks_of(pipeline.redis, pipeline.settings, dead.name)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     assert server.stats()["batches_created"] == 1                                # 0 extra
     assert {r["batch_id"] for r in pipeline.results(run_id)} == set(server.batches.batches)
     assert set(server.stats()["paid"].values()) == {1}
+
+
+def test_a_second_job_on_a_slot_whose_batch_is_being_created_waits_instead_of_creating(batch_pipeline, server,
+                                                                                       tmp_path):
+    """While one job's create call is in flight (its lease is live), another job on the same slot (an RQ retry of
+    a chunk thought dead) creates nothing; once the call is over it finds the batch."""
+    server.configure(batch_hang_create=1, hang_seconds=2)              # longer than the client's 1 s timeout
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(10), "openai")
+    second: list[float | None] = []
+
+    def second_job() -> None:
+        processes.wait_for(lambda: server.stats()["batches_created"] == 1, 30, "the first job's create call")
+        (record,) = batchstate.run_batches(pipeline.redis, run_id)
+        config = runs.load_config(pipeline.redis, run_id)
+        second.append(BatchRunner(pipeline.settings, pipeline.redis, config).advance(record.slot))
+
+    beside = threading.Thread(target=second_job)
+    beside.start()
+    pipeline.work()                                                    # the first job, creating the batch
+    beside.join()
+    assert second == [1]                                               # made nothing: look again in 1 s
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    assert server.stats()["batches_created"] == 1 and len(pipeline.results(run_id)) == 10
 
 
 def test_an_expired_batch_sends_only_its_missing_items_again(batch_pipeline, server, tmp_path):

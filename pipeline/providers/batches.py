@@ -28,6 +28,8 @@ LIST_PAGE = 100
 # Per batch: most requests, and most bytes of its input (OpenAI's JSONL file; Anthropic's request body).
 LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024)}
 CLOCK_SKEW_SECONDS = 60.0   # a batch found by its creation time may be stamped this much before our intent
+UPLOAD_TIMEOUT_FACTOR = 4   # the batch clients' timeout, in REQUEST_TIMEOUTs
+UPLOAD_RETRIES = 2          # the SDK's retries of an upload or a read (never of a create)
 
 
 @dataclass(frozen=True)
@@ -74,20 +76,20 @@ class BatchAPI(Protocol):
 
 def build_batch_api(name: str, settings: Settings) -> BatchAPI:
     """The batch API of ``openai`` or ``anthropic`` with the worker's keys and base URLs."""
-    timeout = max(settings.request_timeout, 120.0)  # an upload of a large file takes longer than a call
+    timeout = UPLOAD_TIMEOUT_FACTOR * settings.request_timeout  # an upload of a large file takes longer than a call
     if name == "openai":
         import openai
 
         assert settings.openai_api_key is not None
         return OpenAIBatches(openai.OpenAI(api_key=settings.openai_api_key.get_secret_value(),
-                                           base_url=settings.openai_base_url, timeout=timeout, max_retries=2))
+                                           base_url=settings.openai_base_url, timeout=timeout, max_retries=UPLOAD_RETRIES))
     if name == "anthropic":
         import anthropic
 
         assert settings.anthropic_api_key is not None
         return AnthropicBatches(anthropic.Anthropic(api_key=settings.anthropic_api_key.get_secret_value(),
                                                     base_url=settings.anthropic_base_url, timeout=timeout,
-                                                    max_retries=2))
+                                                    max_retries=UPLOAD_RETRIES))
     raise ProviderError(f"provider {name} has no batch API")
 
 
