@@ -42,7 +42,6 @@ from .settings import Settings
 from .templates import PromptTemplate
 
 log = logging.getLogger("pipeline.batches")
-BATCH_PROVIDERS = ("openai", "anthropic")
 HOLD_SECONDS = 26 * 3600       # a batch's budget hold outlives its 24 h window
 PUBLISH_AT_ONCE = 500
 ACTIVE_JOB_STATES = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}

@@ -73,9 +73,6 @@ class SlotRecord:
         return f"{self.slot}:a{self.attempt}"
 
 
-_SCALARS = ("run_id", "chunk", "state", "batch_id")
-
-
 def save_intent(connection: redis.Redis, record: SlotRecord) -> bool:
     """Write a new slot's record, unless it exists already (another job made it first). True if written."""
     key = record_key(record.slot)
@@ -195,7 +192,7 @@ end
 redis.call('HSET', KEYS[1], 'creating', ARGV[1] .. ':' .. ARGV[3])
 return verdict
 """
-CLAIMED, MAY_EXIST, BUSY = 1, 2, 0
+MAY_EXIST, BUSY = 2, 0
 
 
 def claim_create(connection: redis.Redis, record: SlotRecord, lease_seconds: float) -> int:
