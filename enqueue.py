@@ -121,6 +121,9 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tpm", type=click.IntRange(1), help="Tokens/minute shared by all workers."),
         click.option("--name", help="A name for the run."),
         click.option("--idempotency-key", help="Same key, same run (e.g. the nightly date)."),
+        click.option("--mode", type=click.Choice(["online", "batch"]), default="online", show_default=True,
+                     help="batch: the provider's batch API (openai, anthropic) at half the price, results "
+                          "within 24 h."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
     ]
     for option in reversed(options):
@@ -278,6 +281,8 @@ def print_estimate(estimate: Estimate, as_json: bool) -> None:
 def run(ctx: Context, as_json: bool, **options: Any) -> None:
     """Submit, work and collect in this one process (small jobs, demos), then print the summary."""
     request = build_request(**options, allowed_dir=ctx.settings.allowed_data_dir)
+    if request.mode == "batch":
+        raise ConfigError("a batch-mode run takes up to 24 h: `submit --mode batch` it and keep `worker.py` running")
     report = do_submit(ctx, request, quiet=as_json)
     if not as_json:
         print_submit(report, as_json)
@@ -352,6 +357,12 @@ def print_status(info: dict[str, Any], as_json: bool) -> None:
     click.echo(f"  cost       {_dollars(info['cost_usd'], 6)}{budget}{unpriced}")
     latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
     click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
+    if info.get("mode") == "batch":
+        batches = info.get("batches") or {}
+        shown = ", ".join(f"{batches.get(state, 0)} {state.replace('_', ' ')}" for state in
+                          ("created", "in_progress", "completed", "expired", "cancelled", "failed")
+                          if batches.get(state) or state in ("created", "in_progress", "completed", "expired"))
+        click.echo(f"  batches    {shown}")
     if info.get("note"):
         click.echo(f"  note       {info['note']}")
 

@@ -55,13 +55,17 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any] | Retry:
     settings = worker_settings()
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings)
-    window = process_window(settings, connection)
-    ticket = current_ticket.get() or window.reserve(len(payload["rows"]))
-    timeout = job.timeout if job is not None and job.timeout and job.timeout > 0 else None
     try:
         config = runstate.load_config(connection, payload["run_id"])
     except RunNotFound as exc:
         config = exc
+    if isinstance(config, RunConfig) and config.mode == "batch":  # no call window: the provider's batch API
+        from jobs.batch_chunk import start_batch_chunk
+
+        return start_batch_chunk(settings, connection, config, payload)
+    window = process_window(settings, connection)
+    ticket = current_ticket.get() or window.reserve(len(payload["rows"]))
+    timeout = job.timeout if job is not None and job.timeout and job.timeout > 0 else None
     runner = ChunkRunner(settings, window, payload, ticket)
     try:
         summary = window.run(runner.run(config, timeout))

@@ -14,6 +14,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
+import redis
 import redis.asyncio as aioredis
 
 from .errors import BudgetExceeded
@@ -91,3 +92,34 @@ class RunBudget:
 
 async def spent(client: aioredis.Redis, run_id: str) -> float:
     return int(await client.get(spend_key(run_id)) or 0) / NANO
+
+
+def reserve_batch(connection: redis.Redis, run_id: str, max_cost: float | None, amount: int,
+                  hold_seconds: float) -> str | None:
+    """Batch mode: hold a whole batch's worst case before it is created (the same holds as single calls, held
+    for the batch's life). '' without a cap; None while other holds are out (try later: they may settle far
+    below their estimate); BudgetExceeded when the settled spend alone leaves no room."""
+    if max_cost is None:
+        return ""
+    cap = int(round(max_cost * NANO))
+    seconds, micros = connection.time()
+    now = seconds + micros / 1e6
+    member = f"{uuid.uuid4().hex}:{amount}"
+    verdict = int(connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, now,
+                                  now + hold_seconds, member))
+    if verdict == 1:
+        return member
+    if verdict < 0:
+        raise BudgetExceeded(f"the run's budget of ${cap / NANO:.4f} cannot hold a batch of at most "
+                             f"${amount / NANO:.6f}")
+    return None
+
+
+def settle_batch(connection: redis.Redis, run_id: str, hold: str, actual: int) -> None:
+    """Release a batch's hold and add what its answers cost."""
+    if not hold:
+        return
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.zrem(holds_key(run_id), hold)
+        pipe.incrby(spend_key(run_id), actual)
+        pipe.execute()

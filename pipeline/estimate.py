@@ -48,8 +48,9 @@ def estimate(connection: redis.Redis, settings: Settings, config: RunConfig) -> 
     counts = _count(connection, config, _server(settings, config.provider),
                     iter_chunks(Path(config.dataset), config.chunk_size, config.id_column))
     rows, cached, input_tokens, output_tokens = counts
-    price = PriceTable.load(settings.price_file).with_price(config.model, config.price_in,
-                                                            config.price_out).price(config.model)
+    prices = PriceTable.load(settings.price_file).with_price(config.model, config.price_in, config.price_out)
+    price = (prices.batch_price(config.provider, config.model) if config.mode == "batch"
+             else prices.price(config.model))
     cost = None if price is None else price.cost_nano(input_tokens, output_tokens) / NANO
     rpm, tpm = config.rpm or settings.default_rpm, config.tpm or settings.default_tpm
     seconds = _seconds(rows - cached, input_tokens + output_tokens, rpm, tpm, settings.ratelimit_headroom)

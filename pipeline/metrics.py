@@ -23,7 +23,8 @@ from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import store
+from . import batchstate, store
+from .providers.batches import STATES as BATCH_STATES
 from .pricing import NANO
 from .records import RunConfig
 from .queue import SERIALIZER
@@ -172,6 +173,32 @@ class _ScrapeTime(PromCollector):
         backlog = GaugeMetricFamily("pipeline_handoff_backlog", "Results handed over but not yet written to SQL")
         backlog.add_metric([], self.connection.xlen(self.settings.result_stream))
         yield backlog
+        yield from self._batch_metrics()
+
+    def _batch_metrics(self) -> Iterable[Any]:
+        """Batch mode: provider batches by state (open ones now, ended ones since Redis has kept count), the age
+        of the oldest open one and the time left before the soonest expiry (absent with no batch open)."""
+        open_counts, oldest, soonest = batchstate.open_view(self.connection)
+        states = GaugeMetricFamily("pipeline_batches", "Provider batches (batch mode) by state: created and "
+                                   "in_progress are open now; completed, expired, cancelled, failed ever ended",
+                                   labels=["state"])
+        counts = {state: 0 for state in BATCH_STATES}
+        counts.update(batchstate.ended_counts(self.connection))
+        counts.update(open_counts)
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield states
+        now = time.time()
+        age = GaugeMetricFamily("pipeline_batch_oldest_open_age_seconds", "Age of the oldest open provider batch "
+                                "(0 when none is open)")
+        age.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
+        yield age
+        expiry = GaugeMetricFamily("pipeline_batch_expiry_seconds", "Seconds until the soonest expiry of an open "
+                                   "provider batch (its unfinished items then expire and go again); no sample when "
+                                   "none is open")
+        if soonest is not None:
+            expiry.add_metric([], soonest - now)
+        yield expiry
 
     def _run_metrics(self) -> Iterable[Any]:
         """Per-run row gauges for the RECENT_RUNS newest runs (a bounded label set), and runs by status."""

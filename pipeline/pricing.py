@@ -71,6 +71,10 @@ _FAMILIES: list[tuple[float, float, tuple[str, ...]]] = [
 BUILT_IN: dict[str, Price] = {name: Price(i, o) for i, o, names in _FAMILIES for name in names}
 
 
+# Batch APIs bill half the online price (OpenAI Batch, Anthropic Message Batches), per provider.
+BATCH_DISCOUNT: dict[str, float] = {"openai": 0.5, "anthropic": 0.5}
+
+
 class PriceTable:
     """Prices by exact model name. ``price`` is None for a model nobody priced."""
 
@@ -93,6 +97,13 @@ class PriceTable:
 
     def price(self, model: str) -> Price | None:
         return self._prices.get(model)
+
+    def batch_price(self, provider: str, model: str) -> Price | None:
+        """The model's price through ``provider``'s batch API (None: no price, or the provider has no batches)."""
+        price, share = self._prices.get(model), BATCH_DISCOUNT.get(provider)
+        if price is None or share is None:
+            return None
+        return Price(price.input_per_million * share, price.output_per_million * share)
 
     def unpriced(self, models: list[str]) -> list[str]:
         return [model for model in dict.fromkeys(models) if model not in self._prices]

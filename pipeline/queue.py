@@ -23,6 +23,7 @@ from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
+BATCH_POLL_FUNCTION = "jobs.batch_chunk.poll_batch"     # batch mode: looks at one provider batch, with backoff
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 

@@ -85,6 +85,7 @@ class RunConfig:
     idempotency_key: str | None = None
     created_at: float = 0.0
     owner: str | None = None  # the web user who submitted it; None: the CLI, a runs file or the scheduler
+    mode: str = "online"   # "batch": the provider's batch API, at its batch price (pipeline.batches)
 
     @property
     def targets(self) -> list[ModelTarget]:
@@ -129,6 +130,7 @@ class Result:
     # not a host's clock, orders two outcomes of one row.
     generation: int = 0
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per answer: a redelivery keeps it
+    batch_id: str | None = None  # the provider batch that answered the row (batch mode)
 
     @classmethod
     def failure(cls, run_id: str, row: "Row", error: str | None = None) -> "Result":
@@ -170,6 +172,8 @@ class Result:
             raise ValueError("cost_nano must be an integer or null")
         if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
             raise ValueError("input must be an object and finished_at a number")
+        if self.batch_id is not None and not isinstance(self.batch_id, str):
+            raise ValueError("batch_id must be text or null")
 
 
 def stable_hash(*parts: Any) -> str:

@@ -19,7 +19,7 @@ import redis
 from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 
-from . import handoff, store
+from . import batchstate, handoff, store
 from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
@@ -73,6 +73,7 @@ class RunRequest:
     name: str | None = None
     idempotency_key: str | None = None
     owner: str | None = None  # a web user's name: the run is theirs alone (its id and idempotency key too)
+    mode: str = "online"  # or "batch": the provider's batch API at half the price (openai, anthropic)
 
 
 @dataclass
@@ -185,6 +186,7 @@ def validate(settings: Settings, request: RunRequest, progress: ProgressCallback
              spool: ChunkSpool | None = None) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
     _check_fields(request)
+    _check_mode(request)
     _check_prices(settings, request)
     for target in [f"{request.provider}:{request.model}", *request.fallbacks]:
         provider, _, model = target.partition(":")
@@ -195,6 +197,12 @@ def validate(settings: Settings, request: RunRequest, progress: ProgressCallback
     _check_schema(request.json_schema)
     path = check_path(request.dataset, settings.allowed_data_dir)
     chunk_size = request.chunk_size or settings.chunk_size
+    if request.mode == "batch" and settings.redis_url is None:
+        raise ConfigError("--mode batch needs a Redis server (REDIS_URL): its poll jobs wait in RQ's scheduler, "
+                          "which workers run only on a Redis server, not the embedded one")
+    if request.mode == "batch" and chunk_size > BATCH_REQUEST_LIMITS[request.provider]:
+        raise ConfigError(f"--chunk-size {chunk_size}: a {request.provider} batch holds at most "
+                          f"{BATCH_REQUEST_LIMITS[request.provider]:,} requests, and each chunk is one batch")
     summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes, template=template,
                    progress=progress, chunk_size=chunk_size, on_chunk=spool.write if spool is not None else None)
     config = RunConfig(
@@ -206,9 +214,11 @@ def validate(settings: Settings, request: RunRequest, progress: ProgressCallback
         max_cost=request.max_cost, price_in=request.price_in, price_out=request.price_out,
         use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
         name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(), owner=request.owner,
+        mode=request.mode,
     )
     identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")
-                and not (k in ("price_in", "price_out", "owner") and v is None)}  # ids of runs before these options
+                and not (k in ("price_in", "price_out", "owner") and v is None)  # ids of runs before these options
+                and not (k == "mode" and v == "online")}
     config.run_id = "r" + stable_hash(identity)[:15]
     return config
 
@@ -266,6 +276,22 @@ def _check_fields(request: RunRequest) -> None:
         raise ConfigError("fallbacks must be a list of PROVIDER:MODEL")
 
 
+BATCH_MODE_PROVIDERS = ("openai", "anthropic")
+BATCH_REQUEST_LIMITS = {"openai": 50_000, "anthropic": 100_000}  # as pipeline.providers.batches.LIMITS
+
+
+def _check_mode(request: RunRequest) -> None:
+    if request.mode not in ("online", "batch"):
+        raise ConfigError(f"mode must be online or batch, got {request.mode!r}")
+    if request.mode != "batch":
+        return
+    if request.provider not in BATCH_MODE_PROVIDERS:
+        raise ConfigError(f"--mode batch needs a provider with a batch API ({', '.join(BATCH_MODE_PROVIDERS)}); "
+                          f"{request.provider} has none")
+    if request.fallbacks:
+        raise ConfigError("--fallback cannot be used with --mode batch (a batch has one model)")
+
+
 def _check_schema(schema: dict[str, Any] | None) -> None:
     if schema is None:
         return
@@ -313,6 +339,10 @@ def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
             job.cancel()
             cancelled += 1
     handoff.publish_event(connection, settings.result_stream, handoff.STATUS, {"run_id": run_id, "status": CANCELLED})
+    if connection.exists(batchstate.run_slots_key(run_id)):  # batch mode: its poll jobs cancel the batches now
+        from .batches import wake_polls
+
+        wake_polls(connection, settings, run_id)
     return cancelled
 
 
@@ -415,6 +445,10 @@ def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
     busy = [job.id for job in _run_jobs(connection, run_id) if job.get_status(refresh=False) in PENDING_JOB_STATES]
     if busy:
         raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
+    open_batches = batchstate.open_batch_count(connection, run_id)
+    if open_batches:
+        raise ConfigError(f"run {run_id} still has {open_batches} provider batch(es) open; wait for them to end "
+                          "(a cancel ends them) first")
 
 
 def cost_usd(run: dict[str, Any]) -> float | None:
@@ -468,5 +502,6 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str, queue_name:
         "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost, "workers": workers, "note": note, "owner": config.owner,
+        "max_cost": config.max_cost, "workers": workers, "note": note, "owner": config.owner, "mode": config.mode,
+        "batches": batchstate.states(connection, run_id) if config.mode == "batch" else {},
     }

@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     fake_latency: float = Field(0.0, ge=0, description="Simulated latency of the offline fake provider.")
     price_file: Path | None = Field(None, description="TOML/JSON price table extending the built-in one.")
 
+    batch_poll_seconds: float = Field(60.0, gt=0, description="Batch mode: first wait before an open provider "
+                                      "batch is looked at again; doubles up to BATCH_POLL_MAX_SECONDS.")
+    batch_poll_max_seconds: float = Field(900.0, gt=0)
+    batch_wait_seconds: float = Field(300.0, gt=0, description="Batch mode: wait before a batch refused for the "
+                                      "enqueued-token limit (or held back by other batches' budget holds) is tried again.")
+    batch_max_rounds: int = Field(3, ge=1, description="Batch mode: batches an errored or expired item is sent in "
+                                  "before its row fails.")
+    batch_enqueued_tokens: dict[str, int] = Field(default_factory=dict, description="Batch mode: most tokens "
+                                                  "(input + max output) in a model's open batches, JSON by model.")
+
     collector_batch: int = Field(500, ge=1)
     run_retention_seconds: int = Field(7 * 24 * 3600, ge=1, description="How long a run's Redis keys stay after "
                                        "the run is final (SQL keeps its record; resume rebuilds them from it).")

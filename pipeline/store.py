@@ -82,6 +82,7 @@ results = Table(
     Column("usage_estimated", Integer, nullable=False, default=0),  # answers billed at their reserved worst case
     Column("generation", Integer, nullable=False, default=0),       # orders a row's outcomes (never host clocks)
     Column("result_id", String(32)),                                # the worker's id of the answer kept here
+    Column("batch_id", String(128)),  # the provider batch that answered the row (batch mode); NULL online
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
     Index("ix_results_run_status", "run_id", "status"),
 )
@@ -112,7 +113,8 @@ RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
 # Columns an older version's tables lack, with what they hold (the README's 'Upgrading a database' adds them).
 _NEWER_COLUMNS = {"runs": {"cost_nano": "money as a float"},
                   "results": {"cost_nano": "money as a float", "usage_estimated": "no estimated-usage count",
-                              "generation": "no retry generation", "result_id": "no answer id"}}
+                              "generation": "no retry generation", "result_id": "no answer id",
+                              "batch_id": "no batch id"}}
 
 
 def make_engine(url: str) -> Engine:
@@ -141,7 +143,8 @@ def prepare(engine: Engine) -> None:
 
 
 def _refuse_old_schema(engine: Engine) -> None:
-    """Tables made by a version that kept money as a float ``cost``: create_all leaves them as they are."""
+    """Tables made by an older version (money as a float ``cost``, no batch id ...): create_all leaves them as
+    they are."""
     tables = inspect(engine)
     for table, newer in _NEWER_COLUMNS.items():
         have = {c["name"] for c in tables.get_columns(table)}

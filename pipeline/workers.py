@@ -24,7 +24,7 @@ from rq.worker.base import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerData, WorkerPool
 
 from .providers import preload
-from .queue import JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
+from .queue import BATCH_POLL_FUNCTION, JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
 from .settings import Settings
 from .window import CallWindow, close_process_window, process_window
 
@@ -32,7 +32,7 @@ log = logging.getLogger("pipeline.worker")
 ROOM_CHECK_SECONDS = 1.0  # how often a worker waiting for room in its window looks at its stop flag
 DEQUEUE_POLL_SECONDS = 1  # a blocking dequeue returns this often, so a stop is seen without a signal raising
 # RQ imports whatever a job names: anyone who can write to Redis could run code here. Only these run.
-JOB_FUNCTIONS = frozenset({JOB_FUNCTION})
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION, BATCH_POLL_FUNCTION})
 JOB_CALLBACKS = frozenset({JOB_FAILED_CALLBACK})
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .fakebatches import FakeBatches
+
 Instruction = int | str  # an HTTP status, "hang" or "malformed"
 
 
@@ -50,6 +52,15 @@ class Config:
     rules: list[dict[str, Any]] = field(default_factory=list)     # {"match", "action", "times": N | None}
     answers: list[dict[str, str]] = field(default_factory=list)   # {"match", "content"}
     usage: bool = True                  # False: answers carry no "usage" (some OpenAI-compatible servers)
+    # Batch APIs (OpenAI /v1/batches, Anthropic /v1/messages/batches). A batch ends ``batch_delay`` seconds after
+    # it is created, every item answered as the online call would be (``rules`` and ``fail_next`` give per-item
+    # errors). ``batch_plan`` overrides that for the next batches, one dict each: {"keep": N items answered,
+    # "end": "completed" | "expired" | "stall" (never ends until cancelled), "delay": s}.
+    batch_delay: float = 0.0
+    batch_plan: list[dict[str, Any]] = field(default_factory=list)
+    batch_token_limit: int | None = None   # enqueued tokens per model over its open batches; above it, refused
+    batch_lose_create: int = 0             # the next N creates make the batch, then answer 500 (reply lost)
+    batch_hang_create: int = 0             # the next N creates make the batch, then hang hang_seconds first
 
 
 class Bucket:
@@ -142,6 +153,10 @@ class Stats:
     admitted_per_second: list[int] = field(default_factory=list)   # by whole seconds since first_admitted
     tokens_per_second: list[int] = field(default_factory=list)
     in_flight_samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, calls in flight)
+    batches_created: int = 0
+    batch_items: int = 0                     # batch requests answered (paid), all batches
+    batches_refused: int = 0                 # creates refused for the enqueued-token limit
+    batches_cancelled: int = 0
 
     def admit(self, now: float, tokens: int = 0) -> None:
         if self.first_admitted is None:
@@ -175,6 +190,8 @@ class Stats:
             "first_admitted": self.first_admitted, "last_admitted": self.last_admitted,
             "admitted_per_second": list(self.admitted_per_second), "tokens_per_second": list(self.tokens_per_second),
             "in_flight_samples": list(self.in_flight_samples),
+            "batches_created": self.batches_created, "batch_items": self.batch_items,
+            "batches_refused": self.batches_refused, "batches_cancelled": self.batches_cancelled,
         }
 
 
@@ -189,6 +206,7 @@ class FakeProvider:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task | None = None
+        self.batches = FakeBatches(self)
 
     # --- control -------------------------------------------------------------------------------------------
     @property
@@ -233,6 +251,7 @@ class FakeProvider:
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_get("/v1/models", self._models)
+        self.batches.add_routes(app)
         app.router.add_post("/_control", self._control)
         app.router.add_get("/_stats", self._get_stats)
         app.router.add_post("/_reset", self._reset)

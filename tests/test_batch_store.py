@@ -1,0 +1,40 @@
+"""The results table's batch_id column, on SQLite and PostgreSQL: stored through the collector, and a table from
+before batch mode refused with the upgrade to run."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from pipeline import handoff, store
+from pipeline.errors import ConfigError
+from pipeline.records import Result, Row
+
+from .conftest import ROOT
+
+README = ROOT / "README.md"
+
+
+def test_a_result_keeps_the_batch_it_came_from(pipeline):
+    answered = Result.failure("r1", Row("a", 0, {"text": "x"}))
+    answered.status, answered.answer, answered.batch_id = "succeeded", "yes", "batch_abc123"
+    online = Result.failure("r1", Row("b", 1, {"text": "y"}), "boom")
+    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [answered, online])
+    pipeline.collect()
+    stored = {r["row_key"]: r["batch_id"] for r in pipeline.results("r1")}
+    assert stored == {"a": "batch_abc123", "b": None}
+
+
+def test_a_results_table_from_before_batch_mode_is_refused_with_its_upgrade(database_url):
+    engine = create_engine(database_url)
+    store.prepare(engine)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE results DROP COLUMN batch_id"))
+    with pytest.raises(ConfigError, match="older version \\(no batch id\\).* 'Upgrading a database'"):
+        store.prepare(engine)
+    statement = re.search(r"^ALTER TABLE results ADD COLUMN batch_id .*;$", README.read_text(), re.MULTILINE)
+    with engine.begin() as conn:
+        conn.execute(text(statement.group(0)))
+    store.prepare(engine)
+    engine.dispose()
