@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 import redis
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
@@ -42,7 +43,7 @@ class Context:
     def __init__(self) -> None:
         self.settings: Settings = load_settings()
         self._redis: redis.Redis | None = None
-        self._engine = None
+        self._engine: Engine | None = None
 
     @property
     def redis(self) -> redis.Redis:
@@ -51,7 +52,7 @@ class Context:
         return self._redis
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         if self._engine is None:
             self._engine = store.make_engine(self.settings.resolved_database_url)
         return self._engine

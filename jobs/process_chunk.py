@@ -55,6 +55,7 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any] | Retry:
     settings = worker_settings()
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings)
+    config: RunConfig | RunNotFound
     try:
         config = runstate.load_config(connection, payload["run_id"])
     except RunNotFound as exc:

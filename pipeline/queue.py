@@ -40,6 +40,11 @@ def _async_retry() -> AsyncRedisRetry:
     return AsyncRedisRetry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES)
 
 
+def decoded(reply: object) -> str:
+    """A Redis reply as text: our clients keep replies as bytes (redis-py types them as bytes or str)."""
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client for the primary that ``REDIS_SENTINELS`` name, for ``REDIS_URL``, or for an embedded real
     redis-server whose data lives in DATA_DIR."""
@@ -238,7 +243,7 @@ class _SentinelBlockingPool(aiosentinel.SentinelConnectionPool, aioredis.Blockin
 # after a lost connection reconnects through connect_check_health() to the address it had, so after a failover
 # every retry knocked on the dead primary. Asking at every socket connect follows the failover.
 class _SentinelConnection(sentinel.SentinelManagedConnection):
-    def _connect(self):  # type: ignore[no-untyped-def]
+    def _connect(self):
         if self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
         return super()._connect()
@@ -249,7 +254,7 @@ class _SentinelTLSConnection(_SentinelConnection, sentinel.SentinelManagedSSLCon
 
 
 class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
-    async def _connect(self):  # type: ignore[no-untyped-def]
+    async def _connect(self):
         if self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
         return await super()._connect()

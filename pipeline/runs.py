@@ -25,7 +25,8 @@ from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chu
 from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
 from .estimate import Estimate, estimate
 from .providers import check_provider_config
-from .queue import chunk_label, chunk_queue, consuming_workers, enqueue_chunks, enqueued_key, job_id, SERIALIZER
+from .queue import (SERIALIZER, chunk_label, chunk_queue, consuming_workers, decoded, enqueue_chunks, enqueued_key,
+                    job_id)
 from .pricing import NANO, PriceTable
 from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
 from .rebuild import known_config, recorded_submit
@@ -124,7 +125,7 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
     if request.idempotency_key:
         known = connection.get(idempotency_key(request.idempotency_key, request.owner))
         if known is not None:
-            config = load_config(connection, known.decode())
+            config = load_config(connection, decoded(known))
             finished = connection.exists(submitted_key(config.run_id))
             return _finish_enqueue(connection, settings, config, None if finished else _unchanged_dataset(config),
                                    existing=True)
@@ -347,7 +348,7 @@ def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
 
 
 def _run_jobs(connection: redis.Redis, run_id: str) -> Iterator[Job]:
-    labels = sorted(m.decode() for m in connection.smembers(enqueued_key(run_id)))
+    labels = sorted(map(decoded, connection.smembers(enqueued_key(run_id))))
     ids = [job_id(run_id, label) for label in labels]
     for start in range(0, len(ids), 500):
         for job in Job.fetch_many(ids[start:start + 500], connection=connection, serializer=SERIALIZER):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from multiprocessing.context import ForkProcess
-from typing import Any
+from typing import Any, cast
 
 import redis
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution
@@ -229,7 +229,7 @@ def recover_chunks_of(connection: redis.Redis, settings: Settings, worker_name: 
     """Give a dead worker's running chunks back at once, through RQ's own abandoned-job path (failure callback,
     then retry or fail), instead of waiting for their heartbeats to lapse. Returns how many it gave back."""
     executions_key = WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
-    members = connection.smembers(executions_key)
+    members = cast(set[bytes], connection.smembers(executions_key))
     if not members:
         return 0
     registry = StartedJobRegistry(settings.queue_name, connection, serializer=SERIALIZER)
@@ -250,7 +250,7 @@ class PipelineWorkerPool(WorkerPool):
     def __init__(self, settings: Settings, processes: int) -> None:
         connection = connect(settings)
         super().__init__([settings.queue_name], connection=connection, num_workers=processes,
-                         serializer=SERIALIZER)
+                         serializer=SERIALIZER)  # type: ignore[arg-type]  # rq resolves the name "json"
         self.settings = settings
 
     def get_worker_process(self, name: str, burst: bool, _sleep: float = 0,
