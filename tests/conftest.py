@@ -140,7 +140,8 @@ class Pipeline:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(data_dir=tmp_path / "data", log_level="WARNING", backoff_base=0.01, backoff_max=0.2, request_timeout=5.0)
+    values: dict[str, Any] = dict(data_dir=tmp_path / "data", log_level="WARNING", backoff_base=0.01, backoff_max=0.2,
+                                  request_timeout=5.0)
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

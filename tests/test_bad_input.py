@@ -69,7 +69,8 @@ BAD_INPUTS = {
                            ["--template", "{% for i in range(99999) %}{{ text * 50 }}{% endfor %}"],
                            ["row 1", "rendered prompt is over the limit"]),
     "runs file bad value": (lambda p: _beside(write(p / "d.csv", tricky_rows(2)), p / "runs.toml",
-                                              b'[runs.x]\ndataset = "d.csv"\ntemplate = "{{ text }}"\nmax_cost = "5"\n'),
+                                              b'[runs.x]\ndataset = "d.csv"\ntemplate = "{{ text }}"\n'
+                                              b'max_cost = "5"\n'),
                             ["--config", "__tmp__/runs.toml", "--name", "x"], ["max_cost must be a number", "'5'"]),
 }
 

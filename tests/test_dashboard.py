@@ -95,7 +95,7 @@ def test_workers_page_and_its_data_answer_while_a_worker_is_busy(pipeline, tmp_p
         for path in ("/0/view/workers", "/0/data/workers.json", "/0/data/queues.json"):
             assert _get(url + path, password=None)[0] == 401
             assert _get(url + path, password="wrong")[0] == 401
-        cmdline = open(f"/proc/{dashboard.pid}/cmdline", "rb").read().split(b"\0")
+        cmdline = Path(f"/proc/{dashboard.pid}/cmdline").read_bytes().split(b"\0")
         assert not any(b"redis" in arg for arg in cmdline)  # the Redis URL is not visible in ps
     finally:
         processes.kill_tree(worker)

@@ -108,7 +108,8 @@ def test_checks_name_the_first_bad_row_across_batches(tmp_path, monkeypatch):
     assert _scan_error(path, "{{ text }}") == f"{path}: row 24: template variable missing: 'text' is undefined"
     path = write(tmp_path / "e.jsonl", rows[:23] + rows[24:])
     assert _scan_error(path, "{{ text }}") == f"{path}: row 31: the template renders an empty prompt"
-    assert _scan_error(path, "x {{ text }}", id_column="id", max_row_bytes=10) == f"{path}: row 1: 26 bytes, over the limit of 10"
+    assert (_scan_error(path, "x {{ text }}", id_column="id", max_row_bytes=10)
+            == f"{path}: row 1: 26 bytes, over the limit of 10")
     assert "row 31" in _scan_error(path, "{{ text | trim }}")  # rendered row by row: same answer
 
 

@@ -157,7 +157,10 @@ def test_a_run_across_hosts_survives_losing_a_worker_host(cluster: Cluster, tmp_
                         log=cluster.logs / f"{host.name}.log")
         cluster.collector.python(["enqueue.py", "collect"], pipeline.env(DATA_DIR=str(tmp_path / "collector")),
                                  log=cluster.logs / "collector.log")
-        done = lambda: int(pipeline.redis.hlen(handoff.done_key(report.run_id)))
+
+        def done() -> int:
+            return int(pipeline.redis.hlen(handoff.done_key(report.run_id)))
+
         wait_for(lambda: done() >= ROWS * 3 // 10 and _held_by(pipeline.redis, lost), 60,
                  "both hosts working and 30 % of the rows answered", interval=0.1)
 

@@ -110,5 +110,5 @@ def test_tables_from_the_float_version_are_refused_with_one_line(database_url):
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE runs (run_id VARCHAR(64) PRIMARY KEY, cost FLOAT NOT NULL)"))
     engine.dispose()
-    with pytest.raises(ConfigError, match="older version .* 'Upgrading a database'"):
+    with pytest.raises(ConfigError, match=r"older version .* 'Upgrading a database'"):
         store.make_engine(database_url)

@@ -138,8 +138,8 @@ def test_fallback_answers_when_the_primary_is_down(provider_pipeline, server, tm
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     pipeline = provider_pipeline(openai_base_url=f"http://127.0.0.1:{dead}/v1", max_attempts=2)
-    run_id, results = run_all(pipeline, tmp_path, rows(6), provider="openai", model="gpt-4o-mini",
-                              fallbacks=["anthropic:claude-haiku-4-5"])
+    _run_id, results = run_all(pipeline, tmp_path, rows(6), provider="openai", model="gpt-4o-mini",
+                               fallbacks=["anthropic:claude-haiku-4-5"])
     assert {r["provider"] for r in results.values()} == {"anthropic"}
     assert all(r["status"] == "succeeded" and r["attempts"] == 3 for r in results.values())
     assert server.stats()["by_path"] == {"/v1/messages": 6}

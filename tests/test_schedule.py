@@ -72,7 +72,10 @@ def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, 
                                    env=pipeline.env(LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL,
                                    stderr=log.open("w"))
                   for log in logs]
-    fired = lambda: all("scheduled run nightly:" in log.read_text() for log in logs)
+
+    def fired() -> bool:
+        return all("scheduled run nightly:" in log.read_text() for log in logs)
+
     try:
         deadline = time.monotonic() + 30
         while not fired() and time.monotonic() < deadline:

@@ -90,7 +90,10 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
                           f"sentinel down-after-milliseconds {MASTER} 1000\n"
                           f"sentinel failover-timeout {MASTER} 2000\n")
         start("sentinel", str(config), "--sentinel")
-        replica_synced = lambda c: c.info("replication").get("master_link_status") == "up"
+
+        def replica_synced(c) -> bool:
+            return c.info("replication").get("master_link_status") == "up"
+
         processes.wait_for(lambda: _answers(ports[1], replica_synced), 20, "the replica to sync")
         processes.wait_for(lambda: _answers(ports[2], lambda c: len(c.sentinel_slaves(MASTER)) == 1), 20,
                            "the sentinel to see the replica")

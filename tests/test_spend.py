@@ -278,7 +278,7 @@ def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_th
     with engine.begin() as conn:
         for column in ("usage_estimated", "generation", "result_id"):
             conn.execute(text(f"ALTER TABLE results DROP COLUMN {column}"))
-    with pytest.raises(ConfigError, match="older version .* 'Upgrading a database'"):
+    with pytest.raises(ConfigError, match=r"older version .* 'Upgrading a database'"):
         store.make_engine(database_url)
     readme = (ROOT / "README.md").read_text()
     with engine.begin() as conn:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from pipeline.logs import json_file_handler
 from pipeline.runstate import load_config
 
 from .datasets import write
-from .webserver import PASSWORD, make_web, web  # noqa: F401  (fixtures)
+from .webserver import PASSWORD, make_web_fixture, web_fixture  # noqa: F401  (fixtures)
 
 TEMPLATE = "Classify: {{ text }}"
 ROWS = [{"id": f"r{i}", "text": text} for i, text in enumerate(
@@ -254,34 +254,45 @@ EXAMPLES = int(os.environ.get("WEB_FUZZ_EXAMPLES", "8"))  # per operation; more 
 
 def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(web, tmp_path):
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
-                                     status_code_conformance)
 
     web.add_user("alice")
     web.login("alice")
     dataset = write(tmp_path / "known.csv", ROWS[:2])
     known = upload(web, "alice", dataset).json()["run_id"]
     schema = schemathesis.openapi.from_url(f"{web.url}/openapi.json")
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     calls: list[int] = []
     seen: dict[str, set[int]] = {}
     for operation in schema.get_all_operations():
         operation = operation.ok()
         if operation.path == "/api/v1/auth/logout":  # would revoke the token the other calls use
             continue
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:
-            if case.path_parameters and "run_id" in case.path_parameters and len(calls) % 2:
-                case.path_parameters["run_id"] = known  # half the calls on a real run
-            response = case.call(base_url=web.url, headers=web.auth("alice"), timeout=30)
-            calls.append(response.status_code)
-            seen.setdefault(operation.label, set()).add(response.status_code)
-            case.validate_response(response, checks=checks)
-
-        fuzz()
+        _fuzz(operation, web, known, calls, seen)
     print(f"schemathesis: {len(calls)} calls", {label: sorted(codes) for label, codes in seen.items()})
     assert len(calls) >= min(60, 7 * EXAMPLES) and not [s for s in calls if s >= 500]
+
+
+def _fuzz(operation, web, known: str, calls: list[int], seen: dict[str, set[int]]) -> None:
+    """Schemathesis' cases for one operation (about half on the run ``known``), their status codes added to
+    ``calls`` and ``seen``."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    def fuzz(case) -> None:
+        if case.path_parameters and "run_id" in case.path_parameters and len(calls) % 2:
+            case.path_parameters["run_id"] = known  # half the calls on a real run
+        response = case.call(base_url=web.url, headers=web.auth("alice"), timeout=30)
+        calls.append(response.status_code)
+        seen.setdefault(operation.label, set()).add(response.status_code)
+        case.validate_response(response, checks=checks)
+
+    fuzz()

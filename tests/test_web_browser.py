@@ -16,7 +16,7 @@ import pytest
 from pipeline.export import export_run
 
 from .conftest import ROOT
-from .webserver import make_web, web  # noqa: F401  (fixtures)
+from .webserver import make_web_fixture, web_fixture  # noqa: F401  (fixtures)
 
 DATASET = ROOT / "examples" / "reviews.csv"
 TEMPLATE = ROOT / "examples" / "sentiment.j2"

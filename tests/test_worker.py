@@ -47,7 +47,8 @@ def test_sigterm_ends_the_pool_every_time_and_hands_running_chunks_back(make_pip
         before = _done(pipeline, report.run_id)
         pool = processes.start(["worker.py", "--processes", "2"], pipeline.env())
         try:
-            processes.wait_for(lambda: _done(pipeline, report.run_id) > before + 4, 60, "answers from the pool")
+            processes.wait_for(lambda before=before: _done(pipeline, report.run_id) > before + 4, 60,
+                               "answers from the pool")
             pool.send_signal(signal.SIGTERM)
             assert pool.wait(timeout=60) == 0
         finally:

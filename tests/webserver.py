@@ -79,8 +79,9 @@ def serve(pipeline: Pipeline) -> Iterator[Web]:
         server.server_close()
 
 
-@pytest.fixture
-def make_web(make_pipeline):
+# Named in the decorator: test modules import the functions, and a parameter named like an import would shadow it.
+@pytest.fixture(name="make_web")
+def make_web_fixture(make_pipeline):
     servers: list[Iterator[Web]] = []
 
     def factory(**overrides: Any) -> Web:
@@ -94,6 +95,6 @@ def make_web(make_pipeline):
         server.close()
 
 
-@pytest.fixture
-def web(make_web) -> Web:
+@pytest.fixture(name="web")
+def web_fixture(make_web) -> Web:
     return make_web()

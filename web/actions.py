@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
+from apiflask import HTTPError
 from sqlalchemy import Engine
 from werkzeug.datastructures import FileStorage
 
@@ -49,7 +50,7 @@ class Services:
         return path
 
 
-def not_found(run_id: str):
+def not_found(run_id: str) -> HTTPError:
     return problem(404, f"no run {run_id!r}", "Not Found")
 
 

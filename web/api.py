@@ -12,11 +12,15 @@ from flask_limiter import Limiter
 from pipeline import users
 
 from . import actions
-from .auth import API_AUTH, caller_key
+from .auth import API_SECURITY, caller_key
 from .schemas import ActionOut, PageQuery, ResultsQuery, ResumeIn, RunDetail, RunsPage, SubmitIn, SubmitOut
 
 RESULT_CONTENT = {mimetype: {"schema": {"type": "string", "format": "binary"}}
                   for mimetype in actions.MIMETYPES.values()}
+# A description string gets the error body schema, a dict is the whole response object. APIFlask takes both in one
+# mapping though its ResponsesType says one or the other, hence the Any.
+RESULTS_RESPONSES: dict[int, Any] = {200: {"description": "The results file", "content": RESULT_CONTENT},
+                                     401: "Unauthorized", 404: "Not found", 409: "No results in the database yet"}
 
 
 def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: str) -> APIBlueprint:
@@ -33,7 +37,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
             "give the same run.", responses={200: "The same run existed already", 401: "Unauthorized",
                                              413: "Body too large", 415: "Not a dataset file",
                                              422: "Invalid dataset or settings", 429: "Too many submits"},
-            **API_AUTH)
+            security=API_SECURITY)
     def submit(form_and_files_data: dict[str, Any]) -> tuple[dict[str, Any], int]:
         report = actions.submit_upload(services, current_user, form_and_files_data["file"], form_and_files_data)
         return report.__dict__, 200 if report.existing else 201
@@ -42,7 +46,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @jwt_required(locations=["headers"])
     @bp.input(PageQuery, location="query")
     @bp.output(RunsPage)
-    @bp.doc(summary="List your runs", description="Newest first, paged.", responses=[401], **API_AUTH)
+    @bp.doc(summary="List your runs", description="Newest first, paged.", responses=[401], security=API_SECURITY)
     def list_runs(query_data: dict[str, Any]) -> dict[str, Any]:
         return actions.runs_page(services, current_user, query_data["page"], query_data["per_page"])
 
@@ -50,7 +54,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @jwt_required(locations=["headers"])
     @bp.output(RunDetail)
     @bp.doc(summary="A run's status", description="Counts, tokens, cost and timings.", responses=[401, 404],
-            **API_AUTH)
+            security=API_SECURITY)
     def get_run(run_id: str) -> dict[str, Any]:
         info = actions.visible_status(services, current_user, run_id)
         return {**info, "filename": users.run_filenames(services.engine, [run_id]).get(run_id)}
@@ -60,9 +64,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @bp.input(ResultsQuery, location="query")
     @bp.doc(summary="Download results", description="Input columns joined with the answers, as `enqueue.py "
             "export` writes them (CSV cells that a spreadsheet would run as formulas are escaped unless raw).",
-            responses={200: {"description": "The results file", "content": RESULT_CONTENT},
-                       401: "Unauthorized", 404: "Not found", 409: "No results in the database yet"},
-            **API_AUTH)
+            responses=RESULTS_RESPONSES, security=API_SECURITY)
     def results(run_id: str, query_data: dict[str, Any]) -> Response:
         fmt = query_data["format"]
         handle = actions.export_file(services, current_user, run_id, fmt, query_data["raw"])
@@ -72,7 +74,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @bp.post("/runs/<string:run_id>/cancel")
     @jwt_required(locations=["headers"])
     @bp.output(ActionOut)
-    @bp.doc(summary="Cancel a run", responses=[401, 404, 409], **API_AUTH)
+    @bp.doc(summary="Cancel a run", responses=[401, 404, 409], security=API_SECURITY)
     def cancel(run_id: str) -> dict[str, Any]:
         return {"run_id": run_id, "jobs": actions.cancel(services, current_user, run_id)}
 
@@ -81,14 +83,14 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @bp.input(ResumeIn, location="json")
     @bp.output(ActionOut)
     @bp.doc(summary="Resume a run", description="Enqueues every row without a result.",
-            responses=[401, 404, 409], **API_AUTH)
+            responses=[401, 404, 409], security=API_SECURITY)
     def resume(run_id: str, json_data: dict[str, Any]) -> dict[str, Any]:
         return {"run_id": run_id, "jobs": actions.resume(services, current_user, run_id, json_data.get("max_cost"))}
 
     @bp.post("/runs/<string:run_id>/retry-failed")
     @jwt_required(locations=["headers"])
     @bp.output(ActionOut)
-    @bp.doc(summary="Retry the failed rows", responses=[401, 404, 409], **API_AUTH)
+    @bp.doc(summary="Retry the failed rows", responses=[401, 404, 409], security=API_SECURITY)
     def retry_failed(run_id: str) -> dict[str, Any]:
         return {"run_id": run_id, "jobs": actions.retry_failed(services, current_user, run_id)}
 

@@ -6,10 +6,11 @@ one error processor through which every error (ours, werkzeug's, validation) bec
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import redis
 from apiflask import APIFlask
+from apiflask.types import SpecCallbackType
 from flask_cors import CORS
 from flask_limiter import Limiter
 from sqlalchemy import Engine
@@ -44,13 +45,16 @@ def create_app(settings: Settings | None = None, *, connection: redis.Redis | No
     app.config.update(_flask_config(settings, secret))
     app.config["UPLOAD_DIR"] = services.upload_dir
     app.config["PIPELINE_SETTINGS"] = settings
-    app.security_schemes = {"BearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+    app.security_schemes = {auth.API_SECURITY: {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
     app.error_processor(problem_response)
-    app.spec_processor(problem_content_types)
+    # APIFlask calls it with the spec as a dict (SPEC_PROCESSOR_PASS_OBJECT is off); SpecCallbackType says dict or str
+    app.spec_processor(cast(SpecCallbackType, problem_content_types))
 
     CORS(app, resources={r"/api/*": {"origins": settings.web_cors_origins}}, supports_credentials=False)
+    # limits hands storage_options to the redis client, which takes a pool; Flask-Limiter types them as str | int
+    storage_options = cast("dict[str, str | int]", {"connection_pool": connection.connection_pool})
     limiter = Limiter(auth.caller_key, app=app, storage_uri="redis://", key_prefix="web-limits",
-                      storage_options={"connection_pool": connection.connection_pool}, headers_enabled=True)
+                      storage_options=storage_options, headers_enabled=True)
     auth.setup_jwt(app, connection, engine)
     observe.install(app, settings)
     app.register_blueprint(health.build_blueprint(_probe_client(settings, connection), engine))

@@ -13,17 +13,27 @@ from typing import Any
 import redis
 from apiflask import APIBlueprint
 from flask import Flask, current_app, g, redirect, request, url_for
-from flask_jwt_extended import (JWTManager, create_access_token, create_refresh_token, current_user,
-                                decode_token, get_jwt, get_jwt_identity, jwt_required, verify_jwt_in_request)
+from flask_jwt_extended import (
+    JWTManager,
+    create_access_token,
+    create_refresh_token,
+    current_user,
+    decode_token,
+    get_jwt,
+    get_jwt_identity,
+    jwt_required,
+    verify_jwt_in_request,
+)
 from flask_limiter import Limiter
 from sqlalchemy import Engine
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from pipeline import users
 
 from .problems import problem, problem_response
 from .schemas import LoginIn, LogoutIn, RefreshOut, TokensOut
 
-API_AUTH = {"security": "BearerAuth"}
+API_SECURITY = "BearerAuth"  # the security scheme of every view that takes an access token
 REVOKED_PREFIX = "web:revoked:"
 
 
@@ -46,7 +56,7 @@ def setup_jwt(app: Flask, connection: redis.Redis, engine: Engine) -> JWTManager
         g.user_name = payload["sub"]  # for the access log
         return None if user is None or user["disabled"] else user
 
-    def refused(reason: str):
+    def refused(reason: str) -> WerkzeugResponse:
         if request.blueprint == "pages":
             return redirect(url_for("pages.login_form", next=request.path))
         # a response, not a raise: this runs inside Flask-JWT-Extended's error handler
@@ -74,10 +84,17 @@ def caller_key() -> str:
 def login_key() -> str:
     """Login attempts are limited per user name asked for (so guessing one account's password is slow from
     anywhere); ``login_address_key`` limits each address as well."""
-    data = request.get_json(silent=True) if request.is_json else request.form
-    name = data.get("username") if isinstance(data, dict) or hasattr(data, "get") else None
+    name = _login_name()
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(name, str) else ""
     return f"login:{digest}"  # any text the client sent, as a fixed-size key Redis can take
+
+
+def _login_name() -> object:
+    """The user name a login request asks for, as sent (any JSON value), None when there is none."""
+    if request.is_json:
+        data = request.get_json(silent=True)
+        return data.get("username") if isinstance(data, dict) else None
+    return request.form.get("username")
 
 
 def login_address_key() -> str:
@@ -111,7 +128,7 @@ def build_blueprint(connection: redis.Redis, engine: Engine, limiter: Limiter, l
     @jwt_required(refresh=True, locations=["headers"])
     @bp.output(RefreshOut)
     @bp.doc(summary="New access token", description="Send the refresh token as the bearer token.",
-            responses=[401], **API_AUTH)
+            responses=[401], security=API_SECURITY)
     def refresh() -> dict[str, Any]:
         settings = current_app.config["PIPELINE_SETTINGS"]
         return {"access_token": create_access_token(identity=current_user["name"]), "token_type": "Bearer",
@@ -122,7 +139,7 @@ def build_blueprint(connection: redis.Redis, engine: Engine, limiter: Limiter, l
     @bp.input(LogoutIn, location="json")
     @bp.output({}, status_code=204)
     @bp.doc(summary="Revoke tokens", description="Revokes the access token sent, and the refresh token given "
-            "in the body if any.", responses=[401, 422], **API_AUTH)
+            "in the body if any.", responses=[401, 422], security=API_SECURITY)
     def logout(json_data: dict[str, Any]) -> tuple[str, int]:
         revoke(connection, get_jwt())
         if json_data.get("refresh_token"):

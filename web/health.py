@@ -1,13 +1,18 @@
 """Liveness and readiness, the only endpoints answered without a token."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from apiflask import APIBlueprint
+from apiflask.types import ResponsesObjectType
 from sqlalchemy import Engine, text
 
 from .schemas import HealthOut
+
+NOT_READY: ResponsesObjectType = {503: {"description": "Not ready",
+                                        "content": {"application/json": {"schema": HealthOut}}}}
 
 
 def build_blueprint(connection: redis.Redis, engine: Engine) -> APIBlueprint:
@@ -22,7 +27,7 @@ def build_blueprint(connection: redis.Redis, engine: Engine) -> APIBlueprint:
     @bp.get("/readyz")
     @bp.output(HealthOut)
     @bp.doc(summary="Readiness", description="Redis and the database answer (503 names the one that does not).",
-            responses={503: {"description": "Not ready", "content": {"application/json": {"schema": HealthOut}}}})
+            responses=NOT_READY)
     def readyz() -> tuple[dict[str, Any], int]:
         failing = [name for name, check in (("redis", lambda: connection.ping()),
                                             ("database", lambda: _select_one(engine))) if not _answers(check)]
@@ -36,7 +41,7 @@ def _select_one(engine: Engine) -> None:
         conn.execute(text("SELECT 1"))
 
 
-def _answers(check) -> bool:
+def _answers(check: Callable[[], object]) -> bool:
     try:
         check()
         return True

@@ -10,7 +10,8 @@ import hmac
 import logging
 import time
 
-from flask import Flask, Response, g, request
+from apiflask import APIFlask
+from flask import Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from pipeline.settings import Settings
@@ -36,7 +37,7 @@ def route_label() -> str:
     return rule.rule if rule is not None else "unmatched"
 
 
-def install(app: Flask, settings: Settings) -> RequestMetrics:
+def install(app: APIFlask, settings: Settings) -> RequestMetrics:
     metrics = RequestMetrics()
 
     @app.before_request

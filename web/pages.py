@@ -6,16 +6,25 @@ form carries Flask-JWT-Extended's CSRF token (double submit), checked before the
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from apiflask import HTTPError
-from flask import Blueprint, Response, flash, g, redirect, render_template, request, send_file, url_for
-from flask_jwt_extended import (create_access_token, current_user, get_csrf_token, get_jwt, jwt_required,
-                                set_access_cookies, unset_jwt_cookies, verify_jwt_in_request)
+from flask import Blueprint, Response, flash, g, make_response, redirect, render_template, request, send_file, url_for
+from flask_jwt_extended import (
+    create_access_token,
+    current_user,
+    get_csrf_token,
+    get_jwt,
+    jwt_required,
+    set_access_cookies,
+    unset_jwt_cookies,
+    verify_jwt_in_request,
+)
 from flask_limiter import Limiter
 from marshmallow import ValidationError
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from pipeline import store, users
 
@@ -43,7 +52,8 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
             return render_template("login.html", error="Wrong user name or password.",
                                    next=_safe_next(request.form.get("next"))), 401
         tokens = issue_tokens(user)
-        response = redirect(_safe_next(request.form.get("next")) or url_for("pages.runs_page"))
+        # make_response gives the same object typed as the app's Response, which the cookie setters take
+        response = make_response(redirect(_safe_next(request.form.get("next")) or url_for("pages.runs_page")))
         set_access_cookies(response, tokens["access_token"])  # no refresh cookie: an idle page's session ends
         return response
 
@@ -51,7 +61,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
     @jwt_required(locations=["cookies"])
     def logout() -> Response:
         revoke(connection, get_jwt())
-        response = redirect(url_for("pages.login_form"))
+        response = make_response(redirect(url_for("pages.login_form")))
         unset_jwt_cookies(response)
         return response
 
@@ -69,7 +79,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
     @bp.post("/runs")
     @limiter.limit(submit_limit, key_func=caller_key)
     @jwt_required(locations=["cookies"])
-    def submit() -> Response:
+    def submit() -> WerkzeugResponse:
         try:
             fields = SubmitIn().load({**_form_fields(), "file": request.files.get("file")})
         except ValidationError as exc:
@@ -97,7 +107,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
 
     @bp.post("/runs/<run_id>/<any(cancel, resume, 'retry-failed'):action>")
     @jwt_required(locations=["cookies"])
-    def run_action(run_id: str, action: str) -> Response:
+    def run_action(run_id: str, action: str) -> WerkzeugResponse:
         try:
             if action == "cancel":
                 n = actions.cancel(services, current_user, run_id)
@@ -123,7 +133,7 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
             claims = get_jwt()
         except Exception:  # the view's own check answers
             return
-        if claims and claims["exp"] - datetime.now(timezone.utc).timestamp() < (claims["exp"] - claims["iat"]) / 2:
+        if claims and claims["exp"] - datetime.now(UTC).timestamp() < (claims["exp"] - claims["iat"]) / 2:
             g.new_access_token = create_access_token(identity=claims["sub"])
 
     @bp.after_app_request

@@ -5,6 +5,7 @@ from typing import Any
 
 from apiflask import HTTPError
 from flask import Response, json
+from werkzeug.datastructures import Headers
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -39,7 +40,7 @@ def problem_response(error: HTTPError) -> Response:
     else:
         body["detail"] = body["title"]
     response = Response(json.dumps(body), status=error.status_code, mimetype=PROBLEM_TYPE)
-    for name, value in (error.headers or {}).items():
+    for name, value in Headers(error.headers).items():  # a dict, pairs or Headers, as HTTPError takes them
         if name.lower() != "content-type":
             response.headers[name] = value
     return response
