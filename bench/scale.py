@@ -162,7 +162,6 @@ def main() -> None:
 # ---------------------------------------------------------------- export
 
 RUN_ID = "rbenchexport0001"
-INDEX = "CREATE INDEX IF NOT EXISTS ix_results_run_index ON results (run_id, row_index)"
 
 
 def fill_results(url: str, rows: int) -> None:
@@ -181,7 +180,6 @@ def fill_results(url: str, rows: int) -> None:
         config = RunConfig(run_id=RUN_ID, dataset="bench.csv", dataset_hash="0" * 64, template=TEMPLATE,
                            provider="fake", model="fake", total_rows=rows, total_chunks=rows // 1000)
         store.save_run(conn, config, "completed")
-        conn.execute(text(INDEX))  # the index export needs (store.py has none on (run_id, row_index))
     now = clock.time()
     for start in range(0, rows, 50_000):
         batch = [{
@@ -260,7 +258,7 @@ def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
         urls.append(("sqlite", f"sqlite:///{work / 'results.db'}"))
     if database in ("postgresql", "both"):
         urls.append(("postgresql", _pg_schema_url()))
-    print("export: results filled by bulk INSERT, index (run_id, row_index) created by hand; time in-process, "
+    print("export: results filled by bulk INSERT into the tables store.make_engine makes; time in-process, "
           "peak RSS of each process (VmHWM)")
     print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
           f"{'export rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio")
@@ -318,7 +316,7 @@ def bench_result(i: int, now: float):
     key = f"r{i:08d}"
     return Result(run_id=COLLECT_RUN_ID, row_key=key, row_index=i, status=SUCCEEDED,
                   input={"id": key, "review": f"The strap broke after a week, honestly #{i}"},
-                  prompt_hash="%064x" % i, answer="ECHO: negative", provider="fake", model="fake", attempts=1,
+                  prompt_hash=f"{i:064x}", answer="ECHO: negative", provider="fake", model="fake", attempts=1,
                   input_tokens=30, output_tokens=2, cost_nano=1234, latency_ms=12.5, finished_at=now + i * 1e-6,
                   calls={"fake|fake|200": 1})
 
@@ -359,13 +357,13 @@ def raw_upsert(url: str, rows: int) -> dict[str, Any]:
     upsert = insert.on_conflict_do_update(
         index_elements=["run_id", "row_key"],
         set_={c: insert.excluded[c] for c in store.RESULT_COLUMNS if c not in ("run_id", "row_key")})
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for start in range(0, rows, batch):
         with engine.begin() as conn:
             conn.execute(upsert, values[start:start + batch])
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     engine.dispose()
-    return {"rows": rows, "seconds": seconds}
+    return {"rows": rows, "seconds": seconds, "cpu": cpu}
 
 
 def pipeline_collect(url: str, rows: int) -> dict[str, Any]:
@@ -384,14 +382,14 @@ def pipeline_collect(url: str, rows: int) -> dict[str, Any]:
     connection = connect(settings)
     metrics = PipelineMetrics(settings, connection, engine)
     collector = Collector(settings, connection, engine, observers=[metrics.observe])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     written = collector.run(burst=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     with engine.connect() as conn:
         run = store.get_run(conn, COLLECT_RUN_ID) or {}
         stored = conn.execute(select(func.count()).select_from(store.results)).scalar_one()
     engine.dispose()
-    return {"rows": written, "seconds": seconds, "stored": stored, "status": run.get("status"),
+    return {"rows": written, "seconds": seconds, "cpu": cpu, "stored": stored, "status": run.get("status"),
             "rows_succeeded": run.get("rows_succeeded"), "cost_nano": run.get("cost_nano")}
 
 
@@ -426,8 +424,9 @@ def bench_collect(sizes: list[int], database: str) -> None:
     print("collect: results drained from the stream by a burst collector (default settings, metrics observer) "
           "vs SQLAlchemy batched upsert of the same rows; fresh tables (PostgreSQL: never analysed); time "
           "in-process, peak RSS (VmHWM)")
-    print(f"{'database':10} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
-          f"{'collector rows/s':>16} {'us/row':>6} {'RSS MB':>6} | ratio")
+    print("us/row: wall time; cpu: CPU time of that process alone (the database server's is in neither)")
+    print(f"{'database':10} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | "
+          f"{'collector rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load")
     try:
         for name in names:
             for rows in sizes:
@@ -444,8 +443,10 @@ def bench_collect(sizes: list[int], database: str) -> None:
                 assert collected["status"] == "completed" and collected["cost_nano"] == 1234 * rows, collected
                 assert client.xlen(result_stream()) == 0
                 ref_rate, rate = rows / reference["seconds"], rows / collected["seconds"]
-                print(f"{name:10} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.1f} {reference_mb:>6.0f} | "
-                      f"{rate:>16,.0f} {1e6 / rate:>6.1f} {collect_mb:>6.0f} | {rate / ref_rate:>5.2f}", flush=True)
+                print(f"{name:10} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.1f} "
+                      f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>16,.0f} "
+                      f"{1e6 / rate:>6.1f} {1e6 * collected['cpu'] / rows:>5.1f} {collect_mb:>6.0f} | "
+                      f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}", flush=True)
                 for side in ("raw", "collector"):
                     if name == "sqlite":
                         for suffix in ("", "-wal", "-shm"):

@@ -28,7 +28,7 @@ from .providers import check_provider_config
 from .queue import chunk_label, chunk_queue, enqueue_chunks, enqueued_key, job_id, SERIALIZER
 from .pricing import NANO, PriceTable
 from .rebuild import known_config
-from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
+from .records import ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runlock import RequeueClaim
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
                        idempotency_key, load_config, save_config, submitted_key)
@@ -370,8 +370,8 @@ def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, 
                    claim: RequeueClaim) -> int:
     run_id = config.run_id
     with engine.connect() as conn:
-        failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
-                  for r in store.iter_results(conn, run_id) if r["status"] in (FAILED, RETRYING)]
+        failed = [Row(key=key, index=index, values=values)
+                  for key, index, values in store.unfinished_rows(conn, run_id)]
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))

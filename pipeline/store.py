@@ -23,6 +23,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index,
                         Text, UniqueConstraint, create_engine, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex
 
 from .errors import ConfigError
 from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
@@ -83,7 +84,8 @@ results = Table(
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
     Column("finished_at", Float, nullable=False),
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
-    Index("ix_results_run_status", "run_id", "status"),
+    Index("ix_results_run_status", "run_id", "status"),    # retry-failed, counts by status
+    Index("ix_results_run_index", "run_id", "row_index"),  # export and resume, in input order
 )
 
 # Run totals that move with each result: (runs column, how one result contributes).
@@ -126,6 +128,18 @@ def prepare(engine: Engine) -> None:
     database does not answer."""
     metadata.create_all(engine)
     _refuse_old_schema(engine)
+    _add_missing_indexes(engine)
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """Indexes a newer version added to a table an older one made (create_all makes indexes only with their
+    table). Asked first, so that a start does not lock the table when nothing is missing; creating one locks
+    writes to ``results`` for as long as it takes (about a second per million rows)."""
+    present = {index["name"] for index in inspect(engine).get_indexes(results.name)}
+    for index in results.indexes:
+        if index.name not in present:
+            with engine.begin() as conn:
+                conn.execute(CreateIndex(index, if_not_exists=True))
 
 
 def _refuse_old_schema(engine: Engine) -> None:
@@ -512,6 +526,24 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
             return
         yield from page
         last = page[-1]["row_index"]
+
+
+def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000
+                 ) -> Iterator[Sequence[Sequence[Any]]]:
+    """The given columns of the run's results in input order: one query by the (run_id, row_index) index,
+    streamed (a server-side cursor on PostgreSQL) and handed out ``page`` rows at a time, as tuples."""
+    query = (select(*(results.c[name] for name in columns)).where(results.c.run_id == run_id)
+             .order_by(results.c.row_index))
+    yield from conn.execution_options(stream_results=True, yield_per=page).execute(query).partitions()
+
+
+def unfinished_rows(conn: Connection, run_id: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(row_key, row_index, input) of the run's failed rows and those retry-failed reopened, in input order,
+    found by the (run_id, status) index."""
+    query = (select(results.c.row_key, results.c.row_index, results.c.input)
+             .where(results.c.run_id == run_id, results.c.status.in_((FAILED, RETRYING)))
+             .order_by(results.c.row_index))
+    return [tuple(row) for row in conn.execute(query)]
 
 
 def count_results(conn: Connection, run_id: str) -> dict[str, int]:
