@@ -229,7 +229,8 @@ def raw_export(url: str, fmt: str, out: Path) -> int:
             else:
                 table = pa.table({f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
                                   for i, col in enumerate(zip(*page))})
-                writer = writer or pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
+                if writer is None:    # (was ``writer or ...``: a ParquetWriter is falsy, a new one every page)
+                    writer = pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
                 writer.write_table(table)
             count += len(page)
     if writer is not None:
@@ -239,7 +240,7 @@ def raw_export(url: str, fmt: str, out: Path) -> int:
 
 
 def export_child(command: str, url: str, fmt: str, out: str) -> dict[str, Any]:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if command == "_export_raw":
         rows = raw_export(url, fmt, Path(out))
     else:
@@ -248,7 +249,7 @@ def export_child(command: str, url: str, fmt: str, out: str) -> dict[str, Any]:
 
         engine = store.make_engine(url)
         rows = export_run(engine, RUN_ID, fmt, Path(out))
-    return {"rows": rows, "seconds": time.perf_counter() - started}
+    return {"rows": rows, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu}
 
 
 def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
@@ -260,8 +261,9 @@ def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
         urls.append(("postgresql", _pg_schema_url()))
     print("export: results filled by bulk INSERT into the tables store.make_engine makes; time in-process, "
           "peak RSS of each process (VmHWM)")
-    print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
-          f"{'export rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio")
+    print("us/row: wall time; cpu: CPU time of that process alone (the database server's is in neither)")
+    print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} "
+          f"{'RSS MB':>6} | {'export rows/s':>13} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load")
     try:
         for name, url in urls:
             for rows in sizes:
@@ -273,8 +275,9 @@ def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
                     assert reference["rows"] == exported["rows"] == rows, (reference, exported)
                     ref_rate, rate = rows / reference["seconds"], rows / exported["seconds"]
                     print(f"{name:10} {fmt:8} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.2f} "
-                          f"{reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} {export_mb:>6.0f} | "
-                          f"{rate / ref_rate:>5.2f}", flush=True)
+                          f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>13,.0f} "
+                          f"{1e6 / rate:>6.2f} {1e6 * exported['cpu'] / rows:>5.1f} {export_mb:>6.0f} | "
+                          f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if database in ("postgresql", "both"):

@@ -34,16 +34,25 @@ Page = list[list[Any]]
 
 
 def _flat_page(rows: Sequence[Sequence[Any]], input_columns: list[str]) -> Page:
-    """Result rows (the _COLUMNS of ``results``) as output rows: the input columns, then OUTPUT_FIELDS."""
-    dumps, page = json.dumps, []
+    """Result rows (the _COLUMNS of ``results``, JSON as its text) as output rows: the input columns, then
+    OUTPUT_FIELDS."""
+    loads, page = json.loads, []
     for (values, row_key, status, answer, parsed, error, provider, model, input_tokens, output_tokens, cost_nano,
          latency_ms, cached, attempts) in rows:
+        values = loads(values)
         flat = [values.get(name) for name in input_columns]
-        flat += [row_key, status, answer, None if parsed is None else dumps(parsed, ensure_ascii=False), error,
-                 provider, model, input_tokens, output_tokens, None if cost_nano is None else cost_nano / NANO,
-                 latency_ms, bool(cached), attempts]
+        flat += [row_key, status, answer, _parsed_json(parsed), error, provider, model, input_tokens, output_tokens,
+                 None if cost_nano is None else cost_nano / NANO, latency_ms, bool(cached), attempts]
         page.append(flat)
     return page
+
+
+def _parsed_json(stored: str | None) -> str | None:
+    """The parsed answer as JSON text with its characters as they are. The column holds ``json.dumps`` text
+    (ASCII, non-ASCII characters escaped, ``null`` for none): used as it is unless it has an escape."""
+    if stored is None or stored == "null":
+        return None
+    return json.dumps(json.loads(stored), ensure_ascii=False) if "\\u" in stored else stored
 
 
 def output_names(input_columns: list[str]) -> list[str]:
@@ -61,11 +70,11 @@ def export_run(engine: Engine, run_id: str, fmt: str, destination: Path, *, raw:
     with engine.connect() as conn:
         if store.get_run(conn, run_id) is None:
             raise ConfigError(f"no run {run_id!r} in the database (is the collector running?)")
-        pages = store.result_pages(conn, run_id, _COLUMNS, PAGE)
+        pages = store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
         first = next(pages, [])
         columns: dict[str, None] = {}
         for row in first:
-            columns.update(dict.fromkeys(row[0]))
+            columns.update(dict.fromkeys(json.loads(row[0])))
         names = output_names(list(columns))
         flat = (_flat_page(page, list(columns)) for page in chain([first], pages) if page)
         if fmt == "csv":
@@ -82,7 +91,7 @@ def defuse_cell(value: Any) -> Any:
 
 
 def _defused(row: list[Any]) -> list[Any]:
-    return ["'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in row]
+    return ["'" + v if v.__class__ is str and v.startswith(FORMULA_STARTS) else v for v in row]
 
 
 def _write_csv(names: list[str], pages: Iterator[Page], destination: Path, raw: bool) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, create_engine, event, func, inspect, select, update)
+                        Text, UniqueConstraint, cast, create_engine, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex
@@ -528,12 +528,13 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
         last = page[-1]["row_index"]
 
 
-def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000
-                 ) -> Iterator[Sequence[Sequence[Any]]]:
+def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000,
+                 as_text: Sequence[str] = ()) -> Iterator[Sequence[Sequence[Any]]]:
     """The given columns of the run's results in input order: one query by the (run_id, row_index) index,
-    streamed (a server-side cursor on PostgreSQL) and handed out ``page`` rows at a time, as tuples."""
-    query = (select(*(results.c[name] for name in columns)).where(results.c.run_id == run_id)
-             .order_by(results.c.row_index))
+    streamed (a server-side cursor on PostgreSQL) and handed out ``page`` rows at a time, as tuples. JSON
+    columns named in ``as_text`` come as their stored text, not decoded."""
+    picked = [cast(results.c[name], Text) if name in as_text else results.c[name] for name in columns]
+    query = select(*picked).where(results.c.run_id == run_id).order_by(results.c.row_index)
     yield from conn.execution_options(stream_results=True, yield_per=page).execute(query).partitions()
 
 
