@@ -90,17 +90,30 @@ def defuse_cell(value: Any) -> Any:
     return value
 
 
-def _defused(row: list[Any]) -> list[Any]:
-    return ["'" + v if v.__class__ is str and v.startswith(FORMULA_STARTS) else v for v in row]
+# Output fields that never hold text (numbers, booleans) or only the pipeline's own words: never defused.
+_NOT_TEXT = frozenset({"status", "input_tokens", "output_tokens", "cost_usd", "latency_ms", "cached", "attempts"})
+
+
+def _defuse_page(page: Page, positions: list[int]) -> Page:
+    """Defuse, in place, the cells at ``positions`` (the input columns and the text fields)."""
+    for row in page:
+        for i in positions:
+            value = row[i]
+            if value.__class__ is str and value.startswith(FORMULA_STARTS):
+                row[i] = "'" + value
+    return page
 
 
 def _write_csv(names: list[str], pages: Iterator[Page], destination: Path, raw: bool) -> int:
     count = 0
+    fields = len(OUTPUT_FIELDS)
+    positions = [i for i in range(len(names)) if i < len(names) - fields or OUTPUT_FIELDS[i - len(names) + fields]
+                 not in _NOT_TEXT]
     with destination.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(names if raw else _defused(names))   # headers come from the dataset
+        writer.writerow(names if raw else [defuse_cell(name) for name in names])   # headers come from the dataset
         for page in pages:
-            writer.writerows(page if raw else map(_defused, page))
+            writer.writerows(page if raw else _defuse_page(page, positions))
             count += len(page)
     return count
 
