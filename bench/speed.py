@@ -453,8 +453,8 @@ def start_spy(pid: int, output: Path) -> subprocess.Popen:
 
 
 def profile_summary(raw: Path, top: int = 12) -> list[str]:
-    """Where the samples of a py-spy raw profile were: by the file running (self time: the leaf frame's package,
-    or module of ours) and by the function of ours on the stack (inclusive)."""
+    """Where the samples of a py-spy raw profile were: by what was running (self time: the leaf frame's package,
+    our module, or the stdlib module) and by our functions on the stack (inclusive)."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -464,31 +464,36 @@ def profile_summary(raw: Path, top: int = 12) -> list[str]:
             continue
         count = int(count_text)
         total += count
-        frames = stack.split(";")[1:]                   # the first is the process or thread
-        own[_place(frames[-1]) if frames else "?"] = own.get(_place(frames[-1]) if frames else "?", 0) + count
-        for name in {_ours(frame) for frame in frames} - {None}:
+        frames = [_frame(text) for text in stack.split(";")]
+        frames = [frame for frame in frames if frame]     # process and thread markers left out
+        leaf = _place(frames[-1][1]) if frames else "(no Python frame)"
+        own[leaf] = own.get(leaf, 0) + count
+        for name in {f"{path.removesuffix('.py')}.{function}" for function, path in frames
+                     if path.startswith("pipeline/")}:
             inclusive[name] = inclusive.get(name, 0) + count
+
     def ranked(counts: dict[str, int]) -> str:
-        return ", ".join(f"{name} {n / total:.0%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+        ordered = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{name} {n / max(total, 1):.0%}" for name, n in ordered)
+
     return [f"{total} samples", f"self: {ranked(own)}", f"inclusive (ours): {ranked(inclusive)}"]
 
 
-def _place(frame: str) -> str:
-    """``function (path:line)`` -> the package it is in (site-packages), ``pipeline/x.py``, or the stdlib module."""
-    path = frame[frame.rfind("(") + 1:].split(":")[0]
-    if "site-packages/" in path:
-        return path.split("site-packages/")[1].split("/")[0].removesuffix(".py")
-    for mine in ("pipeline/", "bench/", "tests/"):
-        if mine in path:
-            return mine + path.split(mine)[1]
-    return "stdlib " + Path(path).stem if path else frame
-
-
-def _ours(frame: str) -> str | None:
-    path = frame[frame.rfind("(") + 1:].split(":")[0]
-    if "/pipeline/" not in path:
+def _frame(text: str) -> tuple[str, str] | None:
+    """``function (path:line)`` -> (function, path); None for py-spy's process and thread markers."""
+    if not text.endswith(")") or " (" not in text:
         return None
-    return f"{path.split('/pipeline/')[1].removesuffix('.py')}.{frame[:frame.rfind(' (')].strip()}"
+    function, _, where = text[:-1].rpartition(" (")
+    return function, where.rpartition(":")[0]
+
+
+def _place(path: str) -> str:
+    """Our module as it is, a library by its top package, the stdlib by module, imports as one."""
+    if path.startswith(("pipeline/", "bench/", "tests/")) or path in ("worker.py", "enqueue.py"):
+        return path
+    if path.startswith("<frozen importlib"):
+        return "imports"
+    return path.split("/")[0].removesuffix(".py")
 
 
 def wait_for_results(engine: Engine, run_id: str, rows: int, pool: subprocess.Popen) -> float:
