@@ -218,7 +218,7 @@ def raw_export(url: str, fmt: str, out: Path) -> int:
     with engine.connect() as conn, out.open("w", newline="", encoding="utf-8") as handle:
         result = conn.execution_options(stream_results=True, yield_per=10_000).execute(query, {"run": RUN_ID})
         writer_csv = csv.writer(handle)
-        for page in result.partitions():
+        for page in result.partitions(10_000):    # (without a size: pages of one row for a text() query)
             page = [list(r[:-1]) + list((json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]).values())
                     for r in page]
             if fmt == "csv":
@@ -229,7 +229,7 @@ def raw_export(url: str, fmt: str, out: Path) -> int:
             else:
                 table = pa.table({f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
                                   for i, col in enumerate(zip(*page))})
-                if writer is None:    # (was ``writer or ...``: a ParquetWriter is falsy, a new one every page)
+                if writer is None:
                     writer = pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
                 writer.write_table(table)
             count += len(page)
