@@ -310,10 +310,13 @@ def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iter
     for start in range(0, len(rows), _INSERT_ROWS):
         part = rows[start:start + _INSERT_ROWS]
         if postgres:
-            yield from conn.exec_driver_sql(_unnest_insert(conn.dialect, conflict), _column_arrays(part))
+            result = conn.exec_driver_sql(_unnest_insert(conn.dialect, conflict), _column_arrays(part))
         else:
-            yield from conn.exec_driver_sql(_values_insert(len(part), conn.dialect.identifier_preparer.quote,
-                                                           conflict), _row_values(part))
+            result = conn.exec_driver_sql(_values_insert(len(part), conn.dialect.identifier_preparer.quote,
+                                                         conflict), _row_values(part))
+        returned = result.cursor.fetchall()     # the driver's tuples: SQLAlchemy's rows cost as much again
+        result.close()
+        yield from returned
 
 
 def _row_values(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
