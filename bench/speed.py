@@ -334,6 +334,13 @@ class Pipeline:
     cpu_workers: float
     cpu_collector: float
     server: dict[str, Any]            # the fake server's stats for this run only
+    submit_seconds: float = 0.0       # wall time of runs.submit, before the workers start
+
+    @property
+    def whole_rate(self) -> float:
+        """Rows per second from the start of the submit until the last result was in SQL."""
+        total = self.submit_seconds + self.seconds
+        return self.done / total if total else 0.0
 
     @property
     def done(self) -> int:
@@ -385,7 +392,7 @@ def pipeline_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_pipeline(url: str, rows: int, processes: int = PROCESSES, rpm: int | None = None, tpm: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> Pipeline:
+                 extra_env: dict[str, str] | None = None, profile: Path | None = None) -> Pipeline:
     """Submit, work and collect one run of ``rows`` rows against the fake server at ``url``."""
     reset_fake_provider(url)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
@@ -395,16 +402,16 @@ def run_pipeline(url: str, rows: int, processes: int = PROCESSES, rpm: int | Non
         engine = store.make_engine(settings.resolved_database_url)
         try:
             dataset = write_dataset(Path(tmp) / "rows.jsonl", rows, WIDTH)
-            cpu = time.process_time()
+            cpu, started = time.process_time(), time.monotonic()
             run_id = runs.submit(connection, settings, runs.RunRequest(
                 dataset=dataset, template=TEMPLATE, provider="openai", model=MODEL, max_tokens=MAX_TOKENS,
                 id_column="id", rpm=rpm, tpm=tpm)).run_id
-            cpu_submit = time.process_time() - cpu
+            cpu_submit, submit_seconds = time.process_time() - cpu, time.monotonic() - started
             with Children() as children:
                 seconds, cpu_workers, cpu_collector = work_and_collect(
-                    children, engine, run_id, rows, processes, pipeline_env(settings, extra_env or {}))
+                    children, engine, run_id, rows, processes, pipeline_env(settings, extra_env or {}), profile)
             return Pipeline(rows, processes, seconds, *read_results(engine, run_id), cpu_submit, cpu_workers,
-                            cpu_collector, fake_provider_stats(url))
+                            cpu_collector, fake_provider_stats(url), submit_seconds)
         finally:
             engine.dispose()
             flush(connection)
@@ -416,19 +423,77 @@ def flush(connection: redis.Redis) -> None:
 
 
 def work_and_collect(children: Children, engine: Engine, run_id: str, rows: int, processes: int,
-                     env: dict[str, str]) -> tuple[float, float, float]:
+                     env: dict[str, str], profile: Path | None = None) -> tuple[float, float, float]:
     """Run the collector and a burst worker pool until every row is in SQL; returns the seconds from the
-    workers' start to the last result, and the CPU seconds of the worker pool's tree and of the collector."""
+    workers' start to the last result, and the CPU seconds of the worker pool's tree and of the collector.
+    With ``profile`` (a folder), py-spy samples the collector and the pool with its workers (its CPU is then
+    in the figures: use a profiled run for the profile only)."""
     before = children_cpu()
     collector = children.start([sys.executable, "enqueue.py", "collect"], env)
     started = time.monotonic()
     pool = children.start([sys.executable, "worker.py", "--burst", "--processes", str(processes)], env)
+    spies = [start_spy(collector.pid, profile / "collector.txt"), start_spy(pool.pid, profile / "workers.txt")] \
+        if profile else []
     finished = wait_for_results(engine, run_id, rows, pool)
     if not children.wait(pool, POOL_EXIT_SECONDS):
         print(f"  (the worker pool did not exit within {POOL_EXIT_SECONDS:.0f} s after the last result: stopped)")
     after_pool = children_cpu()
     children.stop(collector)
+    for spy in spies:
+        spy.wait(timeout=60)
     return finished - started, after_pool - before, children_cpu() - after_pool
+
+
+def start_spy(pid: int, output: Path) -> subprocess.Popen:
+    """``py-spy record`` of a process and its children, raw (collapsed stacks), until the process exits."""
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate",
+                             "200", "--format", "raw", "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(raw: Path, top: int = 12) -> list[str]:
+    """Where the samples of a py-spy raw profile were: by what was running (self time: the leaf frame's package,
+    our module, or the stdlib module) and by our functions on the stack (inclusive)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(text) for text in stack.split(";")]
+        frames = [frame for frame in frames if frame]     # process and thread markers left out
+        leaf = _place(frames[-1][1]) if frames else "(no Python frame)"
+        own[leaf] = own.get(leaf, 0) + count
+        for name in {f"{path.removesuffix('.py')}.{function}" for function, path in frames
+                     if path.startswith("pipeline/")}:
+            inclusive[name] = inclusive.get(name, 0) + count
+
+    def ranked(counts: dict[str, int]) -> str:
+        ordered = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{name} {n / max(total, 1):.0%}" for name, n in ordered)
+
+    return [f"{total} samples", f"self: {ranked(own)}", f"inclusive (ours): {ranked(inclusive)}"]
+
+
+def _frame(text: str) -> tuple[str, str] | None:
+    """``function (path:line)`` -> (function, path); None for py-spy's process and thread markers."""
+    if not text.endswith(")") or " (" not in text:
+        return None
+    function, _, where = text[:-1].rpartition(" (")
+    return function, where.rpartition(":")[0]
+
+
+def _place(path: str) -> str:
+    """Our module as it is, a library by its top package, the stdlib by module, imports as one."""
+    if path.startswith(("pipeline/", "bench/", "tests/")) or path in ("worker.py", "enqueue.py"):
+        return path
+    if path.startswith("<frozen importlib"):
+        return "imports"
+    return path.split("/")[0].removesuffix(".py")
 
 
 def wait_for_results(engine: Engine, run_id: str, rows: int, pool: subprocess.Popen) -> float:
@@ -643,6 +708,29 @@ def scaling(defaults: Settings, rows: int | None) -> None:
                    f"reference {spread([r.cpu_ms_per_row for _, r in measured]):.1%}")
 
 
+def zero(defaults: Settings, rows: int | None) -> None:
+    """The whole path's own cost: a fake provider answering at once, so that nothing but the pipeline (submit,
+    queue, 2 worker processes, hand-over, collector, SQL) sets the rate; then once more under py-spy."""
+    rows = rows or 20_000
+    header("zero", f"0 ms latency, no limit, {rows} rows", defaults)
+    with fake_server(Server(latency=0.0)) as url:
+        reference = run_reference(url, rows, PROCESSES * defaults.worker_concurrency, defaults.request_timeout,
+                                  policy_of(defaults))
+        pipeline = run_pipeline(url, rows)
+        show("whole path", f"{pipeline.whole_rate:.1f} rows/s from submit to the last result in SQL (submit "
+                           f"{pipeline.submit_seconds:.2f} s + workers to SQL {pipeline.seconds:.2f} s)")
+        show_throughput(pipeline, reference)
+        show_cpu(pipeline, reference)
+        show_rows(pipeline)
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
+            profiled = run_pipeline(url, rows, profile=Path(folder))
+            show("profiled", f"{profiled.rate:.1f} rows/s workers to SQL under py-spy (200 Hz, nonblocking)")
+            for name in ("workers", "collector"):
+                raw = Path(folder) / f"{name}.txt"
+                for n, line in enumerate(profile_summary(raw) if raw.exists() else ["(no profile written)"]):
+                    show(name if n == 0 else "", line)
+
+
 def spread(values: list[float]) -> float:
     return max(values) / min(values) - 1 if min(values) > 0 else math.nan
 
@@ -653,7 +741,7 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-SCENARIOS = {"fast": fast, "faults": faults, "rpm": rate_limited, "slow": slow, "scaling": scaling}
+SCENARIOS = {"fast": fast, "faults": faults, "rpm": rate_limited, "slow": slow, "scaling": scaling, "zero": zero}
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from itertools import islice
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -21,47 +21,67 @@ from .errors import ConfigError
 from .pricing import NANO
 
 OUTPUT_FIELDS = ["row_key", "status", "answer", "parsed_json", "error", "provider", "model", "input_tokens",
-                 "output_tokens", "cost_usd", "latency_ms", "cached", "attempts"]
+                 "output_tokens", "cost_usd", "latency_ms", "cached", "attempts", "usage_estimated"]
 FORMATS = ("csv", "jsonl", "parquet")
 PAGE = 5000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _flat(result: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
-    row = {name: result["input"].get(name) for name in input_columns}
-    out = {
-        "row_key": result["row_key"], "status": result["status"], "answer": result["answer"],
-        "parsed_json": None if result["parsed"] is None else json.dumps(result["parsed"], ensure_ascii=False),
-        "error": result["error"], "provider": result["provider"], "model": result["model"],
-        "input_tokens": result["input_tokens"], "output_tokens": result["output_tokens"],
-        "cost_usd": None if result["cost_nano"] is None else result["cost_nano"] / NANO,
-        "latency_ms": result["latency_ms"], "cached": bool(result["cached"]),
-        "attempts": result["attempts"],
-        "usage_estimated": result["usage_estimated"],  # answers billed at their worst case (no usage reported)
-    }
-    for name, value in out.items():
-        row[name + "_llm" if name in row else name] = value
-    return row
+# What each output field is made of: the results column it reads (by position in _COLUMNS below).
+_COLUMNS = ["input", "row_key", "status", "answer", "parsed", "error", "provider", "model", "input_tokens",
+            "output_tokens", "cost_nano", "latency_ms", "cached", "attempts", "usage_estimated"]
+Page = list[list[Any]]
+
+
+def _flat_page(rows: Sequence[Sequence[Any]], input_columns: list[str]) -> Page:
+    """Result rows (the _COLUMNS of ``results``, JSON as its text) as output rows: the input columns, then
+    OUTPUT_FIELDS."""
+    loads, page = json.loads, []
+    for (values, row_key, status, answer, parsed, error, provider, model, input_tokens, output_tokens, cost_nano,
+         latency_ms, cached, attempts, usage_estimated) in rows:
+        values = loads(values)
+        flat = [values.get(name) for name in input_columns]
+        flat += [row_key, status, answer, _parsed_json(parsed), error, provider, model, input_tokens, output_tokens,
+                 None if cost_nano is None else cost_nano / NANO, latency_ms, bool(cached), attempts,
+                 usage_estimated]  # answers billed at their worst case (no usage reported)
+        page.append(flat)
+    return page
+
+
+def _parsed_json(stored: str | None) -> str | None:
+    """The parsed answer as JSON text with its characters as they are. The column holds ``json.dumps`` text
+    (ASCII, non-ASCII characters escaped, ``null`` for none): used as it is unless it has an escape."""
+    if stored is None or stored == "null":
+        return None
+    return json.dumps(json.loads(stored), ensure_ascii=False) if "\\u" in stored else stored
+
+
+def output_names(input_columns: list[str]) -> list[str]:
+    """Input columns, then OUTPUT_FIELDS; a field whose name an input column has gets ``_llm`` added."""
+    taken = set(input_columns)
+    return input_columns + [name + "_llm" if name in taken else name for name in OUTPUT_FIELDS]
 
 
 def export_run(engine: Engine, run_id: str, fmt: str, destination: Path, *, raw: bool = False) -> int:
     """Write every result of the run in input order. Returns the number of rows written. ``raw``: CSV cells
-    are written as they are, without the formula escaping."""
+    are written as they are, without the formula escaping. One query streamed page by page: memory stays
+    flat whatever the run's size."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     with engine.connect() as conn:
         if store.get_run(conn, run_id) is None:
             raise ConfigError(f"no run {run_id!r} in the database (is the collector running?)")
-        results = store.iter_results(conn, run_id, batch=PAGE)
-        first = list(islice(results, PAGE))
+        pages = store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
+        first = next(pages, [])
         columns: dict[str, None] = {}
-        for result in first:
-            columns.update(dict.fromkeys(result["input"]))
-        pages = _pages(first, results, list(columns))
+        for row in first:
+            columns.update(dict.fromkeys(json.loads(row[0])))
+        names = output_names(list(columns))
+        flat = (_flat_page(page, list(columns)) for page in chain([first], pages) if page)
         if fmt == "csv":
-            return _write_csv(pages if raw else (list(map(_defuse_row, page)) for page in pages), destination)
+            return _write_csv(names, flat, destination, raw)
         writer = {"jsonl": _write_jsonl, "parquet": _write_parquet}[fmt]
-        return writer(pages, destination)
+        return writer(names, flat, destination)
 
 
 def defuse_cell(value: Any) -> Any:
@@ -71,53 +91,60 @@ def defuse_cell(value: Any) -> Any:
     return value
 
 
-def _defuse_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {defuse_cell(name): defuse_cell(value) for name, value in row.items()}  # headers come from the dataset
+# Output fields that never hold text (numbers, booleans) or only the pipeline's own words: never defused.
+_NOT_TEXT = frozenset({"status", "input_tokens", "output_tokens", "cost_usd", "latency_ms", "cached", "attempts"})
 
 
-def _pages(first: list[dict[str, Any]], rest: Iterator[dict[str, Any]], columns: list[str]
-           ) -> Iterator[list[dict[str, Any]]]:
-    if first:
-        yield [_flat(r, columns) for r in first]
-    while page := list(islice(rest, PAGE)):
-        yield [_flat(r, columns) for r in page]
+def _defuse_page(page: Page, positions: list[int]) -> Page:
+    """Defuse, in place, the cells at ``positions`` (the input columns and the text fields)."""
+    for row in page:
+        for i in positions:
+            value = row[i]
+            if value.__class__ is str and value.startswith(FORMULA_STARTS):
+                row[i] = "'" + value
+    return page
 
 
-def _write_csv(pages: Iterator[list[dict[str, Any]]], destination: Path) -> int:
+def _write_csv(names: list[str], pages: Iterator[Page], destination: Path, raw: bool) -> int:
     count = 0
+    fields = len(OUTPUT_FIELDS)
+    positions = [i for i in range(len(names)) if i < len(names) - fields or OUTPUT_FIELDS[i - len(names) + fields]
+                 not in _NOT_TEXT]
     with destination.open("w", newline="", encoding="utf-8") as handle:
-        writer: csv.DictWriter | None = None
+        writer = csv.writer(handle)
+        writer.writerow(names if raw else [defuse_cell(name) for name in names])   # headers come from the dataset
         for page in pages:
-            if writer is None:
-                writer = csv.DictWriter(handle, fieldnames=list(page[0]), extrasaction="ignore")
-                writer.writeheader()
-            writer.writerows(page)
+            writer.writerows(page if raw else _defuse_page(page, positions))
             count += len(page)
     return count
 
 
-def _write_jsonl(pages: Iterator[list[dict[str, Any]]], destination: Path) -> int:
-    count = 0
+def _write_jsonl(names: list[str], pages: Iterator[Page], destination: Path) -> int:
+    count, dumps = 0, json.dumps
     with destination.open("w", encoding="utf-8") as handle:
         for page in pages:
-            for row in page:
-                handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            handle.write("".join(dumps(dict(zip(names, row)), ensure_ascii=False, default=str) + "\n"
+                                 for row in page))
             count += len(page)
     return count
 
 
-def _write_parquet(pages: Iterator[list[dict[str, Any]]], destination: Path) -> int:
+def _write_parquet(names: list[str], pages: Iterator[Page], destination: Path) -> int:
+    """Column types are those pyarrow infers from the first page (text where a column is all empty there)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     count, writer = 0, None
     try:
         for page in pages:
+            columns = list(zip(*page))
             if writer is None:
-                schema = pa.Table.from_pylist(page).schema
-                schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema])
-                writer = pq.ParquetWriter(destination, schema)
-            writer.write_table(pa.Table.from_pylist(page, schema=writer.schema))
+                arrays = [pa.array(column) for column in columns]
+                arrays = [a.cast(pa.string()) if pa.types.is_null(a.type) else a for a in arrays]
+                writer = pq.ParquetWriter(destination, pa.schema(list(zip(names, (a.type for a in arrays)))))
+            else:
+                arrays = [pa.array(column, type=field.type) for column, field in zip(columns, writer.schema)]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=writer.schema))
             count += len(page)
     finally:
         if writer is not None:

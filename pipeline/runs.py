@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from . import batchstate, handoff, store
 from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
-from .errors import ConfigError, DatasetError, RunNotFound, TemplateError
+from .errors import ConfigError, DatasetError, RunNotFound
 from .estimate import Estimate, estimate
 from .providers import check_provider_config
 from .queue import (SERIALIZER, chunk_label, chunk_queue, consuming_workers, decoded, enqueue_chunks, enqueued_key,
@@ -30,7 +30,7 @@ from .queue import (SERIALIZER, chunk_label, chunk_queue, consuming_workers, dec
 from .pricing import NANO, PriceTable
 from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
 from .rebuild import known_config, recorded_submit
-from .records import FAILED, RETRYING, ModelTarget, Row, RowsJSON, RunConfig, stable_hash
+from .records import ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runlock import RequeueClaim
 from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
                        idempotency_key, load_config, save_config, submitted_key)
@@ -422,8 +422,8 @@ def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, 
                    claim: RequeueClaim) -> int:
     run_id = config.run_id
     with engine.connect() as conn:
-        failed = [Row(key=r["row_key"], index=r["row_index"], values=r["input"])
-                  for r in store.iter_results(conn, run_id) if r["status"] in (FAILED, RETRYING)]
+        failed = [Row(key=key, index=index, values=values)
+                  for key, index, values in store.unfinished_rows(conn, run_id)]
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))

@@ -8,18 +8,22 @@ Money is integer nano-dollars (``cost_nano``), the unit the budget keeps in Redi
 """
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, create_engine, event, func, inspect, select, update)
+                        Text, UniqueConstraint, cast, create_engine, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex
 
 from .errors import ConfigError
 from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
@@ -84,7 +88,8 @@ results = Table(
     Column("result_id", String(32)),                                # the worker's id of the answer kept here
     Column("batch_id", String(128)),  # the provider batch that answered the row (batch mode); NULL online
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
-    Index("ix_results_run_status", "run_id", "status"),
+    Index("ix_results_run_status", "run_id", "status"),    # retry-failed, counts by status
+    Index("ix_results_run_index", "run_id", "row_index"),  # export and resume, in input order
 )
 
 # Answers whose spend a row counts besides the one it keeps (a failure it replaced, a second paid success of a
@@ -140,6 +145,18 @@ def prepare(engine: Engine) -> None:
     database does not answer."""
     metadata.create_all(engine)
     _refuse_old_schema(engine)
+    _add_missing_indexes(engine)
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """Indexes a newer version added to a table an older one made (create_all makes indexes only with their
+    table). Asked first, so that a start does not lock the table when nothing is missing; creating one locks
+    writes to ``results`` for as long as it takes (about a second per million rows)."""
+    present = {index["name"] for index in inspect(engine).get_indexes(results.name)}
+    for index in results.indexes:
+        if index.name not in present:
+            with engine.begin() as conn:
+                conn.execute(CreateIndex(index, if_not_exists=True))
 
 
 def _refuse_old_schema(engine: Engine) -> None:
@@ -320,24 +337,24 @@ _ROUNDS = 3
 
 def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], applied: Applied,
            ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
-    """One round of upserts. Returns the rows whose write did not take (changed since they were read)."""
-    existing = _existing(conn, incoming.keys())
-    fresh = [row for key, row in incoming.items() if key not in existing]
-    missed = {}
-    inserted = _insert_new(conn, fresh)
-    for row in fresh:
-        key = (row["run_id"], row["row_key"])
+    """One round: insert every row that has none yet (one INSERT ... ON CONFLICT DO NOTHING RETURNING, whose
+    conflicts go by the unique index), then look up the others by that same key and replace those the new
+    outcome beats. Returns the rows whose write did not take (changed since they were read)."""
+    inserted = _insert_new(conn, list(incoming.values()))
+    taken = [key for key in incoming if key not in inserted]
+    for key, row in incoming.items():
         if key in inserted:
             applied.record(row, None)
-        else:
+    existing = _existing(conn, [incoming[key] for key in taken])
+    missed = {}
+    for key in taken:
+        row, old = incoming[key], existing.get(key)
+        if old is None:                     # gone since the INSERT saw it: try again
             missed[key] = row
-    for key, old in existing.items():
-        row = incoming[key]
-        if not _replaces(row, old):
+        elif not _replaces(row, old):
             ledger.kept_another(row, old)
             continue
-        merged = _with_spending_of(old, row)
-        if _update_unchanged(conn, merged, old):
+        elif _update_unchanged(conn, merged := _with_spending_of(old, row), old):
             applied.record(merged, old)
             ledger.replaced(old)
         else:
@@ -345,12 +362,84 @@ def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], ap
     return missed
 
 
+# Rows per INSERT statement: 21 parameters a row stays under SQLite's 32,766 and PostgreSQL's 65,535.
+_INSERT_ROWS = 1000
+_JSON_COLUMNS = tuple(c.name for c in results.columns if isinstance(c.type, JSON))
+_PLAIN_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in _JSON_COLUMNS)
+_plain_values = itemgetter(*_PLAIN_COLUMNS)
+
+
 def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    if not rows:
-        return set()
-    insert = (_insert(conn, results).on_conflict_do_nothing(index_elements=["run_id", "row_key"])
-              .returning(results.c.run_id, results.c.row_key))
-    return {(run_id, row_key) for run_id, row_key in conn.execute(insert, rows)}
+    """Insert the rows that have no result yet; return the keys really inserted."""
+    return {(run_id, row_key) for run_id, row_key in _upsert(conn, rows, _INSERT_NEW)}
+
+
+def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iterator[tuple[Any, ...]]:
+    """INSERT the rows ... ``conflict`` (its ON CONFLICT and RETURNING clauses), in statements of up to
+    _INSERT_ROWS rows; yields what it returns. Parameters go to the driver as they are, JSON columns serialized
+    here as SQLAlchemy's JSON type does (``json.dumps``, None as ``null``): SQLAlchemy's per-row parameter
+    processing cost more than the database's own work. The conflict target is the unique (run_id, row_key)
+    index itself, so no query plan can go by another index."""
+    postgres = conn.dialect.name == "postgresql"
+    for start in range(0, len(rows), _INSERT_ROWS):
+        part = rows[start:start + _INSERT_ROWS]
+        if postgres:
+            result = conn.exec_driver_sql(_unnest_insert(conn.dialect, conflict), _column_arrays(part))
+        else:
+            result = conn.exec_driver_sql(_values_insert(len(part), conn.dialect.identifier_preparer.quote,
+                                                         conflict), _row_values(part))
+        returned = result.cursor.fetchall()     # the driver's tuples: SQLAlchemy's rows cost as much again
+        result.close()
+        yield from returned
+
+
+def _row_values(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+    dumps, values = json.dumps, []
+    for row in rows:
+        values += _plain_values(row)
+        values += [dumps(row[column]) for column in _JSON_COLUMNS]
+    return tuple(values)
+
+
+def _column_arrays(rows: list[dict[str, Any]]) -> tuple[list[Any], ...]:
+    dumps = json.dumps
+    return (*([row[column] for row in rows] for column in _PLAIN_COLUMNS),
+            *([dumps(row[column]) for row in rows] for column in _JSON_COLUMNS))
+
+
+def _array_type(column_type: Any, dialect: Any) -> str:
+    """Text arrays for text columns: a cast to VARCHAR(n) would cut an over-long value silently, where the
+    INSERT refuses it (and the collector stores the row as failed, saying so)."""
+    return "TEXT" if isinstance(column_type, String) else column_type.compile(dialect=dialect)
+
+
+_INSERT_NEW = "ON CONFLICT (run_id, row_key) DO NOTHING RETURNING run_id, row_key"
+# Locks and returns the stored row: an update that changes nothing (see _existing).
+_STORED_COLUMNS = ("id", *RESULT_COLUMNS)
+_READ_STORED = ("ON CONFLICT (run_id, row_key) DO UPDATE SET row_index = results.row_index RETURNING "
+                + ", ".join(_STORED_COLUMNS))
+
+
+@lru_cache(maxsize=16)
+def _values_insert(count: int, quote: Callable[[str], str], conflict: str) -> str:
+    """SQLite: an INSERT of ``count`` rows that skips (run_id, row_key) already there and returns the keys it
+    inserted."""
+    one = "(" + ", ".join(["?"] * len(RESULT_COLUMNS)) + ")"
+    columns = ", ".join(quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS)
+    return f"INSERT INTO {quote(results.name)} ({columns}) VALUES {', '.join([one] * count)} {conflict}"
+
+
+@lru_cache(maxsize=8)
+def _unnest_insert(dialect: Any, conflict: str) -> str:
+    """PostgreSQL: the same INSERT with one array parameter a column (``unnest``), a statement of fixed text
+    that the server parses and plans once per connection, whatever the batch size."""
+    quote = dialect.identifier_preparer.quote
+    arrays = [f"CAST(%s AS {_array_type(results.c[c].type, dialect)}[])" for c in _PLAIN_COLUMNS]
+    arrays += ["CAST(%s AS TEXT[])"] * len(_JSON_COLUMNS)
+    names = [quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS]
+    picked = [quote(c) for c in _PLAIN_COLUMNS] + [f"CAST({quote(c)} AS JSON)" for c in _JSON_COLUMNS]
+    return (f"INSERT INTO {quote(results.name)} ({', '.join(names)}) SELECT {', '.join(picked)} "
+            f"FROM unnest({', '.join(arrays)}) AS given({', '.join(names)}) {conflict}")
 
 
 def _update_unchanged(conn: Connection, row: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -391,7 +480,8 @@ def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
 def _latest_per_row(batch: Sequence[Result], ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for item in batch:
-        row = {c: getattr(item, c) for c in RESULT_COLUMNS}
+        fields = vars(item)
+        row = {c: fields[c] for c in RESULT_COLUMNS}
         for column in _FREE_FORM:
             row[column] = storable(row[column])
         key = (item.run_id, item.row_key)
@@ -440,17 +530,23 @@ def _with_spending_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _existing(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-    by_run: dict[str, list[str]] = {}
-    for run_id, row_key in keys:
-        by_run.setdefault(run_id, []).append(row_key)
+def _existing(conn: Connection, rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The stored results of rows that ``_insert_new`` found already there, locked for this transaction.
+
+    Read through the same INSERT ... ON CONFLICT, with an update that changes nothing, so that each row is found
+    by the unique (run_id, row_key) index whatever the planner knows: a SELECT by run_id and a list of row keys
+    read the run's every row for each batch on a PostgreSQL table without statistics, and so did a join or a
+    LATERAL lookup (by the (run_id, status) index), as did SQLite for ``(run_id, row_key) IN (VALUES ...)``.
+    Results are never deleted, so each of these rows is still there and none is inserted here."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    for run_id, row_keys in by_run.items():
-        for start in range(0, len(row_keys), 500):
-            query = select(results).where(results.c.run_id == run_id,
-                                          results.c.row_key.in_(row_keys[start:start + 500]))
-            for row in conn.execute(query).mappings():
-                found[(row["run_id"], row["row_key"])] = dict(row)
+    decode = conn.dialect.name != "postgresql"      # psycopg decodes JSON columns itself
+    for values in _upsert(conn, rows, _READ_STORED):
+        row = dict(zip(_STORED_COLUMNS, values))
+        if decode:
+            for column in _JSON_COLUMNS:
+                row[column] = json.loads(row[column]) if row[column] is not None else None
+            row["cached"] = bool(row["cached"])
+        found[(row["run_id"], row["row_key"])] = row
     return found
 
 
@@ -520,6 +616,25 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
             return
         yield from page
         last = page[-1]["row_index"]
+
+
+def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000,
+                 as_text: Sequence[str] = ()) -> Iterator[Sequence[Sequence[Any]]]:
+    """The given columns of the run's results in input order: one query by the (run_id, row_index) index,
+    streamed (a server-side cursor on PostgreSQL) and handed out ``page`` rows at a time, as tuples. JSON
+    columns named in ``as_text`` come as their stored text, not decoded."""
+    picked = [cast(results.c[name], Text) if name in as_text else results.c[name] for name in columns]
+    query = select(*picked).where(results.c.run_id == run_id).order_by(results.c.row_index)
+    yield from conn.execution_options(stream_results=True, yield_per=page).execute(query).partitions()
+
+
+def unfinished_rows(conn: Connection, run_id: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(row_key, row_index, input) of the run's failed rows and those retry-failed reopened, in input order,
+    found by the (run_id, status) index."""
+    query = (select(results.c.row_key, results.c.row_index, results.c.input)
+             .where(results.c.run_id == run_id, results.c.status.in_((FAILED, RETRYING)))
+             .order_by(results.c.row_index))
+    return [tuple(row) for row in conn.execute(query)]
 
 
 def count_results(conn: Connection, run_id: str) -> dict[str, int]:

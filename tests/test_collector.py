@@ -3,6 +3,7 @@ the others' results, and every row still ends with exactly one result. Runs on S
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from sqlalchemy.exc import DBAPIError
@@ -294,3 +295,61 @@ def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, t
     results = {r["row_key"]: r for r in pipeline.results(run_id)}
     assert results["r2"]["status"] == "succeeded" and results["r2"]["answer"] == "ECHO: Q: t2"
     assert pipeline.run_row(run_id)["rows_succeeded"] == 3
+
+
+def test_a_batch_of_new_repeated_and_retried_rows_moves_totals_by_what_it_changed(pipeline, tmp_path):
+    """One batch mixing rows never seen, duplicates of successes and newer outcomes of failures: the new rows are
+    inserted in one statement, the others looked up by (run_id, row_key); totals equal the sum of the results."""
+    from pipeline import store
+
+    run_id = _played_run(pipeline, tmp_path, rows=6)
+
+    def result(i: int, status: str, at: float) -> Result:
+        return Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=status, input={"i": i}, attempts=1,
+                      input_tokens=10, cost_nano=100, finished_at=at, calls={"fake|fake|200": 1})
+
+    with store.writing(pipeline.engine) as conn:
+        first = store.apply_results(conn, [result(0, SUCCEEDED, 1.0), result(1, "failed", 1.0),
+                                           result(2, "failed", 1.0)])
+    assert len(first.changed) == 3
+    with store.writing(pipeline.engine) as conn:
+        second = store.apply_results(conn, [result(0, "failed", 2.0), result(1, SUCCEEDED, 2.0),
+                                            result(2, "failed", 0.5), result(3, SUCCEEDED, 2.0),
+                                            result(4, SUCCEEDED, 2.0), result(4, "failed", 3.0)])
+    assert sorted(row["row_key"] for row in second.changed) == ["r1", "r3", "r4"]
+    results = {r["row_key"]: r for r in pipeline.results(run_id)}
+    assert {k: (r["status"], r["attempts"]) for k, r in results.items()} == {
+        "r0": ("succeeded", 1), "r1": ("succeeded", 2), "r2": ("failed", 1), "r3": ("succeeded", 1),
+        "r4": ("succeeded", 1)}
+    run = pipeline.run_row(run_id)
+    assert (run["rows_succeeded"], run["rows_failed"]) == (4, 1)
+    for total in ("attempts", "input_tokens", "cost_nano"):
+        assert run[total] == sum(r[total] for r in results.values())
+
+
+def test_results_already_stored_are_read_through_the_unique_index_on_a_never_analysed_table(pipeline, tmp_path):
+    """Before, a SELECT by run_id and a list of row keys read the whole run for each batch on a PostgreSQL table
+    without statistics (580 rows/s at 100,000 rows). Stored rows are now read back through INSERT ... ON
+    CONFLICT on the unique index (no plan can choose another), without changing or adding anything."""
+    from sqlalchemy import func, select
+
+    from pipeline import store
+
+    run_id = _played_run(pipeline, tmp_path, rows=1)
+    rows = [Result(run_id=run_id, row_key=f"k{i}", row_index=i, status=SUCCEEDED, input={"i": i}, finished_at=1.0,
+                   calls={"fake|fake|200": 1}) for i in range(2000)]
+    with store.writing(pipeline.engine) as conn:
+        store.apply_results(conn, rows)
+    asked = list(store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]]).values())
+    asked += [dict(asked[0], row_key="never-stored")]
+    with store.writing(pipeline.engine) as conn:
+        if conn.dialect.name == "postgresql":
+            plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + store._unnest_insert(conn.dialect, store._READ_STORED),
+                                                   store._column_arrays(asked)).scalars())
+            assert "Conflict Arbiter Indexes: uq_results_run_row" in plan and "Scan on results" not in plan, plan
+        found = store._existing(conn, asked[:-1])
+    assert sorted(found) == sorted((run_id, f"k{i}") for i in range(0, 2000, 7))
+    assert all(row["status"] == SUCCEEDED and row["input"] == {"i": int(row["row_key"][1:])} and
+               row["calls"] == {"fake|fake|200": 1} and row["cached"] is False for row in found.values())
+    with pipeline.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(store.results)).scalar_one() == 2000

@@ -69,3 +69,52 @@ def test_defuse_cell_follows_owasp():
     for harmless in ("", "A=1", " =A1", "'=A1", "ECHO: =A1"):
         assert defuse_cell(harmless) == harmless
     assert defuse_cell(-1) == -1 and defuse_cell(None) is None and defuse_cell(-0.5) == -0.5
+
+
+def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp_path):
+    """Results stored out of order, more of them than one page (5,000): every format has every row once, in
+    input order, with the input columns of the first page."""
+    import random
+
+    from pipeline import store
+    from pipeline.export import PAGE, export_run
+    from pipeline.records import RunConfig, Result
+
+    rows = PAGE + 700
+    order = list(range(rows))
+    random.Random(7).shuffle(order)
+    with store.writing(pipeline.engine) as conn:
+        store.save_run(conn, RunConfig(run_id="big", dataset="d.csv", dataset_hash="h", template="{{ text }}",
+                                       provider="fake", model="fake", total_rows=rows), "completed")
+        store.apply_results(conn, [Result(run_id="big", row_key=f"k{i}", row_index=i,
+                                          status="failed" if i % 9 == 0 else "succeeded",
+                                          input={"text": f"=t{i}", "n": i}, answer=f"a{i}",
+                                          parsed={"i": i} if i % 2 else None, cost_nano=i, finished_at=1.0)
+                                   for i in order])
+    for fmt in ("csv", "jsonl", "parquet"):
+        assert export_run(pipeline.engine, "big", fmt, tmp_path / f"out.{fmt}") == rows
+    exported = {"csv": read_csv(tmp_path / "out.csv"),
+                "jsonl": [json.loads(line) for line in (tmp_path / "out.jsonl").read_text("utf-8").splitlines()],
+                "parquet": pq.read_table(tmp_path / "out.parquet").to_pylist()}
+    for fmt, table in exported.items():
+        assert [row["row_key"] for row in table] == [f"k{i}" for i in range(rows)], fmt
+        assert list(table[0])[:4] == ["text", "n", "row_key", "status"]
+    assert exported["csv"][1]["text"] == "'=t1" and exported["jsonl"][1]["text"] == "=t1"
+    assert exported["jsonl"][3]["parsed_json"] == '{"i": 3}' and exported["parquet"][4]["parsed_json"] is None
+    assert exported["parquet"][9]["status"] == "failed" and exported["parquet"][10]["cost_usd"] == 10 / 1e9
+
+
+def test_a_database_made_before_the_export_index_gets_it_at_start(database_url):
+    """create_all makes indexes only with new tables: the (run_id, row_index) index that export, resume and
+    retry-failed read by is added to an existing results table when a process starts."""
+    from sqlalchemy import inspect, text
+
+    from pipeline import store
+
+    engine = store.make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_results_run_index"))
+    assert "ix_results_run_index" not in {i["name"] for i in inspect(engine).get_indexes("results")}
+    store.prepare(engine)
+    assert "ix_results_run_index" in {i["name"] for i in inspect(engine).get_indexes("results")}
+    engine.dispose()
