@@ -313,7 +313,7 @@ def _count_other_answers(conn: Connection, ledger: _Ledger, applied: Applied) ->
     if known:
         conn.execute(_insert(conn, counted_answers).on_conflict_do_nothing(index_elements=["result_id"]), known)
     for row in ledger.others:
-        current = _existing(conn, [(row["run_id"], row["row_key"])]).get((row["run_id"], row["row_key"]))
+        current = _existing(conn, [row]).get((row["run_id"], row["row_key"]))
         if current is None or not current["result_id"] or current["result_id"] == row["result_id"]:
             continue  # a row from before answer ids, or a redelivery of the answer it keeps
         insert = (_insert(conn, counted_answers).values(result_id=row["result_id"], run_id=row["run_id"])

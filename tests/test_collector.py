@@ -318,9 +318,10 @@ def test_a_batch_of_new_repeated_and_retried_rows_moves_totals_by_what_it_change
                                             result(4, SUCCEEDED, 2.0), result(4, "failed", 3.0)])
     assert sorted(row["row_key"] for row in second.changed) == ["r1", "r3", "r4"]
     results = {r["row_key"]: r for r in pipeline.results(run_id)}
+    # Every paid answer counts once: r0, r2 and r4 keep their result and add the spend of the one they did not keep.
     assert {k: (r["status"], r["attempts"]) for k, r in results.items()} == {
-        "r0": ("succeeded", 1), "r1": ("succeeded", 2), "r2": ("failed", 1), "r3": ("succeeded", 1),
-        "r4": ("succeeded", 1)}
+        "r0": ("succeeded", 2), "r1": ("succeeded", 2), "r2": ("failed", 2), "r3": ("succeeded", 1),
+        "r4": ("succeeded", 2)}
     run = pipeline.run_row(run_id)
     assert (run["rows_succeeded"], run["rows_failed"]) == (4, 1)
     for total in ("attempts", "input_tokens", "cost_nano"):
@@ -340,7 +341,8 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
                    calls={"fake|fake|200": 1}) for i in range(2000)]
     with store.writing(pipeline.engine) as conn:
         store.apply_results(conn, rows)
-    asked = list(store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]]).values())
+    asked = list(store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]],
+                                       store._Ledger()).values())
     asked += [dict(asked[0], row_key="never-stored")]
     with store.writing(pipeline.engine) as conn:
         if conn.dialect.name == "postgresql":
