@@ -40,7 +40,8 @@ from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import (CANCELLED, COMPLETED, EXPIRED, FAILED, LIMITS, OPEN_STATES, UPLOAD_RETRIES, UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
+from .providers.batches import (CANCELLED, COMPLETED, EXPIRED, FAILED, LIMITS, OPEN_STATES, UPLOAD_RETRIES,
+                                UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
                                 ItemOutcome, build_batch_api)
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
@@ -141,7 +142,8 @@ class BatchRunner:
     def _adopt(self, record: bs.SlotRecord, batch_id: str | None) -> None:
         """Follow the batch SQL recorded; with only its intent recorded, look for it at the provider first."""
         if batch_id:
-            log.info("%s: adopting its batch %s recorded in SQL", record.slot, batch_id, extra={"run_id": record.run_id})
+            log.info("%s: adopting its batch %s recorded in SQL", record.slot, batch_id,
+                     extra={"run_id": record.run_id})
             bs.record_batch(self.connection, record, batch_id, record.intent_at, None, "created")
         else:
             bs.end_create_lease(self.connection, record)   # its create may have happened: the next look searches
