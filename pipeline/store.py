@@ -584,5 +584,5 @@ def chunk_batches(conn: Connection, run_id: str, chunk_no: str) -> list[dict[str
     (``c000007``, ``g2-c000007`` ...), oldest first."""
     query = (select(batches).where(batches.c.run_id == run_id,
                                    (batches.c.chunk == chunk_no) | batches.c.chunk.like(f"%-{chunk_no}"))
-             .order_by(batches.c.created_at))
+             .order_by(batches.c.created_at, batches.c.chunk))
     return [dict(r) for r in conn.execute(query).mappings()]
