@@ -11,8 +11,9 @@ from typing import Any
 
 import redis
 from rq import Retry, get_current_job
+from sqlalchemy import Engine
 
-from pipeline import runstate
+from pipeline import runstate, store
 from pipeline.batches import BatchRunner
 from pipeline.errors import RunNotFound
 from pipeline.queue import connect
@@ -23,11 +24,20 @@ from .process_chunk import worker_settings
 
 log = logging.getLogger("pipeline.job")
 MAX_POLLS = 100_000  # RQ wants a bound; at BATCH_POLL_MAX_SECONDS apart this is far beyond a batch's 24 h
+_engines: dict[str, Engine] = {}  # the worker process's read-only engine, opened by its first batch chunk
+
+
+def records_engine(settings: Settings) -> Engine:
+    """An engine on the results database, for reading the batches it records (the collector writes them)."""
+    url = settings.resolved_database_url
+    if url not in _engines:
+        _engines[url] = store.open_engine(url)
+    return _engines[url]
 
 
 def start_batch_chunk(settings: Settings, connection: redis.Redis, config: RunConfig,
                       payload: dict[str, Any]) -> dict[str, Any]:
-    summary = BatchRunner(settings, connection, config).start_chunk(payload)
+    summary = BatchRunner(settings, connection, config, engine=records_engine(settings)).start_chunk(payload)
     log.info("batch chunk started", extra={"run_id": config.run_id, "summary": summary})
     return summary
 

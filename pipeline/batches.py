@@ -12,6 +12,12 @@ Exactly once: a slot makes at most one live batch. Before creating, a job takes 
 killed after the create call, a create whose reply was lost, an RQ retry) first looks for the batch at the
 provider (``BatchAPI.find``: OpenAI by the chunk id in its metadata, Anthropic by time,
 size and custom_id prefix) and adopts it instead of creating another.
+
+The intent, the batch id and the end are also published to the collector (``handoff.BATCH``), which keeps them in
+SQL (``store.batches``). A chunk job that finds no slot record in Redis reads SQL first: a batch recorded there as
+open whose record Redis lost is rebuilt under its own slot and followed (or looked for, if only its intent was
+recorded), never made again. Item ids are derived from the request's content, so the rebuilt items map back to
+the batch's answers.
 """
 from __future__ import annotations
 
@@ -23,16 +29,19 @@ from typing import Any
 
 import redis
 from rq.job import Job, JobStatus
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import batchstate as bs
-from . import handoff
+from . import handoff, store
 from .answer import estimate_tokens, output_limit
 from .budget import reserve_batch, settle_batch
 from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import (CANCELLED, LIMITS, OPEN_STATES, UPLOAD_RETRIES, UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
+from .providers.batches import (CANCELLED, COMPLETED, EXPIRED, FAILED, LIMITS, OPEN_STATES, UPLOAD_RETRIES,
+                                UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
                                 ItemOutcome, build_batch_api)
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
@@ -45,6 +54,18 @@ log = logging.getLogger("pipeline.batches")
 HOLD_SECONDS = 26 * 3600       # a batch's budget hold outlives its 24 h window
 PUBLISH_AT_ONCE = 500
 ACTIVE_JOB_STATES = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}
+ENDED_STATES = {COMPLETED, EXPIRED, CANCELLED, FAILED, "skipped"}
+
+
+def item_id(tag: str, key: str) -> str:
+    """A batch item's custom_id: the slot's tag and its request's cache key, so that the same rows give the same
+    ids when a slot is rebuilt (within Anthropic's 64 characters of [A-Za-z0-9_-])."""
+    return f"{tag}-{stable_hash(key)[:20]}"
+
+
+def chunk_number(label: str) -> str:
+    """``c000007`` of ``c000007`` and of ``g2-c000007`` (the label resume gives the chunk's rows later)."""
+    return label.rsplit("-", 1)[-1]
 
 
 def create_lease_seconds(settings: Settings) -> float:
@@ -61,8 +82,9 @@ class BatchRunner:
     """One run's batch work on a worker: start a chunk, advance a slot."""
 
     def __init__(self, settings: Settings, connection: redis.Redis, config: RunConfig,
-                 api: BatchAPI | None = None) -> None:
+                 api: BatchAPI | None = None, engine: Engine | None = None) -> None:
         self.settings = settings
+        self.engine = engine            # read-only: the batches SQL recorded, for a chunk whose record Redis lost
         self.connection = connection
         self.config = config
         self.api = api or build_batch_api(config.provider, settings)
@@ -80,15 +102,58 @@ class BatchRunner:
             return {**summary, "stopped": "cancelled"}
         if bs.load(self.connection, slot) is None:
             rows = [Row(key=r["key"], index=r["index"], values=r["values"]) for r in payload["rows"]]
+            recorded = self._lost_open_batch(chunk)
+            if recorded is not None:
+                slot = bs.slot_id(self.config.run_id, recorded["chunk"], recorded["round"])
             items, ready = self._prepare(slot, self._rows_without_result(rows))
             self._publish(ready)
             summary.update(answered_now=len(ready), batched=sum(len(i.rows) for i in items))
             if not items:
                 return summary
-            bs.save_intent(self.connection, bs.SlotRecord(slot=slot, run_id=self.config.run_id, chunk=chunk,
-                                                          round=1, items=items, intent_at=bs.now()))
+            record = bs.SlotRecord(slot=slot, run_id=self.config.run_id, chunk=recorded["chunk"] if recorded else chunk,
+                                   round=recorded["round"] if recorded else 1, items=items,
+                                   intent_at=recorded["created_at"] if recorded else bs.now())
+            if bs.save_intent(self.connection, record):
+                if recorded is None:
+                    self._record_in_sql(record)
+                else:
+                    self._adopt(record, recorded["batch_id"])
         self.follow(slot)
         return summary
+
+    def _lost_open_batch(self, chunk: str) -> dict[str, Any] | None:
+        """The chunk's batch that SQL records as not ended and whose slot record Redis no longer has (Redis lost
+        the run's state): it is the chunk's batch, not a new one. None when SQL has none (or cannot say)."""
+        if self.engine is None:
+            return None
+        try:
+            with self.engine.connect() as conn:
+                recorded = store.chunk_batches(conn, self.config.run_id, chunk_number(chunk))
+        except SQLAlchemyError as exc:
+            log.warning("%s: cannot read its recorded batches: %s", chunk, type(exc).__name__,
+                        extra={"run_id": self.config.run_id})
+            return None
+        for row in reversed(recorded):
+            slot = bs.slot_id(self.config.run_id, row["chunk"], row["round"])
+            if row["state"] not in ENDED_STATES and bs.load(self.connection, slot) is None:
+                return row
+        return None
+
+    def _adopt(self, record: bs.SlotRecord, batch_id: str | None) -> None:
+        """Follow the batch SQL recorded; with only its intent recorded, look for it at the provider first."""
+        if batch_id:
+            log.info("%s: adopting its batch %s recorded in SQL", record.slot, batch_id,
+                     extra={"run_id": record.run_id})
+            bs.record_batch(self.connection, record, batch_id, record.intent_at, None, "created")
+        else:
+            bs.end_create_lease(self.connection, record)   # its create may have happened: the next look searches
+
+    def _record_in_sql(self, record: bs.SlotRecord, state: str | None = None) -> None:
+        """Hand the slot's intent, batch id or end to the collector, which keeps it in SQL's batches table."""
+        handoff.publish_event(self.connection, self.settings.result_stream, handoff.BATCH,
+                              {"run_id": record.run_id, "chunk": record.chunk, "round": record.round,
+                               "batch_id": record.batch_id, "provider": self.config.provider,
+                               "state": state or record.state, "at": record.intent_at})
 
     def follow(self, slot: str) -> None:
         """Advance the slot now; if it is not done, a poll job looks again later."""
@@ -122,7 +187,7 @@ class BatchRunner:
             key = cache_key(self.config.provider, request, base_url)
             item = by_key.get(key)
             if item is None:
-                item = by_key[key] = bs.Item(custom_id=f"{tag}-{len(by_key)}", rows=[], prompt=prompt,
+                item = by_key[key] = bs.Item(custom_id=item_id(tag, key), rows=[], prompt=prompt,
                                              prompt_hash=stable_hash(prompt)[:16], cache_key=key,
                                              **self._worst_case(request))
             item.rows.append({"key": row.key, "index": row.index, "values": row.values})
@@ -240,6 +305,7 @@ class BatchRunner:
             bs.end_create_lease(self.connection, record)
             return self.settings.batch_poll_seconds
         bs.record_batch(self.connection, record, batch_id, bs.now(), None, "created")
+        self._record_in_sql(record)
         return None
 
     def _over_limits(self, items: list[BatchItem]) -> str | None:
@@ -265,6 +331,7 @@ class BatchRunner:
         log.info("%s: found its batch %s made by an earlier attempt", record.slot, found,
                  extra={"run_id": record.run_id})
         bs.record_batch(self.connection, record, found, bs.now(), None, "created")
+        self._record_in_sql(record)
         return True
 
     def _hold_budget(self, record: bs.SlotRecord) -> bool:
@@ -292,6 +359,7 @@ class BatchRunner:
         self._settle(record, 0)
         bs.release_tokens(self.connection, record.slot, self.target)
         bs.finish(self.connection, record, state, self.settings.run_retention_seconds)
+        self._record_in_sql(record, state)
         record.done = True
 
     def _fail_slot(self, record: bs.SlotRecord, error: str) -> None:
@@ -325,6 +393,7 @@ class BatchRunner:
         bs.release_tokens(self.connection, record.slot, self.target)
         next_slot = self._next_round(record, again) if again else None
         bs.finish(self.connection, record, state, self.settings.run_retention_seconds)
+        self._record_in_sql(record, state)
         log.info("batch %s of %s %s: %d results, %d items to round %d", record.batch_id, record.slot, state,
                  len(results), len(again), record.round + 1, extra={"run_id": record.run_id})
         if next_slot is not None:
@@ -333,9 +402,11 @@ class BatchRunner:
     def _next_round(self, record: bs.SlotRecord, items: list[bs.Item]) -> str:
         slot = bs.slot_id(record.run_id, record.chunk, record.round + 1)
         tag = stable_hash(slot)[:12]
-        fresh = [bs.Item(**{**i.to_dict(), "custom_id": f"{tag}-{n}"}) for n, i in enumerate(items)]
-        bs.save_intent(self.connection, bs.SlotRecord(slot=slot, run_id=record.run_id, chunk=record.chunk,
-                                                      round=record.round + 1, items=fresh, intent_at=bs.now()))
+        fresh = [bs.Item(**{**i.to_dict(), "custom_id": item_id(tag, i.cache_key)}) for i in items]
+        following = bs.SlotRecord(slot=slot, run_id=record.run_id, chunk=record.chunk, round=record.round + 1,
+                                  items=fresh, intent_at=bs.now())
+        if bs.save_intent(self.connection, following):
+            self._record_in_sql(following)
         return slot
 
     def _answered(self, item: bs.Item, answer: ProviderResponse, record: bs.SlotRecord | None,

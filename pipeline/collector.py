@@ -143,6 +143,8 @@ class Collector:
             if record.get("retrying"):
                 store.reopen_failed(conn, record["run_id"], record["retrying"], before=record["at"],
                                     generation=record.get("generation"))
+        elif kind == handoff.BATCH and isinstance(record, dict):
+            store.save_batch(conn, record)
 
     def _park(self, entry: Entry, reason: str) -> None:
         self.reader.park(entry, reason)

@@ -21,6 +21,7 @@ GROUP = "collector"
 RESULT = "result"
 RUN = "run"          # a run was submitted: payload is its RunConfig
 STATUS = "status"    # a run changed status (cancelled, budget exhausted, resumed)
+BATCH = "batch"      # batch mode: a chunk's batch intent, its provider batch id, its state
 
 
 def done_key(run_id: str) -> str:
@@ -95,6 +96,8 @@ def decode(entry: Entry) -> Result | RunConfig | dict[str, Any]:
             return config
         if entry.kind == STATUS:
             return _status_event(data)
+        if entry.kind == BATCH:
+            return _batch_event(data)
     except (TypeError, ValueError, AttributeError) as exc:
         raise UnreadableEntry(f"not a valid {entry.kind} entry: {exc}") from None
     raise UnreadableEntry(f"unknown entry kind {entry.kind!r}")
@@ -111,6 +114,18 @@ def _status_event(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("generation must be an integer")
     if data.get("config") is not None:
         RunConfig.from_dict(data["config"])
+    return data
+
+
+def _batch_event(data: dict[str, Any]) -> dict[str, Any]:
+    if not all(isinstance(data.get(k), str) for k in ("run_id", "chunk", "provider", "state")):
+        raise ValueError("run_id, chunk, provider and state must be text")
+    if not isinstance(data.get("round"), int) or isinstance(data.get("round"), bool):
+        raise ValueError("round must be an integer")
+    if data.get("batch_id") is not None and not isinstance(data["batch_id"], str):
+        raise ValueError("batch_id must be text")
+    if data.get("at") is not None and not isinstance(data["at"], (int, float)):
+        raise ValueError("at must be a time")
     return data
 
 

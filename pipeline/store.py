@@ -24,6 +24,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex
+from sqlalchemy.sql.expression import case
 
 from .errors import ConfigError
 from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
@@ -98,6 +99,21 @@ counted_answers = Table(
     "counted_answers", metadata,
     Column("result_id", String(32), primary_key=True),
     Column("run_id", String(64), nullable=False),
+)
+
+# Batch mode's record of each chunk's provider batch (written by the collector from the workers' batch events),
+# so that a chunk run again after Redis lost its state adopts the batch instead of paying for a second one.
+batches = Table(
+    "batches", metadata,
+    Column("run_id", String(64), nullable=False),
+    Column("chunk", String(64), nullable=False),
+    Column("round", Integer, nullable=False, default=1),
+    Column("batch_id", String(128)),                                # NULL while only the intent is known
+    Column("provider", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("run_id", "chunk", name="uq_batches_run_chunk"),
 )
 
 # Run totals that move with each result: (runs column, how one result contributes).
@@ -657,3 +673,31 @@ def result_statuses(conn: Connection, run_id: str, batch: int = 5000) -> Iterato
         for _, row_key, status in page:
             yield row_key, status
         last = page[-1][0]
+
+
+def save_batch(conn: Connection, event: dict[str, Any]) -> None:
+    """Upsert a chunk's batch from a worker's batch event. A later round replaces an earlier one, never the
+    reverse (a round's intent is published before the round before it is marked ended); a known batch id is
+    kept when an event of the same round does not carry it."""
+    now = time.time()
+    values = {"run_id": event["run_id"], "chunk": event["chunk"], "round": event["round"],
+              "batch_id": event.get("batch_id"), "provider": event["provider"], "state": event["state"],
+              "created_at": event.get("at") or now, "updated_at": now}
+    insert = _insert(conn, batches).values(**values)
+    same_round = batches.c.round == insert.excluded.round
+    keep_id = func.coalesce(insert.excluded.batch_id, batches.c.batch_id)
+    conn.execute(insert.on_conflict_do_update(
+        index_elements=["run_id", "chunk"],
+        set_={"round": insert.excluded.round, "state": insert.excluded.state, "updated_at": insert.excluded.updated_at,
+              "batch_id": case((same_round, keep_id), else_=insert.excluded.batch_id),
+              "created_at": case((same_round, batches.c.created_at), else_=insert.excluded.created_at)},
+        where=batches.c.round <= insert.excluded.round))
+
+
+def chunk_batches(conn: Connection, run_id: str, chunk_no: str) -> list[dict[str, Any]]:
+    """The recorded batches of a chunk number (``c000007``) of the run, under every label it was sent with
+    (``c000007``, ``g2-c000007`` ...), oldest first."""
+    query = (select(batches).where(batches.c.run_id == run_id,
+                                   (batches.c.chunk == chunk_no) | batches.c.chunk.like(f"%-{chunk_no}"))
+             .order_by(batches.c.created_at, batches.c.chunk))
+    return [dict(r) for r in conn.execute(query).mappings()]

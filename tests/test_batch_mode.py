@@ -15,7 +15,7 @@ import pytest
 from rq import Worker
 from rq.job import Job
 
-from pipeline import batchstate, runs
+from pipeline import batchstate, runs, store
 from pipeline.batches import BatchRunner
 from pipeline.errors import ConfigError
 from pipeline.metrics import PipelineMetrics
@@ -211,6 +211,29 @@ def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_
     assert server.stats()["batches_created"] == 1                                # 0 extra
     assert {r["batch_id"] for r in pipeline.results(run_id)} == set(server.batches.batches)
     assert set(server.stats()["paid"].values()) == {1}
+
+
+def test_a_batch_recorded_in_sql_is_adopted_by_resume_after_redis_lost_the_run(batch_pipeline, server, tmp_path):
+    """Redis loses the run's state while its batch is open: the collector has kept the batch in SQL, so the
+    chunk that ``resume`` sends again follows that batch instead of paying for a second one."""
+    server.configure(batch_delay=2)
+    pipeline = batch_pipeline()
+    run_id = submit(pipeline, tmp_path, rows(10), "openai")
+    pipeline.work()                                                    # the chunk creates its batch
+    pipeline.collect()
+    (batch_id,) = server.batches.batches
+    with pipeline.engine.connect() as conn:
+        (recorded,) = store.chunk_batches(conn, run_id, "c000000")
+    assert (recorded["batch_id"], recorded["state"], recorded["round"]) == (batch_id, "created", 1)
+    pipeline.redis.flushdb()                                           # Redis lost the run, its batch open
+
+    runs.resume(pipeline.redis, pipeline.settings, run_id, engine=pipeline.engine)
+    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
+    assert server.stats()["batches_created"] == 1                      # 0 extra
+    assert {r["batch_id"] for r in pipeline.results(run_id)} == {batch_id} and len(pipeline.results(run_id)) == 10
+    assert set(server.stats()["paid"].values()) == {1}
+    with pipeline.engine.connect() as conn:
+        assert store.chunk_batches(conn, run_id, "c000000")[0]["state"] == "completed"
 
 
 def test_a_second_job_on_a_slot_whose_batch_is_being_created_waits_instead_of_creating(batch_pipeline, server,

@@ -61,7 +61,7 @@ def test_login_upload_poll_download_matches_the_cli_export(web, tmp_path):
 
     web.finish(run["run_id"])
     status = web.get("alice", f"/api/v1/runs/{run['run_id']}").json()
-    assert status["status"] == "completed" and status["rows_succeeded"] == len(ROWS)
+    assert status["status"] == "completed" and status["rows_succeeded"] == len(ROWS) and status["mode"] == "online"
     assert status["input_tokens"] > 0 and status["cost_usd"] > 0 and status["eta_s"] == 0
     listing = web.get("alice", "/api/v1/runs", params={"per_page": 5}).json()
     assert [r["run_id"] for r in listing["items"]] == [run["run_id"]] and listing["total"] == 1
@@ -141,11 +141,12 @@ def test_bad_uploads_are_problems_naming_the_row_and_nothing_is_enqueued(web, tm
     fake_parquet.write_text("id,text\n1,x\n")
     assert "Parquet" in is_problem(upload(web, "alice", fake_parquet), 415)["detail"]
     assert ".csv" in is_problem(upload(web, "alice", duplicate, name="../../etc/passwd"), 415)["detail"]
+    good = write(tmp_path / "good.csv", ROWS)
+    assert "--mode batch" in is_problem(upload(web, "alice", good, mode="batch"), 422)["detail"]  # fake: no batch API
     assert nothing_enqueued(web.pipeline)
     uploads = web.pipeline.settings.data_dir / "uploads"
     assert not [p for p in uploads.rglob("*") if p.is_file()]  # refused uploads are not kept
 
-    good = write(tmp_path / "good.csv", ROWS)
     escaped = upload(web, "alice", good, name="../../etc/passwd.csv")
     assert escaped.status_code == 201, escaped.text
     stored = Path(load_config(web.pipeline.redis, escaped.json()["run_id"]).dataset)

@@ -92,7 +92,7 @@ def build_request(path: Path, fields: dict[str, Any], owner: str) -> runs.RunReq
         chunk_size=fields.get("chunk_size"), max_cost=fields.get("max_cost"), price_in=fields.get("price_in"),
         price_out=fields.get("price_out"), use_cache=not fields.get("no_cache", False), rpm=fields.get("rpm"),
         tpm=fields.get("tpm"), name=fields.get("name") or None, idempotency_key=fields.get("idempotency_key") or None,
-        owner=owner)
+        mode=fields.get("mode") or "online", owner=owner)
 
 
 def _json_object(text: str | None, field: str) -> dict[str, Any]:

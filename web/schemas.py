@@ -8,6 +8,7 @@ from marshmallow import ValidationError
 
 PROVIDERS = ("fake", "openai", "anthropic", "compatible")
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
+MODES = ("online", "batch")
 
 
 def storable_text(value: str) -> None:
@@ -70,6 +71,9 @@ class SubmitIn(Schema):
     tpm = Integer(validate=Range(1, 1_000_000_000))
     name = String(validate=text(1, 200))
     idempotency_key = String(validate=text(1, 200))
+    mode = String(load_default="online", validate=OneOf(MODES),
+                  metadata={"description": "batch: through the provider's batch API (openai, anthropic), at its "
+                                           "batch price, answers within 24 hours."})
 
 
 class SubmitOut(Schema):
@@ -88,6 +92,7 @@ class RunOut(Schema):
     status = String(required=True)
     provider = String(required=True)
     model = String(required=True)
+    mode = String(validate=OneOf(MODES), metadata={"description": "online or batch."})
     rows_total = Integer(required=True)
     rows_succeeded = Integer(required=True)
     rows_failed = Integer(required=True)
