@@ -12,6 +12,7 @@ classes replaced in its module by subclasses that default to the pipeline's seri
 JSON endpoints, requeue/delete) is rq-dashboard's own, so upgrading it stays a version bump; drop the two
 subclasses once a release passes its serializer everywhere.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -38,10 +39,21 @@ class _JsonWorker(Worker):
     """A worker whose current job is read with the pipeline's serializer."""
 
     @classmethod
-    def all(cls, connection: Any = None, job_class: Any = None, queue_class: Any = None, queue: Any = None,
-            serializer: Any = None) -> list[Any]:
-        return super().all(connection=connection, job_class=job_class, queue_class=queue_class, queue=queue,
-                           serializer=serializer or SERIALIZER)
+    def all(
+        cls,
+        connection: Any = None,
+        job_class: Any = None,
+        queue_class: Any = None,
+        queue: Any = None,
+        serializer: Any = None,
+    ) -> list[Any]:
+        return super().all(
+            connection=connection,
+            job_class=job_class,
+            queue_class=queue_class,
+            queue=queue,
+            serializer=serializer or SERIALIZER,
+        )
 
 
 class _JsonJob(Job):
@@ -94,8 +106,15 @@ def redis_url_of(settings: Settings) -> str:
         host, port = pool.get_master_address()
         parts = urlsplit(settings.redis_url or "redis://")
         credentials = parts.netloc.rpartition("@")[0]
-        return urlunsplit((parts.scheme, f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}",
-                           parts.path, parts.query, ""))
+        return urlunsplit(
+            (
+                parts.scheme,
+                f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}",
+                parts.path,
+                parts.query,
+                "",
+            )
+        )
     if settings.redis_url:
         return settings.redis_url
 

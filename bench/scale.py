@@ -24,6 +24,7 @@ timed inside it, with their peak RSS.
 
 Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed: never a Redis in use).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ TEMPLATE = "Classify: {{ review }}"
 
 # ---------------------------------------------------------------- measuring a child process
 
+
 def measured(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """Run ``python bench/scale.py ARGS`` (a child that prints one JSON line); return it and its peak RSS in MB."""
     peak_mb, code, stdout, stderr = run_with_peak_rss([__file__, *args], env or dict(os.environ))
@@ -56,6 +58,7 @@ def measured(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[s
 
 
 # ---------------------------------------------------------------- submit
+
 
 def raw_read(path: Path) -> dict[str, Any]:
     """The reference: the library's chunked reader and one JSON serialization per row, nothing else."""
@@ -69,8 +72,11 @@ def raw_read(path: Path) -> dict[str, Any]:
                 json.dumps(record)
                 rows += 1
     else:
-        reader = (pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=10_000) if path.suffix == ".csv"
-                  else pd.read_json(path, lines=True, dtype=False, chunksize=10_000))
+        reader = (
+            pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=10_000)
+            if path.suffix == ".csv"
+            else pd.read_json(path, lines=True, dtype=False, chunksize=10_000)
+        )
         for frame in reader:
             for record in frame.to_dict(orient="records"):
                 json.dumps(record)
@@ -100,10 +106,14 @@ def bench_submit(sizes: list[int], formats: list[str], chunk_size: int) -> None:
 
     client = redis.Redis.from_url(REDIS_URL)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    print(f"submit: chunk size {chunk_size}, template {TEMPLATE!r}, --id-column id; time in-process, "
-          "peak RSS of each process (VmHWM)")
-    print(f"{'format':8} {'rows':>9} {'MB':>5} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
-          f"{'submit rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio | redis")
+    print(
+        f"submit: chunk size {chunk_size}, template {TEMPLATE!r}, --id-column id; time in-process, "
+        "peak RSS of each process (VmHWM)"
+    )
+    print(
+        f"{'format':8} {'rows':>9} {'MB':>5} | {'reference rows/s':>16} {'us/row':>6} {'RSS MB':>6} | "
+        f"{'submit rows/s':>13} {'us/row':>6} {'RSS MB':>6} | ratio | redis"
+    )
     try:
         for fmt in formats:
             for rows in sizes:
@@ -113,10 +123,12 @@ def bench_submit(sizes: list[int], formats: list[str], chunk_size: int) -> None:
                 submitted, submit_mb = measured(["_submit", str(dataset), str(chunk_size)])
                 assert reference["rows"] == submitted["rows"] == rows, (reference, submitted)
                 ref_rate, rate = rows / reference["seconds"], rows / submitted["seconds"]
-                print(f"{fmt:8} {rows:>9,} {dataset.stat().st_size / 1e6:>5.0f} | {ref_rate:>16,.0f} "
-                      f"{1e6 / ref_rate:>6.2f} {reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} "
-                      f"{submit_mb:>6.0f} | {rate / ref_rate:>5.2f} | {client.info('memory')['used_memory_human']}",
-                      flush=True)
+                print(
+                    f"{fmt:8} {rows:>9,} {dataset.stat().st_size / 1e6:>5.0f} | {ref_rate:>16,.0f} "
+                    f"{1e6 / ref_rate:>6.2f} {reference_mb:>6.0f} | {rate:>13,.0f} {1e6 / rate:>6.2f} "
+                    f"{submit_mb:>6.0f} | {rate / ref_rate:>5.2f} | {client.info('memory')['used_memory_human']}",
+                    flush=True,
+                )
                 dataset.unlink()
     finally:
         client.flushdb()
@@ -124,6 +136,7 @@ def bench_submit(sizes: list[int], formats: list[str], chunk_size: int) -> None:
 
 
 # ---------------------------------------------------------------- main
+
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # a measured child
@@ -177,22 +190,45 @@ def fill_results(url: str, rows: int) -> None:
     with engine.begin() as conn:
         conn.execute(store.results.delete())
         conn.execute(store.runs.delete())
-        config = RunConfig(run_id=RUN_ID, dataset="bench.csv", dataset_hash="0" * 64, template=TEMPLATE,
-                           provider="fake", model="fake", total_rows=rows, total_chunks=rows // 1000)
+        config = RunConfig(
+            run_id=RUN_ID,
+            dataset="bench.csv",
+            dataset_hash="0" * 64,
+            template=TEMPLATE,
+            provider="fake",
+            model="fake",
+            total_rows=rows,
+            total_chunks=rows // 1000,
+        )
         store.save_run(conn, config, "completed")
     now = clock.time()
     for start in range(0, rows, 50_000):
-        batch = [{
-            "run_id": RUN_ID, "row_key": f"r{i:08d}", "row_index": i,
-            "status": "failed" if i % 50 == 0 else "succeeded",
-            "input": {"id": f"r{i:08d}", "review": f"=The strap broke after a week, \"honestly\" #{i}"},
-            "prompt_hash": "%064x" % i, "answer": None if i % 50 == 0 else "positive",
-            "parsed": None if i % 3 else {"label": "positive", "score": i % 7},
-            "error": "HTTP 500" if i % 50 == 0 else None, "provider": "fake", "model": "fake",
-            "attempts": 1, "timeouts": 0, "rate_limited": 0, "input_tokens": 30, "output_tokens": 2,
-            "cost_nano": 1234, "latency_ms": 12.5, "cached": i % 4 == 0, "calls": {"fake|fake|200": 1},
-            "finished_at": now,
-        } for i in range(start, min(rows, start + 50_000))]
+        batch = [
+            {
+                "run_id": RUN_ID,
+                "row_key": f"r{i:08d}",
+                "row_index": i,
+                "status": "failed" if i % 50 == 0 else "succeeded",
+                "input": {"id": f"r{i:08d}", "review": f'=The strap broke after a week, "honestly" #{i}'},
+                "prompt_hash": f"{i:064x}",
+                "answer": None if i % 50 == 0 else "positive",
+                "parsed": None if i % 3 else {"label": "positive", "score": i % 7},
+                "error": "HTTP 500" if i % 50 == 0 else None,
+                "provider": "fake",
+                "model": "fake",
+                "attempts": 1,
+                "timeouts": 0,
+                "rate_limited": 0,
+                "input_tokens": 30,
+                "output_tokens": 2,
+                "cost_nano": 1234,
+                "latency_ms": 12.5,
+                "cached": i % 4 == 0,
+                "calls": {"fake|fake|200": 1},
+                "finished_at": now,
+            }
+            for i in range(start, min(rows, start + 50_000))
+        ]
         with engine.begin() as conn:
             conn.execute(insert(store.results), batch)
     with engine.begin() as conn:
@@ -212,23 +248,42 @@ def raw_export(url: str, fmt: str, out: Path) -> int:
 
     engine = create_engine(url)
     count, writer = 0, None
-    columns = ["row_key", "status", "answer", "parsed", "error", "provider", "model", "input_tokens",
-               "output_tokens", "cost_nano", "latency_ms", "cached", "attempts", "input"]
+    columns = [
+        "row_key",
+        "status",
+        "answer",
+        "parsed",
+        "error",
+        "provider",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "cost_nano",
+        "latency_ms",
+        "cached",
+        "attempts",
+        "input",
+    ]
     query = text(f"SELECT {', '.join(columns)} FROM results WHERE run_id = :run ORDER BY row_index")
     with engine.connect() as conn, out.open("w", newline="", encoding="utf-8") as handle:
         result = conn.execution_options(stream_results=True, yield_per=10_000).execute(query, {"run": RUN_ID})
         writer_csv = csv.writer(handle)
-        for page in result.partitions(10_000):    # (without a size: pages of one row for a text() query)
-            page = [list(r[:-1]) + list((json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]).values())
-                    for r in page]
+        for page in result.partitions(10_000):  # (without a size: pages of one row for a text() query)
+            page = [
+                list(r[:-1]) + list((json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]).values()) for r in page
+            ]
             if fmt == "csv":
                 writer_csv.writerows(page)
             elif fmt == "jsonl":
                 names = columns[:-1] + ["id", "review"]
                 handle.writelines(json.dumps(dict(zip(names, r)), default=str) + "\n" for r in page)
             else:
-                table = pa.table({f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
-                                  for i, col in enumerate(zip(*page))})
+                table = pa.table(
+                    {
+                        f"c{i}": pa.array([str(v) if v is not None else None for v in col], pa.string())
+                        for i, col in enumerate(zip(*page))
+                    }
+                )
                 if writer is None:
                     writer = pq.ParquetWriter(out.with_suffix(".parquet"), table.schema)
                 writer.write_table(table)
@@ -259,11 +314,15 @@ def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
         urls.append(("sqlite", f"sqlite:///{work / 'results.db'}"))
     if database in ("postgresql", "both"):
         urls.append(("postgresql", _pg_schema_url()))
-    print("export: results filled by bulk INSERT into the tables store.make_engine makes; time in-process, "
-          "peak RSS of each process (VmHWM)")
+    print(
+        "export: results filled by bulk INSERT into the tables store.make_engine makes; time in-process, "
+        "peak RSS of each process (VmHWM)"
+    )
     print("us/row: wall time; cpu: CPU time of that process alone (the database server's is in neither)")
-    print(f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} "
-          f"{'RSS MB':>6} | {'export rows/s':>13} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load")
+    print(
+        f"{'database':10} {'format':8} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} "
+        f"{'RSS MB':>6} | {'export rows/s':>13} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load"
+    )
     try:
         for name, url in urls:
             for rows in sizes:
@@ -274,10 +333,13 @@ def bench_export(sizes: list[int], database: str, formats: list[str]) -> None:
                     exported, export_mb = measured(["_export", url, fmt, str(out)])
                     assert reference["rows"] == exported["rows"] == rows, (reference, exported)
                     ref_rate, rate = rows / reference["seconds"], rows / exported["seconds"]
-                    print(f"{name:10} {fmt:8} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.2f} "
-                          f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>13,.0f} "
-                          f"{1e6 / rate:>6.2f} {1e6 * exported['cpu'] / rows:>5.1f} {export_mb:>6.0f} | "
-                          f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}", flush=True)
+                    print(
+                        f"{name:10} {fmt:8} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.2f} "
+                        f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>13,.0f} "
+                        f"{1e6 / rate:>6.2f} {1e6 * exported['cpu'] / rows:>5.1f} {export_mb:>6.0f} | "
+                        f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if database in ("postgresql", "both"):
@@ -317,18 +379,39 @@ def bench_result(i: int, now: float):
     from pipeline.records import SUCCEEDED, Result
 
     key = f"r{i:08d}"
-    return Result(run_id=COLLECT_RUN_ID, row_key=key, row_index=i, status=SUCCEEDED,
-                  input={"id": key, "review": f"The strap broke after a week, honestly #{i}"},
-                  prompt_hash=f"{i:064x}", answer="ECHO: negative", provider="fake", model="fake", attempts=1,
-                  input_tokens=30, output_tokens=2, cost_nano=1234, latency_ms=12.5, finished_at=now + i * 1e-6,
-                  calls={"fake|fake|200": 1})
+    return Result(
+        run_id=COLLECT_RUN_ID,
+        row_key=key,
+        row_index=i,
+        status=SUCCEEDED,
+        input={"id": key, "review": f"The strap broke after a week, honestly #{i}"},
+        prompt_hash=f"{i:064x}",
+        answer="ECHO: negative",
+        provider="fake",
+        model="fake",
+        attempts=1,
+        input_tokens=30,
+        output_tokens=2,
+        cost_nano=1234,
+        latency_ms=12.5,
+        finished_at=now + i * 1e-6,
+        calls={"fake|fake|200": 1},
+    )
 
 
 def bench_config(rows: int):
     from pipeline.records import RunConfig
 
-    return RunConfig(run_id=COLLECT_RUN_ID, dataset="bench.csv", dataset_hash="0" * 64, template=TEMPLATE,
-                     provider="fake", model="fake", total_rows=rows, total_chunks=max(1, rows // 100))
+    return RunConfig(
+        run_id=COLLECT_RUN_ID,
+        dataset="bench.csv",
+        dataset_hash="0" * 64,
+        template=TEMPLATE,
+        provider="fake",
+        model="fake",
+        total_rows=rows,
+        total_chunks=max(1, rows // 100),
+    )
 
 
 def fresh_tables(url: str):
@@ -359,11 +442,12 @@ def raw_upsert(url: str, rows: int) -> dict[str, Any]:
     insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(store.results)
     upsert = insert.on_conflict_do_update(
         index_elements=["run_id", "row_key"],
-        set_={c: insert.excluded[c] for c in store.RESULT_COLUMNS if c not in ("run_id", "row_key")})
+        set_={c: insert.excluded[c] for c in store.RESULT_COLUMNS if c not in ("run_id", "row_key")},
+    )
     started, cpu = time.perf_counter(), time.process_time()
     for start in range(0, rows, batch):
         with engine.begin() as conn:
-            conn.execute(upsert, values[start:start + batch])
+            conn.execute(upsert, values[start : start + batch])
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     engine.dispose()
     return {"rows": rows, "seconds": seconds, "cpu": cpu}
@@ -380,8 +464,9 @@ def pipeline_collect(url: str, rows: int) -> dict[str, Any]:
     from pipeline.settings import Settings
 
     engine = fresh_tables(url)
-    settings = Settings(_env_file=None, redis_url=REDIS_URL, database_url=url, log_level="WARNING",
-                        data_dir=Path(tempfile.gettempdir()))
+    settings = Settings(
+        _env_file=None, redis_url=REDIS_URL, database_url=url, log_level="WARNING", data_dir=Path(tempfile.gettempdir())
+    )
     connection = connect(settings)
     metrics = PipelineMetrics(settings, connection, engine)
     collector = Collector(settings, connection, engine, observers=[metrics.observe])
@@ -392,8 +477,15 @@ def pipeline_collect(url: str, rows: int) -> dict[str, Any]:
         run = store.get_run(conn, COLLECT_RUN_ID) or {}
         stored = conn.execute(select(func.count()).select_from(store.results)).scalar_one()
     engine.dispose()
-    return {"rows": written, "seconds": seconds, "cpu": cpu, "stored": stored, "status": run.get("status"),
-            "rows_succeeded": run.get("rows_succeeded"), "cost_nano": run.get("cost_nano")}
+    return {
+        "rows": written,
+        "seconds": seconds,
+        "cpu": cpu,
+        "stored": stored,
+        "status": run.get("status"),
+        "rows_succeeded": run.get("rows_succeeded"),
+        "cost_nano": run.get("cost_nano"),
+    }
 
 
 def collect_child(command: str, url: str, rows: int) -> dict[str, Any]:
@@ -413,8 +505,9 @@ def hand_over(rows: int) -> None:
     handoff.publish_event(client, settings.result_stream, handoff.RUN, bench_config(rows).to_dict())
     now = time.time()
     for start in range(0, rows, 1000):
-        handoff.publish_results(client, settings.result_stream,
-                                [bench_result(i, now) for i in range(start, min(rows, start + 1000))])
+        handoff.publish_results(
+            client, settings.result_stream, [bench_result(i, now) for i in range(start, min(rows, start + 1000))]
+        )
     client.close()
 
 
@@ -424,12 +517,16 @@ def bench_collect(sizes: list[int], database: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     names = [n for n in ("sqlite", "postgresql") if database in (n, "both")]
     client = redis.Redis.from_url(REDIS_URL)
-    print("collect: results drained from the stream by a burst collector (default settings, metrics observer) "
-          "vs SQLAlchemy batched upsert of the same rows; fresh tables (PostgreSQL: never analysed); time "
-          "in-process, peak RSS (VmHWM)")
+    print(
+        "collect: results drained from the stream by a burst collector (default settings, metrics observer) "
+        "vs SQLAlchemy batched upsert of the same rows; fresh tables (PostgreSQL: never analysed); time "
+        "in-process, peak RSS (VmHWM)"
+    )
     print("us/row: wall time; cpu: CPU time of that process alone (the database server's is in neither)")
-    print(f"{'database':10} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | "
-          f"{'collector rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load")
+    print(
+        f"{'database':10} {'rows':>9} | {'reference rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | "
+        f"{'collector rows/s':>16} {'us/row':>6} {'cpu':>5} {'RSS MB':>6} | ratio | load"
+    )
     try:
         for name in names:
             for rows in sizes:
@@ -446,10 +543,13 @@ def bench_collect(sizes: list[int], database: str) -> None:
                 assert collected["status"] == "completed" and collected["cost_nano"] == 1234 * rows, collected
                 assert client.xlen(result_stream()) == 0
                 ref_rate, rate = rows / reference["seconds"], rows / collected["seconds"]
-                print(f"{name:10} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.1f} "
-                      f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>16,.0f} "
-                      f"{1e6 / rate:>6.1f} {1e6 * collected['cpu'] / rows:>5.1f} {collect_mb:>6.0f} | "
-                      f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"{name:10} {rows:>9,} | {ref_rate:>16,.0f} {1e6 / ref_rate:>6.1f} "
+                    f"{1e6 * reference['cpu'] / rows:>5.1f} {reference_mb:>6.0f} | {rate:>16,.0f} "
+                    f"{1e6 / rate:>6.1f} {1e6 * collected['cpu'] / rows:>5.1f} {collect_mb:>6.0f} | "
+                    f"{rate / ref_rate:>5.2f} | {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
                 for side in ("raw", "collector"):
                     if name == "sqlite":
                         for suffix in ("", "-wal", "-shm"):

@@ -50,6 +50,7 @@ is reaped when the pool has exited by itself (burst), "collector" what is reaped
 once the last result is in SQL, "submit" is time.process_time() around runs.submit in this process. The
 reference's CPU is time.process_time() around its whole run. The fake server's CPU is in neither.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,33 +78,41 @@ from sqlalchemy.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (BENCH_REDIS_URL, ROOT, fake_provider_stats, reset_fake_provider,  # noqa: E402
-                          row_text, start_fake_provider, write_dataset)
-from pipeline import runs, store  # noqa: E402
-from pipeline.queue import connect  # noqa: E402
-from pipeline.retry import RetryPolicy  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from tests.fakeprovider import _tokens as fake_provider_tokens  # noqa: E402  (the server's token count)
+from bench.common import (
+    BENCH_REDIS_URL,
+    ROOT,
+    fake_provider_stats,
+    reset_fake_provider,
+    row_text,
+    start_fake_provider,
+    write_dataset,
+)
+from pipeline import runs, store
+from pipeline.queue import connect
+from pipeline.retry import RetryPolicy
+from pipeline.settings import Settings
+from tests.fakeprovider import _tokens as fake_provider_tokens
 
 MODEL = "gpt-4o-mini"
 TEMPLATE = "Echo: {{ text }}"
 MAX_TOKENS = 16
-WIDTH = 7                 # zero-padded row numbers: every prompt has the same length and token count
+WIDTH = 7  # zero-padded row numbers: every prompt has the same length and token count
 API_KEY = "sk-bench"
-PROCESSES = 2             # worker processes unless a scenario says otherwise
-SCALING = (1, 2, 4)       # worker processes of the scaling scenario
+PROCESSES = 2  # worker processes unless a scenario says otherwise
+SCALING = (1, 2, 4)  # worker processes of the scaling scenario
 RPM = 3000
 HANG_SECONDS = 20.0
 FAULTS_TIMEOUT = 5.0
-SAMPLE_SECONDS = 0.1      # in-flight sampling at the server
-POLL_SECONDS = 0.1        # SQL polling for the last result
-STALL_SECONDS = 120.0     # give up on a run when no result came for this long (15 s once the workers exited)
+SAMPLE_SECONDS = 0.1  # in-flight sampling at the server
+POLL_SECONDS = 0.1  # SQL polling for the last result
+STALL_SECONDS = 120.0  # give up on a run when no result came for this long (15 s once the workers exited)
 POOL_EXIT_SECONDS = 120.0
 REFERENCE_MAX_ATTEMPTS = 30
 PR_SET_CHILD_SUBREAPER = 36
 
 
 # --- processes ------------------------------------------------------------------------------------------------
+
 
 def become_subreaper() -> bool:
     """Orphaned descendants of our children are re-parented to this process (so we reap them, and count them)."""
@@ -195,24 +204,34 @@ class Children:
 
 # --- the fake provider ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Server:
     latency: float
     rpm: float | None = None
     tpm: float | None = None
-    window: str = "bucket"          # or "sliding" (10 s)
+    window: str = "bucket"  # or "sliding" (10 s)
     error_rate: float = 0.0
     hang_rate: float = 0.0
-    sample: bool = False            # sample the calls in flight
+    sample: bool = False  # sample the calls in flight
 
     @property
     def window_seconds(self) -> int:
         return 10 if self.window == "sliding" else 1
 
     def args(self) -> list[str]:
-        args = ["--window", self.window, "--window-seconds", str(self.window_seconds),
-                "--error-rate", str(self.error_rate), "--hang-rate", str(self.hang_rate),
-                "--hang-seconds", str(HANG_SECONDS)]
+        args = [
+            "--window",
+            self.window,
+            "--window-seconds",
+            str(self.window_seconds),
+            "--error-rate",
+            str(self.error_rate),
+            "--hang-rate",
+            str(self.hang_rate),
+            "--hang-seconds",
+            str(HANG_SECONDS),
+        ]
         if self.tpm:
             args += ["--tpm", str(self.tpm)]
         if self.sample:
@@ -243,6 +262,7 @@ def tpm_binding_at(share_of_rpm: float) -> int:
 
 
 # --- the raw reference ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Reference:
@@ -280,21 +300,24 @@ def run_reference(url: str, rows: int, concurrency: int, timeout: float, policy:
 async def _reference(reference: Reference, url: str, timeout: float, policy: RetryPolicy) -> None:
     endpoint = f"{url}/v1/chat/completions"
     pending = iter(range(reference.rows))  # shared by the lanes: each takes the next row
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=timeout),
-                                     headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as session:
+
         async def lane() -> None:
             for i in pending:
-                body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}],
-                        "max_tokens": MAX_TOKENS}
+                body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": MAX_TOKENS}
                 answered = await _ask(session, endpoint, body, reference, policy)
                 reference.succeeded += answered  # not `+= await`: that reads the count before the await
 
         await asyncio.gather(*(lane() for _ in range(min(reference.concurrency, reference.rows))))
 
 
-async def _ask(session: aiohttp.ClientSession, endpoint: str, body: dict[str, Any], reference: Reference,
-               policy: RetryPolicy) -> bool:
+async def _ask(
+    session: aiohttp.ClientSession, endpoint: str, body: dict[str, Any], reference: Reference, policy: RetryPolicy
+) -> bool:
     for attempt in range(1, REFERENCE_MAX_ATTEMPTS + 1):
         reference.calls += 1
         try:
@@ -306,7 +329,7 @@ async def _ask(session: aiohttp.ClientSession, endpoint: str, body: dict[str, An
                 if response.status != 429 and response.status < 500:
                     return False
                 delay = policy.backoff(attempt, _retry_after(response.headers))
-        except (asyncio.TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError):
             delay = policy.backoff(attempt, None)
         await asyncio.sleep(delay)
     return False
@@ -322,19 +345,20 @@ def _retry_after(headers: Any) -> float | None:
 
 # --- the pipeline ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Pipeline:
     rows: int
     processes: int
-    seconds: float                    # from starting the workers until the last result was seen in SQL
-    results: dict[str, int]           # by status
-    run: dict[str, Any]               # the runs row
-    errors: list[tuple[str, int]]     # the commonest errors of failed rows
+    seconds: float  # from starting the workers until the last result was seen in SQL
+    results: dict[str, int]  # by status
+    run: dict[str, Any]  # the runs row
+    errors: list[tuple[str, int]]  # the commonest errors of failed rows
     cpu_submit: float
     cpu_workers: float
     cpu_collector: float
-    server: dict[str, Any]            # the fake server's stats for this run only
-    submit_seconds: float = 0.0       # wall time of runs.submit, before the workers start
+    server: dict[str, Any]  # the fake server's stats for this run only
+    submit_seconds: float = 0.0  # wall time of runs.submit, before the workers start
 
     @property
     def whole_rate(self) -> float:
@@ -366,8 +390,10 @@ class Pipeline:
         return self.ms_per_row(self.cpu_submit + self.cpu_workers + self.cpu_collector)
 
     def cpu_text(self) -> str:
-        return (f"{self.cpu_ms_per_row:.2f} ms (workers {self.ms_per_row(self.cpu_workers):.2f} + collector "
-                f"{self.ms_per_row(self.cpu_collector):.2f} + submit {self.ms_per_row(self.cpu_submit):.2f})")
+        return (
+            f"{self.cpu_ms_per_row:.2f} ms (workers {self.ms_per_row(self.cpu_workers):.2f} + collector "
+            f"{self.ms_per_row(self.cpu_collector):.2f} + submit {self.ms_per_row(self.cpu_submit):.2f})"
+        )
 
 
 def clean_environment() -> list[str]:
@@ -380,19 +406,42 @@ def clean_environment() -> list[str]:
 
 
 def bench_settings(work: Path, url: str) -> Settings:
-    return Settings(_env_file=None, data_dir=work, redis_url=BENCH_REDIS_URL,
-                    database_url=f"sqlite:///{work / 'bench.db'}", openai_api_key=API_KEY,
-                    openai_base_url=f"{url}/v1", log_level="WARNING", metrics_port=0)
+    return Settings(
+        _env_file=None,
+        data_dir=work,
+        redis_url=BENCH_REDIS_URL,
+        database_url=f"sqlite:///{work / 'bench.db'}",
+        openai_api_key=API_KEY,
+        openai_base_url=f"{url}/v1",
+        log_level="WARNING",
+        metrics_port=0,
+    )
 
 
 def pipeline_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.resolved_database_url,
-            "DATA_DIR": str(settings.data_dir), "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": settings.openai_base_url,
-            "LOG_LEVEL": "WARNING", "METRICS_PORT": "0", "PYTHONPATH": str(ROOT), **extra}
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.resolved_database_url,
+        "DATA_DIR": str(settings.data_dir),
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_BASE_URL": settings.openai_base_url,
+        "LOG_LEVEL": "WARNING",
+        "METRICS_PORT": "0",
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
 
 
-def run_pipeline(url: str, rows: int, processes: int = PROCESSES, rpm: int | None = None, tpm: int | None = None,
-                 extra_env: dict[str, str] | None = None, profile: Path | None = None) -> Pipeline:
+def run_pipeline(
+    url: str,
+    rows: int,
+    processes: int = PROCESSES,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    profile: Path | None = None,
+) -> Pipeline:
     """Submit, work and collect one run of ``rows`` rows against the fake server at ``url``."""
     reset_fake_provider(url)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
@@ -403,15 +452,36 @@ def run_pipeline(url: str, rows: int, processes: int = PROCESSES, rpm: int | Non
         try:
             dataset = write_dataset(Path(tmp) / "rows.jsonl", rows, WIDTH)
             cpu, started = time.process_time(), time.monotonic()
-            run_id = runs.submit(connection, settings, runs.RunRequest(
-                dataset=dataset, template=TEMPLATE, provider="openai", model=MODEL, max_tokens=MAX_TOKENS,
-                id_column="id", rpm=rpm, tpm=tpm)).run_id
+            run_id = runs.submit(
+                connection,
+                settings,
+                runs.RunRequest(
+                    dataset=dataset,
+                    template=TEMPLATE,
+                    provider="openai",
+                    model=MODEL,
+                    max_tokens=MAX_TOKENS,
+                    id_column="id",
+                    rpm=rpm,
+                    tpm=tpm,
+                ),
+            ).run_id
             cpu_submit, submit_seconds = time.process_time() - cpu, time.monotonic() - started
             with Children() as children:
                 seconds, cpu_workers, cpu_collector = work_and_collect(
-                    children, engine, run_id, rows, processes, pipeline_env(settings, extra_env or {}), profile)
-            return Pipeline(rows, processes, seconds, *read_results(engine, run_id), cpu_submit, cpu_workers,
-                            cpu_collector, fake_provider_stats(url), submit_seconds)
+                    children, engine, run_id, rows, processes, pipeline_env(settings, extra_env or {}), profile
+                )
+            return Pipeline(
+                rows,
+                processes,
+                seconds,
+                *read_results(engine, run_id),
+                cpu_submit,
+                cpu_workers,
+                cpu_collector,
+                fake_provider_stats(url),
+                submit_seconds,
+            )
         finally:
             engine.dispose()
             flush(connection)
@@ -422,8 +492,15 @@ def flush(connection: redis.Redis) -> None:
     connection.close()
 
 
-def work_and_collect(children: Children, engine: Engine, run_id: str, rows: int, processes: int,
-                     env: dict[str, str], profile: Path | None = None) -> tuple[float, float, float]:
+def work_and_collect(
+    children: Children,
+    engine: Engine,
+    run_id: str,
+    rows: int,
+    processes: int,
+    env: dict[str, str],
+    profile: Path | None = None,
+) -> tuple[float, float, float]:
     """Run the collector and a burst worker pool until every row is in SQL; returns the seconds from the
     workers' start to the last result, and the CPU seconds of the worker pool's tree and of the collector.
     With ``profile`` (a folder), py-spy samples the collector and the pool with its workers (its CPU is then
@@ -432,8 +509,11 @@ def work_and_collect(children: Children, engine: Engine, run_id: str, rows: int,
     collector = children.start([sys.executable, "enqueue.py", "collect"], env)
     started = time.monotonic()
     pool = children.start([sys.executable, "worker.py", "--burst", "--processes", str(processes)], env)
-    spies = [start_spy(collector.pid, profile / "collector.txt"), start_spy(pool.pid, profile / "workers.txt")] \
-        if profile else []
+    spies = (
+        [start_spy(collector.pid, profile / "collector.txt"), start_spy(pool.pid, profile / "workers.txt")]
+        if profile
+        else []
+    )
     finished = wait_for_results(engine, run_id, rows, pool)
     if not children.wait(pool, POOL_EXIT_SECONDS):
         print(f"  (the worker pool did not exit within {POOL_EXIT_SECONDS:.0f} s after the last result: stopped)")
@@ -447,9 +527,24 @@ def work_and_collect(children: Children, engine: Engine, run_id: str, rows: int,
 def start_spy(pid: int, output: Path) -> subprocess.Popen:
     """``py-spy record`` of a process and its children, raw (collapsed stacks), until the process exits."""
     spy = Path(sys.executable).with_name("py-spy")
-    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate",
-                             "200", "--format", "raw", "--output", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def profile_summary(raw: Path, top: int = 12) -> list[str]:
@@ -465,11 +560,12 @@ def profile_summary(raw: Path, top: int = 12) -> list[str]:
         count = int(count_text)
         total += count
         frames = [_frame(text) for text in stack.split(";")]
-        frames = [frame for frame in frames if frame]     # process and thread markers left out
+        frames = [frame for frame in frames if frame]  # process and thread markers left out
         leaf = _place(frames[-1][1]) if frames else "(no Python frame)"
         own[leaf] = own.get(leaf, 0) + count
-        for name in {f"{path.removesuffix('.py')}.{function}" for function, path in frames
-                     if path.startswith("pipeline/")}:
+        for name in {
+            f"{path.removesuffix('.py')}.{function}" for function, path in frames if path.startswith("pipeline/")
+        }:
             inclusive[name] = inclusive.get(name, 0) + count
 
     def ranked(counts: dict[str, int]) -> str:
@@ -509,8 +605,7 @@ def wait_for_results(engine: Engine, run_id: str, rows: int, pool: subprocess.Po
         if count != done:
             done, progress_at = count, now
         elif now - progress_at > (15 if pool.poll() is not None else STALL_SECONDS):
-            print(f"  (gave up waiting: {count} of {rows} rows have a result, none came for "
-                  f"{now - progress_at:.0f} s)")
+            print(f"  (gave up waiting: {count} of {rows} rows have a result, none came for {now - progress_at:.0f} s)")
             return progress_at
         time.sleep(POLL_SECONDS)
 
@@ -518,13 +613,17 @@ def wait_for_results(engine: Engine, run_id: str, rows: int, pool: subprocess.Po
 def read_results(engine: Engine, run_id: str) -> tuple[dict[str, int], dict[str, Any], list[tuple[str, int]]]:
     with engine.connect() as conn:
         errors = conn.execute(
-            select(store.results.c.error, func.count()).where(store.results.c.run_id == run_id,
-                                                              store.results.c.status == "failed")
-            .group_by(store.results.c.error).order_by(func.count().desc()).limit(3)).all()
+            select(store.results.c.error, func.count())
+            .where(store.results.c.run_id == run_id, store.results.c.status == "failed")
+            .group_by(store.results.c.error)
+            .order_by(func.count().desc())
+            .limit(3)
+        ).all()
         return store.count_results(conn, run_id), store.get_run(conn, run_id) or {}, [tuple(e) for e in errors]
 
 
 # --- figures --------------------------------------------------------------------------------------------------
+
 
 def show(label: str, text: str) -> None:
     print(f"  {label:<12} {text}", flush=True)
@@ -550,37 +649,51 @@ def paid_twice(stats: dict[str, Any]) -> tuple[int, int]:
 
 def calls_text(stats: dict[str, Any]) -> str:
     by_status = stats["by_status"]
-    return (f"{stats['requests']} calls at the server: " + ", ".join(f"{n} x {code}" for code, n in
-                                                                      sorted(by_status.items())))
+    return f"{stats['requests']} calls at the server: " + ", ".join(
+        f"{n} x {code}" for code, n in sorted(by_status.items())
+    )
 
 
 def show_rows(pipeline: Pipeline) -> None:
-    show("rows", f"{pipeline.rows}: {pipeline.results.get('succeeded', 0)} succeeded, {pipeline.failed} failed, "
-                 f"{pipeline.lost} without a result; {pipeline.seconds:.1f} s end to end")
+    show(
+        "rows",
+        f"{pipeline.rows}: {pipeline.results.get('succeeded', 0)} succeeded, {pipeline.failed} failed, "
+        f"{pipeline.lost} without a result; {pipeline.seconds:.1f} s end to end",
+    )
     for error, count in pipeline.errors:
         show("", f"{count} x {error[:150]}")
 
 
 def show_throughput(pipeline: Pipeline, reference: Reference) -> None:
-    show("pipeline", f"{pipeline.rate:.1f} rows/s end to end into SQL ({pipeline.done} rows in "
-                     f"{pipeline.seconds:.2f} s from worker start)")
-    show("reference", f"{reference.rate:.1f} rows/s ({reference.succeeded} rows in {reference.seconds:.2f} s, "
-                      f"aiohttp, {reference.concurrency} in flight, {reference.calls} calls)")
+    show(
+        "pipeline",
+        f"{pipeline.rate:.1f} rows/s end to end into SQL ({pipeline.done} rows in "
+        f"{pipeline.seconds:.2f} s from worker start)",
+    )
+    show(
+        "reference",
+        f"{reference.rate:.1f} rows/s ({reference.succeeded} rows in {reference.seconds:.2f} s, "
+        f"aiohttp, {reference.concurrency} in flight, {reference.calls} calls)",
+    )
     show("ratio", f"{share(pipeline.rate, reference.rate)} of the reference")
 
 
 def show_cpu(pipeline: Pipeline, reference: Reference) -> None:
     show("CPU/row", f"pipeline {pipeline.cpu_text()}")
-    show("", f"reference {reference.cpu_ms_per_row:.2f} ms; pipeline / reference = "
-             f"{pipeline.cpu_ms_per_row / max(reference.cpu_ms_per_row, 1e-9):.1f}x")
+    show(
+        "",
+        f"reference {reference.cpu_ms_per_row:.2f} ms; pipeline / reference = "
+        f"{pipeline.cpu_ms_per_row / max(reference.cpu_ms_per_row, 1e-9):.1f}x",
+    )
 
 
 @dataclass(frozen=True)
 class Admitted:
     """What the server admitted, from its per-second series."""
-    total: float            # calls or tokens
-    span: float             # seconds from the first to the last admitted call
-    steady: float | None    # per second, over whole windows after the first (last partial second left out)
+
+    total: float  # calls or tokens
+    span: float  # seconds from the first to the last admitted call
+    steady: float | None  # per second, over whole windows after the first (last partial second left out)
     steady_seconds: int
 
     @classmethod
@@ -588,17 +701,22 @@ class Admitted:
         series = stats[series_key]
         complete = len(series) - 1
         whole = (complete - window) // window * window
-        steady = sum(series[window:window + whole]) / whole if whole > 0 else None
+        steady = sum(series[window : window + whole]) / whole if whole > 0 else None
         span = (stats["last_admitted"] - stats["first_admitted"]) if stats["first_admitted"] is not None else 0.0
         return cls(stats[total_key], span, steady, max(whole, 0))
 
     def text(self, unit: str, per_minute: float) -> str:
         limit = per_minute / 60
         rate = self.total / self.span if self.span else math.nan
-        steady = (f"; steady {share(self.steady, limit)} ({self.steady:.1f}/s over {self.steady_seconds} s)"
-                  if self.steady is not None else "; run too short for a steady state")
-        return (f"{rate:.1f} {unit}/s = {share(rate, limit)} of the {per_minute:.0f}/min limit ({self.total:.0f} "
-                f"in {self.span:.1f} s, first to last admitted){steady}")
+        steady = (
+            f"; steady {share(self.steady, limit)} ({self.steady:.1f}/s over {self.steady_seconds} s)"
+            if self.steady is not None
+            else "; run too short for a steady state"
+        )
+        return (
+            f"{rate:.1f} {unit}/s = {share(rate, limit)} of the {per_minute:.0f}/min limit ({self.total:.0f} "
+            f"in {self.span:.1f} s, first to last admitted){steady}"
+        )
 
 
 def in_flight(stats: dict[str, Any]) -> tuple[float, float, int]:
@@ -615,6 +733,7 @@ def in_flight(stats: dict[str, Any]) -> tuple[float, float, int]:
 
 # --- scenarios ------------------------------------------------------------------------------------------------
 
+
 def policy_of(defaults: Settings) -> RetryPolicy:
     return RetryPolicy(backoff_base=defaults.backoff_base, backoff_max=defaults.backoff_max)
 
@@ -623,8 +742,9 @@ def fast(defaults: Settings, rows: int | None) -> None:
     rows = rows or 12_000
     header("fast", f"0.2 s latency, no limit, {rows} rows", defaults)
     with fake_server(Server(latency=0.2)) as url:
-        reference = run_reference(url, rows, PROCESSES * defaults.worker_concurrency, defaults.request_timeout,
-                                  policy_of(defaults))
+        reference = run_reference(
+            url, rows, PROCESSES * defaults.worker_concurrency, defaults.request_timeout, policy_of(defaults)
+        )
         pipeline = run_pipeline(url, rows)
     show_throughput(pipeline, reference)
     show_cpu(pipeline, reference)
@@ -633,33 +753,49 @@ def fast(defaults: Settings, rows: int | None) -> None:
 
 def faults(defaults: Settings, rows: int | None) -> None:
     rows = rows or 12_000
-    header("faults", f"0.05 s latency, 5 % of calls 500, 1 % hang {HANG_SECONDS:.0f} s, REQUEST_TIMEOUT="
-                     f"{FAULTS_TIMEOUT:.0f}, {rows} rows", defaults)
+    header(
+        "faults",
+        f"0.05 s latency, 5 % of calls 500, 1 % hang {HANG_SECONDS:.0f} s, REQUEST_TIMEOUT="
+        f"{FAULTS_TIMEOUT:.0f}, {rows} rows",
+        defaults,
+    )
     with fake_server(Server(latency=0.05, error_rate=0.05, hang_rate=0.01)) as url:
-        reference = run_reference(url, rows, PROCESSES * defaults.worker_concurrency, FAULTS_TIMEOUT,
-                                  policy_of(defaults))
+        reference = run_reference(
+            url, rows, PROCESSES * defaults.worker_concurrency, FAULTS_TIMEOUT, policy_of(defaults)
+        )
         pipeline = run_pipeline(url, rows, extra_env={"REQUEST_TIMEOUT": str(FAULTS_TIMEOUT)})
     show_throughput(pipeline, reference)
-    show("failed", f"pipeline {pipeline.failed} rows (+{pipeline.lost} without a result), reference "
-                   f"{reference.failed}")
+    show("failed", f"pipeline {pipeline.failed} rows (+{pipeline.lost} without a result), reference {reference.failed}")
     prompts, extra = paid_twice(pipeline.server)
-    ref_prompts, ref_extra = paid_twice(reference.server)
+    ref_prompts, _ref_extra = paid_twice(reference.server)
     show("paid twice", f"pipeline {prompts} prompts ({extra} extra answers), reference {ref_prompts}")
-    show("calls", f"pipeline: {calls_text(pipeline.server)}; attempts {pipeline.run.get('attempts')}, "
-                  f"timeouts {pipeline.run.get('timeouts')}")
+    show(
+        "calls",
+        f"pipeline: {calls_text(pipeline.server)}; attempts {pipeline.run.get('attempts')}, "
+        f"timeouts {pipeline.run.get('timeouts')}",
+    )
     show("", f"reference: {calls_text(reference.server)}")
     show_rows(pipeline)
 
 
 def rate_limited(defaults: Settings, rows: int | None) -> None:
     tpm = tpm_binding_at(0.5)
-    variants = [("rpm, 1 s bucket", Server(latency=0.2, rpm=RPM), rows or 4000, None),
-                ("rpm, 10 s sliding window", Server(latency=0.2, rpm=RPM, window="sliding"), rows or 4000, None),
-                (f"tpm {tpm} (binds at half of {RPM} RPM), 1 s bucket", Server(latency=0.2, rpm=RPM, tpm=tpm),
-                 rows or 2000, tpm)]
+    variants = [
+        ("rpm, 1 s bucket", Server(latency=0.2, rpm=RPM), rows or 4000, None),
+        ("rpm, 10 s sliding window", Server(latency=0.2, rpm=RPM, window="sliding"), rows or 4000, None),
+        (
+            f"tpm {tpm} (binds at half of {RPM} RPM), 1 s bucket",
+            Server(latency=0.2, rpm=RPM, tpm=tpm),
+            rows or 2000,
+            tpm,
+        ),
+    ]
     for name, server, count, run_tpm in variants:
-        header(name, f"server and run at {RPM} RPM{f' and {tpm} TPM' if run_tpm else ''}, 0.2 s latency, "
-                     f"{count} rows", defaults)
+        header(
+            name,
+            f"server and run at {RPM} RPM{f' and {tpm} TPM' if run_tpm else ''}, 0.2 s latency, {count} rows",
+            defaults,
+        )
         with fake_server(server) as url:
             pipeline = run_pipeline(url, count, rpm=RPM, tpm=run_tpm)
         stats = pipeline.server
@@ -669,8 +805,11 @@ def rate_limited(defaults: Settings, rows: int | None) -> None:
             tokens = Admitted.of(stats, "admitted_tokens", "tokens_per_second", server.window_seconds)
             show("tokens", tokens.text("tokens", run_tpm) + " (the reference: the limit itself)")
         throttled = stats["by_status"].get("429", 0)
-        show("429s", f"{throttled} of {stats['requests']} calls ({share(throttled, stats['requests'])}); "
-                     f"rows failed {pipeline.failed}, without a result {pipeline.lost}")
+        show(
+            "429s",
+            f"{throttled} of {stats['requests']} calls ({share(throttled, stats['requests'])}); "
+            f"rows failed {pipeline.failed}, without a result {pipeline.lost}",
+        )
         show_rows(pipeline)
 
 
@@ -682,8 +821,11 @@ def slow(defaults: Settings, rows: int | None) -> None:
         reference = run_reference(url, rows, total, defaults.request_timeout, policy_of(defaults))
         pipeline = run_pipeline(url, rows)
     median, mean, peak = in_flight(pipeline.server)
-    show("in flight", f"pipeline median {median:.0f} = {share(median, total)} of the configured {total} "
-                      f"(mean {mean:.0f}, max {peak}), between 20 % and 80 % of the run")
+    show(
+        "in flight",
+        f"pipeline median {median:.0f} = {share(median, total)} of the configured {total} "
+        f"(mean {mean:.0f}, max {peak}), between 20 % and 80 % of the run",
+    )
     median, mean, peak = in_flight(reference.server)
     show("", f"reference median {median:.0f} = {share(median, total)} (mean {mean:.0f}, max {peak})")
     show_throughput(pipeline, reference)
@@ -700,12 +842,17 @@ def scaling(defaults: Settings, rows: int | None) -> None:
             reference = run_reference(url, rows, total, defaults.request_timeout, policy_of(defaults))
             pipeline = run_pipeline(url, rows, processes=processes)
             measured.append((pipeline, reference))
-            show(f"{processes} x {defaults.worker_concurrency}",
-                 f"CPU/row pipeline {pipeline.cpu_text()}, reference {reference.cpu_ms_per_row:.2f} ms; "
-                 f"{pipeline.rate:.0f} rows/s vs {reference.rate:.0f} ({pipeline.failed} failed, "
-                 f"{pipeline.lost} without a result)")
-    show("spread", f"pipeline CPU/row {spread([p.cpu_ms_per_row for p, _ in measured]):.1%} (max / min - 1), "
-                   f"reference {spread([r.cpu_ms_per_row for _, r in measured]):.1%}")
+            show(
+                f"{processes} x {defaults.worker_concurrency}",
+                f"CPU/row pipeline {pipeline.cpu_text()}, reference {reference.cpu_ms_per_row:.2f} ms; "
+                f"{pipeline.rate:.0f} rows/s vs {reference.rate:.0f} ({pipeline.failed} failed, "
+                f"{pipeline.lost} without a result)",
+            )
+    show(
+        "spread",
+        f"pipeline CPU/row {spread([p.cpu_ms_per_row for p, _ in measured]):.1%} (max / min - 1), "
+        f"reference {spread([r.cpu_ms_per_row for _, r in measured]):.1%}",
+    )
 
 
 def zero(defaults: Settings, rows: int | None) -> None:
@@ -714,11 +861,15 @@ def zero(defaults: Settings, rows: int | None) -> None:
     rows = rows or 20_000
     header("zero", f"0 ms latency, no limit, {rows} rows", defaults)
     with fake_server(Server(latency=0.0)) as url:
-        reference = run_reference(url, rows, PROCESSES * defaults.worker_concurrency, defaults.request_timeout,
-                                  policy_of(defaults))
+        reference = run_reference(
+            url, rows, PROCESSES * defaults.worker_concurrency, defaults.request_timeout, policy_of(defaults)
+        )
         pipeline = run_pipeline(url, rows)
-        show("whole path", f"{pipeline.whole_rate:.1f} rows/s from submit to the last result in SQL (submit "
-                           f"{pipeline.submit_seconds:.2f} s + workers to SQL {pipeline.seconds:.2f} s)")
+        show(
+            "whole path",
+            f"{pipeline.whole_rate:.1f} rows/s from submit to the last result in SQL (submit "
+            f"{pipeline.submit_seconds:.2f} s + workers to SQL {pipeline.seconds:.2f} s)",
+        )
         show_throughput(pipeline, reference)
         show_cpu(pipeline, reference)
         show_rows(pipeline)
@@ -745,9 +896,11 @@ SCENARIOS = {"fast": fast, "faults": faults, "rpm": rate_limited, "slow": slow, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="fast")
     parser.add_argument("--rows", type=int, help="rows of every run, instead of each scenario's own size")
     args = parser.parse_args()
@@ -755,14 +908,16 @@ def main() -> None:
     defaults = Settings(_env_file=None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as for Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
-    print(f"bench Redis {BENCH_REDIS_URL} (flushed before and after each run); pipeline defaults: "
-          f"worker_concurrency {defaults.worker_concurrency}, chunk_size {defaults.chunk_size}, "
-          f"request_timeout {defaults.request_timeout:g} s"
-          + (f"; removed from the environment: {', '.join(removed)}" if removed else ""))
+    print(
+        f"bench Redis {BENCH_REDIS_URL} (flushed before and after each run); pipeline defaults: "
+        f"worker_concurrency {defaults.worker_concurrency}, chunk_size {defaults.chunk_size}, "
+        f"request_timeout {defaults.request_timeout:g} s"
+        + (f"; removed from the environment: {', '.join(removed)}" if removed else "")
+    )
     if not become_subreaper():
         print("warning: not a child subreaper: CPU of processes orphaned inside the pipeline is not counted")
     try:
-        for name in (SCENARIOS if args.scenario == "all" else [args.scenario]):
+        for name in SCENARIOS if args.scenario == "all" else [args.scenario]:
             SCENARIOS[name](defaults, args.rows)
     except KeyboardInterrupt:
         print("\ninterrupted: every process started was stopped", file=sys.stderr)

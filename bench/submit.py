@@ -8,6 +8,7 @@ must stay nearly flat as the file grows (8 bytes an id for the duplicate check),
 Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed before and after: never a Redis in use).
 Prints rows/s and the submitting process's peak RSS next to the file size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import run_with_peak_rss  # noqa: E402
 
-REVIEW = "The strap broke after a week, but support replaced it quickly, which was nice, \"honestly\"."
+REVIEW = 'The strap broke after a week, but support replaced it quickly, which was nice, "honestly".'
 
 
 def write_dataset(path: Path, rows: int, fmt: str) -> Path:
@@ -71,8 +72,20 @@ def main() -> None:
     baseline_mb, _, _ = run_measured(["enqueue.py", "--help"], env)  # the CLI with its libraries loaded
     started = time.monotonic()
     peak_mb, returncode, (stdout, stderr) = run_measured(
-        ["enqueue.py", "submit", str(dataset), "--template", "Classify: {{ review }}", "--id-column", "id",
-         "--chunk-size", str(args.chunk_size), "--json"], env)
+        [
+            "enqueue.py",
+            "submit",
+            str(dataset),
+            "--template",
+            "Classify: {{ review }}",
+            "--id-column",
+            "id",
+            "--chunk-size",
+            str(args.chunk_size),
+            "--json",
+        ],
+        env,
+    )
     elapsed = time.monotonic() - started
     try:
         if returncode != 0:
@@ -80,10 +93,14 @@ def main() -> None:
         report = json.loads(stdout)
         size_mb = dataset.stat().st_size / 1e6
         print(f"dataset          {args.rows} rows of {args.format}, {size_mb:.0f} MB")
-        print(f"submit           {elapsed:.1f} s -> {args.rows / elapsed:,.0f} rows/s "
-              f"(validating pass + enqueue pass), {report['jobs_enqueued']} jobs enqueued")
-        print(f"peak memory      {peak_mb:.0f} MB RSS for the submitting process: {peak_mb - baseline_mb:.0f} MB "
-              f"above the {baseline_mb:.0f} MB of the idle CLI, for a {size_mb:.0f} MB file")
+        print(
+            f"submit           {elapsed:.1f} s -> {args.rows / elapsed:,.0f} rows/s "
+            f"(validating pass + enqueue pass), {report['jobs_enqueued']} jobs enqueued"
+        )
+        print(
+            f"peak memory      {peak_mb:.0f} MB RSS for the submitting process: {peak_mb - baseline_mb:.0f} MB "
+            f"above the {baseline_mb:.0f} MB of the idle CLI, for a {size_mb:.0f} MB file"
+        )
         print(f"redis            {client.info('memory')['used_memory_human']} used by the queued chunks")
     finally:
         client.flushdb()

@@ -8,6 +8,7 @@ first byte sent to the 201, the gunicorn worker's peak RSS (VmHWM) before and af
 them the CLI's ``enqueue.py submit`` of the same file in the same run (time and peak RSS). A web process that
 read the body into memory would show it in the worker's peak. Uses (and flushes) ``BENCH_REDIS_URL``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BENCH_REDIS_URL, ROOT, run_with_peak_rss  # noqa: E402
+from bench.common import BENCH_REDIS_URL, ROOT, run_with_peak_rss
 
 TEMPLATE = "Classify: {{ text }}"
 PASSWORD = "bench password"
@@ -67,28 +68,65 @@ def main() -> None:
         tmp_path = Path(tmp)
         dataset = write_csv(tmp_path / "reviews.csv", args.rows)
         size_mb = dataset.stat().st_size / 1e6
-        env = {**os.environ, "REDIS_URL": BENCH_REDIS_URL, "DATA_DIR": str(tmp_path / "data"),
-               "WEB_SECRET_KEY": "b" * 40, "WEB_PORT": "18555", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-               "WEB_MAX_UPLOAD_BYTES": str(1 << 34)}
-        created = subprocess.run([sys.executable, "enqueue.py", "create-user", "bench", "--password-stdin"],
-                                 cwd=ROOT, env=env, input=PASSWORD + "\n", text=True, capture_output=True)
+        env = {
+            **os.environ,
+            "REDIS_URL": BENCH_REDIS_URL,
+            "DATA_DIR": str(tmp_path / "data"),
+            "WEB_SECRET_KEY": "b" * 40,
+            "WEB_PORT": "18555",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+            "WEB_MAX_UPLOAD_BYTES": str(1 << 34),
+        }
+        created = subprocess.run(
+            [sys.executable, "enqueue.py", "create-user", "bench", "--password-stdin"],
+            cwd=ROOT,
+            env=env,
+            input=PASSWORD + "\n",
+            text=True,
+            capture_output=True,
+        )
         assert created.returncode == 0, created.stderr
-        web = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "web/gunicorn_conf.py", "web.wsgi:app"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "web/gunicorn_conf.py", "web.wsgi:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             url = "http://127.0.0.1:18555"
             wait_ready(url)
-            login = urllib.request.Request(f"{url}/api/v1/auth/login", method="POST",
-                                           data=json.dumps({"username": "bench", "password": PASSWORD}).encode(),
-                                           headers={"Content-Type": "application/json"})
+            login = urllib.request.Request(
+                f"{url}/api/v1/auth/login",
+                method="POST",
+                data=json.dumps({"username": "bench", "password": PASSWORD}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             token = json.loads(urllib.request.urlopen(login, timeout=30).read())["access_token"]
             worker = worker_pid(web.pid)
             idle = peak_rss_mb(worker)
             started = time.perf_counter()
-            upload = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {token}", "-F",
-                                     f"file=@{dataset}", "-F", f"template={TEMPLATE}", "-F", "id_column=id",
-                                     "-F", "chunk_size=1000", f"{url}/api/v1/runs"],
-                                    capture_output=True, text=True, timeout=1800)
+            upload = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "-H",
+                    f"Authorization: Bearer {token}",
+                    "-F",
+                    f"file=@{dataset}",
+                    "-F",
+                    f"template={TEMPLATE}",
+                    "-F",
+                    "id_column=id",
+                    "-F",
+                    "chunk_size=1000",
+                    f"{url}/api/v1/runs",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             web_seconds = time.perf_counter() - started
             answer = json.loads(upload.stdout)
             assert answer.get("rows") == args.rows, upload.stdout[:500]
@@ -98,13 +136,27 @@ def main() -> None:
             web.wait(30)
         started = time.perf_counter()
         cli_peak, code, _, err = run_with_peak_rss(
-            ["enqueue.py", "submit", str(dataset), "--template", TEMPLATE, "--id-column", "id", "--chunk-size",
-             "1000", "--json"], env)
+            [
+                "enqueue.py",
+                "submit",
+                str(dataset),
+                "--template",
+                TEMPLATE,
+                "--id-column",
+                "id",
+                "--chunk-size",
+                "1000",
+                "--json",
+            ],
+            env,
+        )
         cli_seconds = time.perf_counter() - started
         assert code == 0, err
     print(f"dataset: {args.rows} rows, {size_mb:.1f} MB CSV; load average {os.getloadavg()[0]:.2f}")
-    print(f"web upload + submit : {web_seconds:6.1f} s, gunicorn worker peak RSS {web_peak:.0f} MB "
-          f"(idle after login {idle:.0f} MB, +{web_peak - idle:.0f} MB)")
+    print(
+        f"web upload + submit : {web_seconds:6.1f} s, gunicorn worker peak RSS {web_peak:.0f} MB "
+        f"(idle after login {idle:.0f} MB, +{web_peak - idle:.0f} MB)"
+    )
     print(f"CLI submit (ref.)   : {cli_seconds:6.1f} s, peak RSS {cli_peak:.0f} MB (process start included)")
 
 

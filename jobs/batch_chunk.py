@@ -3,6 +3,7 @@
 The poll job re-schedules itself (it returns RQ's ``Retry`` with the wait as its interval) until its batch has
 ended and been collected, so no worker ever waits for a batch. See ``pipeline.batches``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ def records_engine(settings: Settings) -> Engine:
     return _engines[url]
 
 
-def start_batch_chunk(settings: Settings, connection: redis.Redis, config: RunConfig,
-                      payload: dict[str, Any]) -> dict[str, Any]:
+def start_batch_chunk(
+    settings: Settings, connection: redis.Redis, config: RunConfig, payload: dict[str, Any]
+) -> dict[str, Any]:
     summary = BatchRunner(settings, connection, config, engine=records_engine(settings)).start_chunk(payload)
     log.info("batch chunk started", extra={"run_id": config.run_id, "summary": summary})
     return summary

@@ -1,4 +1,5 @@
 """The RQ job: answer the rows of one chunk in this process's call window, and hand each result to the collector."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,9 @@ from pipeline.answer import RowAnswerer, Target
 from pipeline.budget import RunBudget
 from pipeline.cache import ResponseCache
 from pipeline.errors import BudgetExceeded, ConfigError, RowInterrupted, RunCancelled, RunNotFound
+from pipeline.pricing import NANO
 from pipeline.queue import chunk_generation, connect
 from pipeline.ratelimit import SharedRateLimiter
-from pipeline.pricing import NANO
 from pipeline.records import SUCCEEDED, Result, Row, RunConfig
 from pipeline.redaction import redact
 from pipeline.retry import RetryPolicy
@@ -30,7 +31,7 @@ from pipeline.window import CallWindow, Ticket, process_window
 log = logging.getLogger("pipeline.job")
 CANCEL_CHECK_SECONDS = 0.25
 HANDED_BACK = "handed back"  # the worker is shutting down: the chunk goes back with its unanswered rows
-HAND_BACKS = 1000            # how often a chunk may be handed back by stopping workers before it fails
+HAND_BACKS = 1000  # how often a chunk may be handed back by stopping workers before it fails
 
 
 _settings: Settings | None = None
@@ -77,8 +78,9 @@ def process_chunk(payload: dict[str, Any]) -> dict[str, Any] | Retry:
     return summary
 
 
-def chunk_failed(job: Job, connection: redis.Redis, exc_type: type | None, exc: BaseException | None,
-                 _traceback: Any) -> None:
+def chunk_failed(
+    job: Job, connection: redis.Redis, exc_type: type | None, exc: BaseException | None, _traceback: Any
+) -> None:
     """RQ's failure callback. After the last retry, rows still without a result get a failed one, so the run
     can end; ``retry-failed`` sends them again. (A worker killed on the last try skips callbacks: ``resume``.)
     """
@@ -130,10 +132,24 @@ def log_chunk_summary(summary: dict[str, Any]) -> None:
     s = summary
     cost = "cost unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.6f}"
     stopped = f", stopped: {s['stopped']}" if s["stopped"] else ""
-    log.info("run %s chunk %s: %d rows, %d succeeded, %d failed, %d cached, %d done before; %d attempts, "
-             "%d tokens in, %d out, %s, %.2f s%s", s["run_id"], s["chunk"], s["rows"], s["succeeded"], s["failed"],
-             s["cached"], s["skipped_done"], s["attempts"], s["input_tokens"], s["output_tokens"], cost,
-             s["seconds"], stopped, extra=s)
+    log.info(
+        "run %s chunk %s: %d rows, %d succeeded, %d failed, %d cached, %d done before; %d attempts, "
+        "%d tokens in, %d out, %s, %.2f s%s",
+        s["run_id"],
+        s["chunk"],
+        s["rows"],
+        s["succeeded"],
+        s["failed"],
+        s["cached"],
+        s["skipped_done"],
+        s["attempts"],
+        s["input_tokens"],
+        s["output_tokens"],
+        cost,
+        s["seconds"],
+        stopped,
+        extra=s,
+    )
 
 
 class ChunkRunner:
@@ -167,10 +183,17 @@ class ChunkRunner:
                 answered = await self._answer_all(answerer, todo)
         tally = asdict(self.tally)
         del tally["cost_nano"]
-        summary = {"run_id": self.run_id, "chunk": self.chunk, "rows": len(self.rows),
-                   "skipped_done": len(self.rows) - len(todo), "answered": answered, **tally,
-                   "cost_usd": self.tally.cost_usd, "seconds": round(time.monotonic() - started, 3),
-                   "stopped": self.stopped}
+        summary = {
+            "run_id": self.run_id,
+            "chunk": self.chunk,
+            "rows": len(self.rows),
+            "skipped_done": len(self.rows) - len(todo),
+            "answered": answered,
+            **tally,
+            "cost_usd": self.tally.cost_usd,
+            "seconds": round(time.monotonic() - started, 3),
+            "stopped": self.stopped,
+        }
         log_chunk_summary(summary)
         return summary
 
@@ -195,22 +218,45 @@ class ChunkRunner:
         prices = self.window.prices.with_price(config.model, config.price_in, config.price_out)
         unpriced = prices.unpriced([spec.model for spec in config.targets])
         if unpriced and config.max_cost is not None:  # submit checked with its own PRICE_FILE, not this one
-            raise ConfigError(f"no price for {', '.join(unpriced)} on this worker, and the run has a --max-cost; "
-                              "add it to the worker's PRICE_FILE")
+            raise ConfigError(
+                f"no price for {', '.join(unpriced)} on this worker, and the run has a --max-cost; "
+                "add it to the worker's PRICE_FILE"
+            )
         targets = []
         for spec in config.targets:
-            limiter = SharedRateLimiter(self.client, f"{spec.provider}:{spec.model}",
-                                        rpm=config.rpm or s.default_rpm, tpm=config.tpm or s.default_tpm,
-                                        burst_seconds=s.ratelimit_burst_seconds, headroom=s.ratelimit_headroom)
+            limiter = SharedRateLimiter(
+                self.client,
+                f"{spec.provider}:{spec.model}",
+                rpm=config.rpm or s.default_rpm,
+                tpm=config.tpm or s.default_tpm,
+                burst_seconds=s.ratelimit_burst_seconds,
+                headroom=s.ratelimit_headroom,
+            )
             targets.append(Target(spec, self.window.provider(spec.provider), limiter))
-        policy = RetryPolicy(s.max_attempts, s.max_timeout_attempts, s.backoff_base, s.backoff_max,
-                             call_deadline=s.request_timeout + 5, max_retry_after=s.max_retry_after)
-        return RowAnswerer(config, targets, policy=policy, prices=prices,
-                           budget=RunBudget(self.client, config.run_id, config.max_cost,
-                                            hold_seconds=policy.hold_seconds()),
-                           cache=ResponseCache(self.client, s.cache_ttl, claimant=f"{self.run_id}:{self.chunk}",
-                                               reads=self.window.reads, writes=self.window.writes),
-                           should_stop=self._should_stop, in_flight=self.window.prompts_in_flight)
+        policy = RetryPolicy(
+            s.max_attempts,
+            s.max_timeout_attempts,
+            s.backoff_base,
+            s.backoff_max,
+            call_deadline=s.request_timeout + 5,
+            max_retry_after=s.max_retry_after,
+        )
+        return RowAnswerer(
+            config,
+            targets,
+            policy=policy,
+            prices=prices,
+            budget=RunBudget(self.client, config.run_id, config.max_cost, hold_seconds=policy.hold_seconds()),
+            cache=ResponseCache(
+                self.client,
+                s.cache_ttl,
+                claimant=f"{self.run_id}:{self.chunk}",
+                reads=self.window.reads,
+                writes=self.window.writes,
+            ),
+            should_stop=self._should_stop,
+            in_flight=self.window.prompts_in_flight,
+        )
 
     async def _answer_all(self, answerer: RowAnswerer, rows: list[Row]) -> int:
         answered = 0
@@ -264,5 +310,6 @@ class ChunkRunner:
     async def _stop(self, status: str) -> None:
         if self.stopped is None:
             self.stopped = status
-            await handoff.publish_event_async(self.client, self.settings.result_stream, handoff.STATUS,
-                                              {"run_id": self.run_id, "status": status})
+            await handoff.publish_event_async(
+                self.client, self.settings.result_stream, handoff.STATUS, {"run_id": self.run_id, "status": status}
+            )

@@ -2,6 +2,7 @@
 
 Every outcome but a spent budget or a cancelled run becomes a Result, so one bad row never fails its chunk.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,17 @@ from redis.exceptions import RedisError
 
 from .budget import RunBudget
 from .cache import ALONE, ASK, ResponseCache, cache_key
-from .errors import (BudgetExceeded, InvalidAnswer, ProviderError, ProviderTimeout, RateLimited, RowInterrupted,
-                     RunCancelled, TemplateError, UnreadableAnswer)
+from .errors import (
+    BudgetExceeded,
+    InvalidAnswer,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    RowInterrupted,
+    RunCancelled,
+    TemplateError,
+    UnreadableAnswer,
+)
 from .pricing import PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
@@ -49,7 +59,7 @@ class _Tally:
     attempts: int = 0
     timeouts: int = 0
     rate_limited: int = 0
-    input_tokens: int = 0   # of every answer received (and billed), rejected or fallen back from ones included
+    input_tokens: int = 0  # of every answer received (and billed), rejected or fallen back from ones included
     output_tokens: int = 0
     cost_nano: int | None = 0  # None once an answer came from a model without a price
     errors: list[str] = field(default_factory=list)
@@ -64,7 +74,7 @@ class _Tally:
         self.usage_estimated += int(estimated)
         self.answers_billed += 1
 
-    def call(self, target: "Target", outcome: str) -> None:
+    def call(self, target: Target, outcome: str) -> None:
         key = f"{target.spec.provider}|{target.spec.model}|{outcome}"
         self.calls[key] = self.calls.get(key, 0) + 1
 
@@ -94,10 +104,18 @@ def output_limit(request: ProviderRequest) -> int:
 
 
 class RowAnswerer:
-    def __init__(self, config: RunConfig, targets: list[Target], *, policy: RetryPolicy, prices: PriceTable,
-                 budget: RunBudget, cache: ResponseCache | None,
-                 should_stop: Callable[[], Awaitable[bool]] | None = None,
-                 in_flight: dict[str, asyncio.Future[ProviderResponse | None]] | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        targets: list[Target],
+        *,
+        policy: RetryPolicy,
+        prices: PriceTable,
+        budget: RunBudget,
+        cache: ResponseCache | None,
+        should_stop: Callable[[], Awaitable[bool]] | None = None,
+        in_flight: dict[str, asyncio.Future[ProviderResponse | None]] | None = None,
+    ) -> None:
         """``in_flight``: prompts being asked right now, shared by every chunk of the process's call window."""
         self.config = config
         self.template = PromptTemplate(config.template)
@@ -134,8 +152,10 @@ class RowAnswerer:
             await self._try_targets(result, prompt, tally)
         except RowInterrupted as exc:
             if tally.answers_billed:  # paid for: the row's spend must reach SQL even though it has no answer
-                result.status, result.error = STOPPED, redact(f"stopped after {tally.answers_billed} billed "
-                                                              f"answer(s): {exc}")[:2000]
+                result.status, result.error = (
+                    STOPPED,
+                    redact(f"stopped after {tally.answers_billed} billed answer(s): {exc}")[:2000],
+                )
                 exc.billed = self._finish(self._with_tally(result, tally), started)
             raise
         return self._finish(self._with_tally(result, tally), started)
@@ -171,11 +191,19 @@ class RowAnswerer:
 
     def _request(self, prompt: str, model: str) -> ProviderRequest:
         c = self.config
-        return ProviderRequest(prompt=prompt, model=model, max_tokens=c.max_tokens, system=c.system_prompt,
-                               temperature=c.temperature, params=c.params, json_schema=c.json_schema)
+        return ProviderRequest(
+            prompt=prompt,
+            model=model,
+            max_tokens=c.max_tokens,
+            system=c.system_prompt,
+            temperature=c.temperature,
+            params=c.params,
+            json_schema=c.json_schema,
+        )
 
-    async def _answer_with(self, target: Target, request: ProviderRequest,
-                           tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
+    async def _answer_with(
+        self, target: Target, request: ProviderRequest, tally: _Tally
+    ) -> tuple[ProviderResponse, Any, bool]:
         key = cache_key(target.spec.provider, request, getattr(target.provider, "base_url", None))
         if self.cache is None or not self.config.use_cache:  # --no-cache: ask anew, but keep the answer
             return (*await self._fresh_answer(target, request, tally, key), False)
@@ -187,8 +215,9 @@ class RowAnswerer:
             return hit, self._validate(hit.text), True
         return (*await self._fresh_answer(target, request, tally, key), False)  # its call failed: ask alone
 
-    async def _speak_for_process(self, key: str, target: Target, request: ProviderRequest,
-                               tally: _Tally) -> tuple[ProviderResponse, Any, bool]:
+    async def _speak_for_process(
+        self, key: str, target: Target, request: ProviderRequest, tally: _Tally
+    ) -> tuple[ProviderResponse, Any, bool]:
         """Get a prompt's answer for every row of this process that has it: from the cache, by waiting while
         another worker asks for it, or by claiming it and asking. Rows repeating it meanwhile wait on ``_in_flight``."""
         cache = self.cache
@@ -217,8 +246,9 @@ class RowAnswerer:
                 del self._in_flight[key]
                 shared.set_result(answer)
 
-    async def _fresh_answer(self, target: Target, request: ProviderRequest, tally: _Tally,
-                            key: str) -> tuple[ProviderResponse, Any]:
+    async def _fresh_answer(
+        self, target: Target, request: ProviderRequest, tally: _Tally, key: str
+    ) -> tuple[ProviderResponse, Any]:
         """Call the provider (again, while the answer fails the JSON schema); cache the valid answer."""
         tries = self.config.schema_attempts if self.config.json_schema else 1
         for attempt in range(1, tries + 1):
@@ -257,16 +287,25 @@ class RowAnswerer:
                 except UnreadableAnswer:  # likely billed: its estimate is counted once, and it is not asked again
                     self._log_call(target, "unreadable", called)
                     tally.call(target, "200")
-                    tally.billed(ProviderResponse("", input_estimate, output_cap, request.model),
-                                 worst_case if price else None, estimated=True)
+                    tally.billed(
+                        ProviderResponse("", input_estimate, output_cap, request.model),
+                        worst_case if price else None,
+                        estimated=True,
+                    )
                     await self.budget.settle(held, worst_case)
                     raise
                 except ProviderError as exc:
                     self._log_call(target, call_outcome(exc), called)
                     tally.call(target, call_outcome(exc))
-                    await self._after_failure(exc, held, worst_case, target, tally,
-                                              ProviderResponse("", input_estimate, output_cap, request.model),
-                                              priced=price is not None)
+                    await self._after_failure(
+                        exc,
+                        held,
+                        worst_case,
+                        target,
+                        tally,
+                        ProviderResponse("", input_estimate, output_cap, request.model),
+                        priced=price is not None,
+                    )
                     raise
                 self._log_call(target, "200", called)
                 tally.call(target, "200")
@@ -279,8 +318,9 @@ class RowAnswerer:
                 # tokens the answer used: refunding those makes the bucket run ahead of the provider's (429s)
                 await target.limiter.settle(estimated_tokens, response.input_tokens + output_cap)
                 if response.rate_limit is not None:
-                    await target.limiter.follow_provider(response.rate_limit.remaining_requests,
-                                                         response.rate_limit.remaining_tokens)
+                    await target.limiter.follow_provider(
+                        response.rate_limit.remaining_requests, response.rate_limit.remaining_tokens
+                    )
                 return response
         raise AssertionError("unreachable")
 
@@ -288,9 +328,19 @@ class RowAnswerer:
         """One DEBUG line per provider call; the chunk's INFO summary (jobs.process_chunk) adds them up."""
         if log.isEnabledFor(logging.DEBUG):
             seconds = round(time.monotonic() - called, 3)
-            log.debug("call %s: %s in %.3f s", target.spec, outcome, seconds,
-                      extra={"run_id": self.config.run_id, "provider": target.spec.provider,
-                             "model": target.spec.model, "outcome": outcome, "seconds": seconds})
+            log.debug(
+                "call %s: %s in %.3f s",
+                target.spec,
+                outcome,
+                seconds,
+                extra={
+                    "run_id": self.config.run_id,
+                    "provider": target.spec.provider,
+                    "model": target.spec.model,
+                    "outcome": outcome,
+                    "seconds": seconds,
+                },
+            )
 
     async def _complete(self, target: Target, request: ProviderRequest) -> ProviderResponse:
         try:
@@ -310,8 +360,17 @@ class RowAnswerer:
         if self.should_stop is not None and await self.should_stop():
             raise RunCancelled(f"run {self.config.run_id} was cancelled")
 
-    async def _after_failure(self, exc: ProviderError, held: str, worst_case: int, target: Target,
-                             tally: _Tally, estimate: ProviderResponse, *, priced: bool) -> None:
+    async def _after_failure(
+        self,
+        exc: ProviderError,
+        held: str,
+        worst_case: int,
+        target: Target,
+        tally: _Tally,
+        estimate: ProviderResponse,
+        *,
+        priced: bool,
+    ) -> None:
         """Settle the budget hold and tell the limiter. A timed-out call may still be billed: its worst case is
         spent, in Redis and on the row's result alike."""
         if isinstance(exc, ProviderTimeout):
@@ -337,8 +396,9 @@ class RowAnswerer:
             raise InvalidAnswer(f"answer fails the JSON schema: {exc.message}") from None
         return parsed
 
-    def _fill_success(self, result: Result, target: Target, response: ProviderResponse, parsed: Any,
-                      cached: bool) -> None:
+    def _fill_success(
+        self, result: Result, target: Target, response: ProviderResponse, parsed: Any, cached: bool
+    ) -> None:
         result.status = SUCCEEDED
         result.answer = response.text
         result.parsed = parsed
@@ -351,5 +411,3 @@ class RowAnswerer:
         result.latency_ms = round((time.monotonic() - started) * 1000, 3)
         result.finished_at = time.time()
         return result
-
-

@@ -19,6 +19,7 @@ open whose record Redis lost is rebuilt under its own slot and followed (or look
 recorded), never made again. Item ids are derived from the request's content, so the rebuilt items map back to
 the batch's answers.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,20 @@ from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
 from .pricing import Price, PriceTable
 from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import (CANCELLED, COMPLETED, EXPIRED, FAILED, LIMITS, OPEN_STATES, UPLOAD_RETRIES,
-                                UPLOAD_TIMEOUT_FACTOR, BatchAPI, BatchItem,
-                                ItemOutcome, build_batch_api)
+from .providers.batches import (
+    CANCELLED,
+    COMPLETED,
+    EXPIRED,
+    FAILED,
+    LIMITS,
+    OPEN_STATES,
+    UPLOAD_RETRIES,
+    UPLOAD_TIMEOUT_FACTOR,
+    BatchAPI,
+    BatchItem,
+    ItemOutcome,
+    build_batch_api,
+)
 from .queue import BATCH_POLL_FUNCTION, chunk_queue
 from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
 from .redaction import redact
@@ -51,7 +63,7 @@ from .settings import Settings
 from .templates import PromptTemplate
 
 log = logging.getLogger("pipeline.batches")
-HOLD_SECONDS = 26 * 3600       # a batch's budget hold outlives its 24 h window
+HOLD_SECONDS = 26 * 3600  # a batch's budget hold outlives its 24 h window
 PUBLISH_AT_ONCE = 500
 ACTIVE_JOB_STATES = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}
 ENDED_STATES = {COMPLETED, EXPIRED, CANCELLED, FAILED, "skipped"}
@@ -81,10 +93,16 @@ def poll_job_id(slot: str) -> str:
 class BatchRunner:
     """One run's batch work on a worker: start a chunk, advance a slot."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis, config: RunConfig,
-                 api: BatchAPI | None = None, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        connection: redis.Redis,
+        config: RunConfig,
+        api: BatchAPI | None = None,
+        engine: Engine | None = None,
+    ) -> None:
         self.settings = settings
-        self.engine = engine            # read-only: the batches SQL recorded, for a chunk whose record Redis lost
+        self.engine = engine  # read-only: the batches SQL recorded, for a chunk whose record Redis lost
         self.connection = connection
         self.config = config
         self.api = api or build_batch_api(config.provider, settings)
@@ -110,9 +128,14 @@ class BatchRunner:
             summary.update(answered_now=len(ready), batched=sum(len(i.rows) for i in items))
             if not items:
                 return summary
-            record = bs.SlotRecord(slot=slot, run_id=self.config.run_id, chunk=recorded["chunk"] if recorded else chunk,
-                                   round=recorded["round"] if recorded else 1, items=items,
-                                   intent_at=recorded["created_at"] if recorded else bs.now())
+            record = bs.SlotRecord(
+                slot=slot,
+                run_id=self.config.run_id,
+                chunk=recorded["chunk"] if recorded else chunk,
+                round=recorded["round"] if recorded else 1,
+                items=items,
+                intent_at=recorded["created_at"] if recorded else bs.now(),
+            )
             if bs.save_intent(self.connection, record):
                 if recorded is None:
                     self._record_in_sql(record)
@@ -130,8 +153,12 @@ class BatchRunner:
             with self.engine.connect() as conn:
                 recorded = store.chunk_batches(conn, self.config.run_id, chunk_number(chunk))
         except SQLAlchemyError as exc:
-            log.warning("%s: cannot read its recorded batches: %s", chunk, type(exc).__name__,
-                        extra={"run_id": self.config.run_id})
+            log.warning(
+                "%s: cannot read its recorded batches: %s",
+                chunk,
+                type(exc).__name__,
+                extra={"run_id": self.config.run_id},
+            )
             return None
         for row in reversed(recorded):
             slot = bs.slot_id(self.config.run_id, row["chunk"], row["round"])
@@ -142,18 +169,29 @@ class BatchRunner:
     def _adopt(self, record: bs.SlotRecord, batch_id: str | None) -> None:
         """Follow the batch SQL recorded; with only its intent recorded, look for it at the provider first."""
         if batch_id:
-            log.info("%s: adopting its batch %s recorded in SQL", record.slot, batch_id,
-                     extra={"run_id": record.run_id})
+            log.info(
+                "%s: adopting its batch %s recorded in SQL", record.slot, batch_id, extra={"run_id": record.run_id}
+            )
             bs.record_batch(self.connection, record, batch_id, record.intent_at, None, "created")
         else:
-            bs.end_create_lease(self.connection, record)   # its create may have happened: the next look searches
+            bs.end_create_lease(self.connection, record)  # its create may have happened: the next look searches
 
     def _record_in_sql(self, record: bs.SlotRecord, state: str | None = None) -> None:
         """Hand the slot's intent, batch id or end to the collector, which keeps it in SQL's batches table."""
-        handoff.publish_event(self.connection, self.settings.result_stream, handoff.BATCH,
-                              {"run_id": record.run_id, "chunk": record.chunk, "round": record.round,
-                               "batch_id": record.batch_id, "provider": self.config.provider,
-                               "state": state or record.state, "at": record.intent_at})
+        handoff.publish_event(
+            self.connection,
+            self.settings.result_stream,
+            handoff.BATCH,
+            {
+                "run_id": record.run_id,
+                "chunk": record.chunk,
+                "round": record.round,
+                "batch_id": record.batch_id,
+                "provider": self.config.provider,
+                "state": state or record.state,
+                "at": record.intent_at,
+            },
+        )
 
     def follow(self, slot: str) -> None:
         """Advance the slot now; if it is not done, a poll job looks again later."""
@@ -187,9 +225,14 @@ class BatchRunner:
             key = cache_key(self.config.provider, request, base_url)
             item = by_key.get(key)
             if item is None:
-                item = by_key[key] = bs.Item(custom_id=item_id(tag, key), rows=[], prompt=prompt,
-                                             prompt_hash=stable_hash(prompt)[:16], cache_key=key,
-                                             **self._worst_case(request))
+                item = by_key[key] = bs.Item(
+                    custom_id=item_id(tag, key),
+                    rows=[],
+                    prompt=prompt,
+                    prompt_hash=stable_hash(prompt)[:16],
+                    cache_key=key,
+                    **self._worst_case(request),
+                )
             item.rows.append({"key": row.key, "index": row.index, "values": row.values})
         items = list(by_key.values())
         if self.config.use_cache and items:
@@ -204,8 +247,15 @@ class BatchRunner:
 
     def _request(self, prompt: str) -> ProviderRequest:
         c = self.config
-        return ProviderRequest(prompt=prompt, model=c.model, max_tokens=c.max_tokens, system=c.system_prompt,
-                               temperature=c.temperature, params=c.params, json_schema=c.json_schema)
+        return ProviderRequest(
+            prompt=prompt,
+            model=c.model,
+            max_tokens=c.max_tokens,
+            system=c.system_prompt,
+            temperature=c.temperature,
+            params=c.params,
+            json_schema=c.json_schema,
+        )
 
     def _worst_case(self, request: ProviderRequest) -> dict[str, int]:
         prompt_tokens, output_cap = estimate_tokens((request.system or "") + request.prompt), output_limit(request)
@@ -222,12 +272,16 @@ class BatchRunner:
         cancelled = bool(self.connection.exists(cancelled_key(self.config.run_id)))
         if record.batch_id is None:
             if cancelled:
-                return self._end_unmade(record, "skipped")
+                self._end_unmade(record, "skipped")
+                return None
             wait = self._create(record)
             if wait is not None or record.done:
                 return wait
+        batch_id = record.batch_id
+        if batch_id is None:  # not made yet: look again later
+            return self._backoff(record)
         try:
-            info = self.api.retrieve(record.batch_id)
+            info = self.api.retrieve(batch_id)
         except ProviderError as exc:
             log.warning("batch %s of %s: %s", record.batch_id, slot, exc, extra={"run_id": record.run_id})
             return self._backoff(record)
@@ -236,17 +290,23 @@ class BatchRunner:
             if info.expires_at:
                 self.connection.zadd(bs.EXPIRY, {slot: info.expires_at})
         if info.refused:
-            log.warning("batch %s of %s refused, waiting %s s: %s", info.id, slot, self.settings.batch_wait_seconds,
-                        info.refused, extra={"run_id": record.run_id})
+            log.warning(
+                "batch %s of %s refused, waiting %s s: %s",
+                info.id,
+                slot,
+                self.settings.batch_wait_seconds,
+                info.refused,
+                extra={"run_id": record.run_id},
+            )
             bs.release_tokens(self.connection, slot, self.target)
             bs.forget_batch(self.connection, record)
             return self.settings.batch_wait_seconds
         if info.state in OPEN_STATES:
             if cancelled and "cancel_sent" not in record.extra:
-                self._cancel(record)
+                self._cancel(record, batch_id)
             return self._backoff(record)
         try:
-            outcomes = {o.custom_id: o for o in self.api.outcomes(record.batch_id)}
+            outcomes = {o.custom_id: o for o in self.api.outcomes(batch_id)}
         except ProviderError as exc:
             log.warning("results of batch %s: %s", record.batch_id, exc, extra={"run_id": record.run_id})
             return self._backoff(record)
@@ -257,9 +317,9 @@ class BatchRunner:
         polls = int(self.connection.hincrby(bs.record_key(record.slot), "polls", 1))
         return min(self.settings.batch_poll_seconds * 2 ** (polls - 1), self.settings.batch_poll_max_seconds)
 
-    def _cancel(self, record: bs.SlotRecord) -> None:
+    def _cancel(self, record: bs.SlotRecord, batch_id: str) -> None:
         try:
-            self.api.cancel(record.batch_id)
+            self.api.cancel(batch_id)
         except ProviderError as exc:
             log.warning("cancelling batch %s: %s", record.batch_id, exc, extra={"run_id": record.run_id})
             return
@@ -288,18 +348,21 @@ class BatchRunner:
         too_big = self._over_limits(items)
         if too_big:
             bs.release_tokens(self.connection, record.slot, self.target)
-            return self._fail_slot(record, too_big)
+            self._fail_slot(record, too_big)
+            return None
         try:
             batch_id = self.api.create(record.provider_chunk_id, items)
         except RateLimited as exc:  # the enqueued-token limit (Anthropic), or the batch API's own rate limit
-            log.warning("%s: creating the batch was refused, waiting: %s", record.slot, exc,
-                        extra={"run_id": record.run_id})
+            log.warning(
+                "%s: creating the batch was refused, waiting: %s", record.slot, exc, extra={"run_id": record.run_id}
+            )
             bs.drop_create_claim(self.connection, record)
             bs.release_tokens(self.connection, record.slot, self.target)
             return max(self.settings.batch_wait_seconds, exc.retry_after or 0)
         except PermanentError as exc:
             bs.drop_create_claim(self.connection, record)
-            return self._fail_slot(record, f"creating the batch failed: {exc}")
+            self._fail_slot(record, f"creating the batch failed: {exc}")
+            return None
         except ProviderError as exc:  # the batch may exist (reply lost): the next look finds it first
             log.warning("%s: creating the batch: %s", record.slot, exc, extra={"run_id": record.run_id})
             bs.end_create_lease(self.connection, record)
@@ -313,23 +376,30 @@ class BatchRunner:
         most_requests, most_bytes = LIMITS[self.config.provider]
         size = sum(len(json.dumps(vars(i.request), default=str).encode("utf-8")) + 200 for i in items)
         if len(items) > most_requests or size > most_bytes:
-            return (f"a batch of {len(items)} requests and about {size / 2**20:.0f} MB is over {self.config.provider}'s "
-                    f"limits ({most_requests:,} requests, {most_bytes // 2**20} MB): submit with a smaller --chunk-size")
+            return (
+                f"a batch of {len(items)} requests and about {size / 2**20:.0f} MB is over {self.config.provider}'s "
+                f"limits ({most_requests:,} requests, {most_bytes // 2**20} MB): submit with a smaller --chunk-size"
+            )
         return None
 
     def _find(self, record: bs.SlotRecord) -> bool | None:
         """True: the earlier attempt's batch is found and recorded; None: there is none; False: cannot tell yet."""
         try:
-            found = self.api.find(record.provider_chunk_id, record.items[0].custom_id.split("-")[0] + "-",
-                                  len(record.items), record.intent_at,
-                                  lambda batch_id: bs.taken_by_another(self.connection, record.slot, batch_id))
+            found = self.api.find(
+                record.provider_chunk_id,
+                record.items[0].custom_id.split("-")[0] + "-",
+                len(record.items),
+                record.intent_at,
+                lambda batch_id: bs.taken_by_another(self.connection, record.slot, batch_id),
+            )
         except ProviderError as exc:
             log.warning("%s: looking for its batch: %s", record.slot, exc, extra={"run_id": record.run_id})
             return False
         if found is None:
             return None
-        log.info("%s: found its batch %s made by an earlier attempt", record.slot, found,
-                 extra={"run_id": record.run_id})
+        log.info(
+            "%s: found its batch %s made by an earlier attempt", record.slot, found, extra={"run_id": record.run_id}
+        )
         bs.record_batch(self.connection, record, found, bs.now(), None, "created")
         self._record_in_sql(record)
         return True
@@ -339,13 +409,22 @@ class BatchRunner:
         if "hold" in record.extra:
             return True
         try:
-            hold = reserve_batch(self.connection, record.run_id, self.config.max_cost,
-                                 sum(i.worst_case_nano for i in record.items), HOLD_SECONDS)
+            hold = reserve_batch(
+                self.connection,
+                record.run_id,
+                self.config.max_cost,
+                sum(i.worst_case_nano for i in record.items),
+                HOLD_SECONDS,
+            )
         except BudgetExceeded as exc:
             log.warning("%s: %s; its rows are left for resume", record.slot, exc, extra={"run_id": record.run_id})
             bs.release_tokens(self.connection, record.slot, self.target)
-            handoff.publish_event(self.connection, self.settings.result_stream, handoff.STATUS,
-                                  {"run_id": record.run_id, "status": BUDGET_EXHAUSTED})
+            handoff.publish_event(
+                self.connection,
+                self.settings.result_stream,
+                handoff.STATUS,
+                {"run_id": record.run_id, "status": BUDGET_EXHAUSTED},
+            )
             self._end_unmade(record, "skipped")
             return False
         if hold is None:
@@ -378,8 +457,11 @@ class BatchRunner:
         again: list[bs.Item] = []
         for item in record.items:
             outcome = outcomes.get(item.custom_id) or ItemOutcome(
-                item.custom_id, error="no outcome in the batch's results", retryable=state != CANCELLED,
-                cancelled=state == CANCELLED)
+                item.custom_id,
+                error="no outcome in the batch's results",
+                retryable=state != CANCELLED,
+                cancelled=state == CANCELLED,
+            )
             if outcome.response is not None:
                 results += self._answered(item, outcome.response, record)
             elif outcome.cancelled or (cancelled and outcome.retryable):
@@ -394,8 +476,16 @@ class BatchRunner:
         next_slot = self._next_round(record, again) if again else None
         bs.finish(self.connection, record, state, self.settings.run_retention_seconds)
         self._record_in_sql(record, state)
-        log.info("batch %s of %s %s: %d results, %d items to round %d", record.batch_id, record.slot, state,
-                 len(results), len(again), record.round + 1, extra={"run_id": record.run_id})
+        log.info(
+            "batch %s of %s %s: %d results, %d items to round %d",
+            record.batch_id,
+            record.slot,
+            state,
+            len(results),
+            len(again),
+            record.round + 1,
+            extra={"run_id": record.run_id},
+        )
         if next_slot is not None:
             self.follow(next_slot)
 
@@ -403,37 +493,61 @@ class BatchRunner:
         slot = bs.slot_id(record.run_id, record.chunk, record.round + 1)
         tag = stable_hash(slot)[:12]
         fresh = [bs.Item(**{**i.to_dict(), "custom_id": item_id(tag, i.cache_key)}) for i in items]
-        following = bs.SlotRecord(slot=slot, run_id=record.run_id, chunk=record.chunk, round=record.round + 1,
-                                  items=fresh, intent_at=bs.now())
+        following = bs.SlotRecord(
+            slot=slot, run_id=record.run_id, chunk=record.chunk, round=record.round + 1, items=fresh, intent_at=bs.now()
+        )
         if bs.save_intent(self.connection, following):
             self._record_in_sql(following)
         return slot
 
-    def _answered(self, item: bs.Item, answer: ProviderResponse, record: bs.SlotRecord | None,
-                  cached: bool = False) -> list[Result]:
+    def _answered(
+        self, item: bs.Item, answer: ProviderResponse, record: bs.SlotRecord | None, cached: bool = False
+    ) -> list[Result]:
         """Results for every row of the item: the first row carries what the answer cost, the repeats are free
         (as the online mode's cache hits are)."""
         now = bs.now()
         parsed, error = self._parse(answer.text)
         cost = None if self.price is None else self.price.cost_nano(answer.input_tokens, answer.output_tokens)
         if record is not None and self.config.use_cache and error is None:
-            self.connection.set(item.cache_key, json.dumps({"text": answer.text, "input_tokens": answer.input_tokens,
-                                                            "output_tokens": answer.output_tokens,
-                                                            "model": answer.model}, ensure_ascii=False),
-                                ex=self.settings.cache_ttl)
+            self.connection.set(
+                item.cache_key,
+                json.dumps(
+                    {
+                        "text": answer.text,
+                        "input_tokens": answer.input_tokens,
+                        "output_tokens": answer.output_tokens,
+                        "model": answer.model,
+                    },
+                    ensure_ascii=False,
+                ),
+                ex=self.settings.cache_ttl,
+            )
         results = []
+        paid_round = record.round if record is not None else 0
         for n, row in enumerate(item.rows):
             paid = record is not None and n == 0 and not cached
             result = Result(
-                run_id=self.config.run_id, row_key=row["key"], row_index=row["index"],
-                status=SUCCEEDED if error is None else "failed", input=row["values"], prompt_hash=item.prompt_hash,
-                answer=answer.text, parsed=parsed, error=error, provider=self.config.provider,
-                model=answer.model or self.config.model, attempts=record.round if paid else 0,
-                input_tokens=answer.input_tokens if paid else 0, output_tokens=answer.output_tokens if paid else 0,
-                cost_nano=(cost if paid else 0), cached=not paid,
+                run_id=self.config.run_id,
+                row_key=row["key"],
+                row_index=row["index"],
+                status=SUCCEEDED if error is None else "failed",
+                input=row["values"],
+                prompt_hash=item.prompt_hash,
+                answer=answer.text,
+                parsed=parsed,
+                error=error,
+                provider=self.config.provider,
+                model=answer.model or self.config.model,
+                attempts=paid_round if paid else 0,
+                input_tokens=answer.input_tokens if paid else 0,
+                output_tokens=answer.output_tokens if paid else 0,
+                cost_nano=(cost if paid else 0),
+                cached=not paid,
                 latency_ms=round((now - record.intent_at) * 1000, 3) if record is not None else 0.0,
-                finished_at=now, calls={f"{self.target.replace(':', '|', 1)}|batch": 1} if paid else {},
-                batch_id=record.batch_id if record is not None else None)
+                finished_at=now,
+                calls={f"{self.target.replace(':', '|', 1)}|batch": 1} if paid else {},
+                batch_id=record.batch_id if record is not None else None,
+            )
             results.append(result)
         return results
 
@@ -441,7 +555,11 @@ class BatchRunner:
         results = []
         for row in item.rows:
             result = Result.failure(self.config.run_id, Row(row["key"], row["index"], row["values"]), error[:2000])
-            result.provider, result.model, result.prompt_hash = self.config.provider, self.config.model, item.prompt_hash
+            result.provider, result.model, result.prompt_hash = (
+                self.config.provider,
+                self.config.model,
+                item.prompt_hash,
+            )
             result.attempts, result.batch_id = record.round, record.batch_id
             results.append(result)
         return results
@@ -460,7 +578,9 @@ class BatchRunner:
 
     def _publish(self, results: list[Result]) -> None:
         for start in range(0, len(results), PUBLISH_AT_ONCE):
-            handoff.publish_results(self.connection, self.settings.result_stream, results[start:start + PUBLISH_AT_ONCE])
+            handoff.publish_results(
+                self.connection, self.settings.result_stream, results[start : start + PUBLISH_AT_ONCE]
+            )
 
 
 def schedule_poll(connection: redis.Redis, settings: Settings, run_id: str, slot: str, wait: float) -> None:
@@ -470,9 +590,16 @@ def schedule_poll(connection: redis.Redis, settings: Settings, run_id: str, slot
     if existing is not None and existing.get_status(refresh=False) in ACTIVE_JOB_STATES:
         return
     chunk_queue(connection, settings).enqueue_in(
-        timedelta(seconds=max(1, math.ceil(wait))), BATCH_POLL_FUNCTION, {"run_id": run_id, "slot": slot},
-        job_id=job_id, job_timeout=settings.job_timeout, result_ttl=600, failure_ttl=7 * 24 * 3600,
-        description=f"run {run_id} batch {slot}", meta={"run_id": run_id, "slot": slot})
+        timedelta(seconds=max(1, math.ceil(wait))),
+        BATCH_POLL_FUNCTION,
+        {"run_id": run_id, "slot": slot},
+        job_id=job_id,
+        job_timeout=settings.job_timeout,
+        result_ttl=600,
+        failure_ttl=7 * 24 * 3600,
+        description=f"run {run_id} batch {slot}",
+        meta={"run_id": run_id, "slot": slot},
+    )
 
 
 def wake_polls(connection: redis.Redis, settings: Settings, run_id: str) -> int:

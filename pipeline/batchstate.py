@@ -6,6 +6,7 @@ items of round n that errored or expired. Its record is written (the *intent*) b
 created, and the batch id right after, so a job that runs the slot again finds the batch instead of paying for a
 second one (see ``pipeline.batches``).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,12 @@ from typing import Any
 
 import redis
 
-OPEN = "batches:open"          # zset: slot -> created_at, for batches created and not ended
-EXPIRY = "batches:expiry"      # zset: slot -> provider's expires_at, same members
-ENDED = "batches:ended"        # hash: final state -> batches that ended so (all runs, for metrics)
-BATCH_IDS = "batches:ids"      # hash: provider batch id -> slot (a found batch must not be another slot's)
+from .queue import decoded
+
+OPEN = "batches:open"  # zset: slot -> created_at, for batches created and not ended
+EXPIRY = "batches:expiry"  # zset: slot -> provider's expires_at, same members
+ENDED = "batches:ended"  # hash: final state -> batches that ended so (all runs, for metrics)
+BATCH_IDS = "batches:ids"  # hash: provider batch id -> slot (a found batch must not be another slot's)
 ENQUEUED = "batches:enqueued"  # hash: provider:model -> tokens (input + max output) in open batches
 
 
@@ -39,12 +42,12 @@ class Item:
     """One request of a batch: the rows it answers (rows of one chunk with the same prompt share a request)."""
 
     custom_id: str
-    rows: list[dict[str, Any]]       # {"key", "index", "values"}
+    rows: list[dict[str, Any]]  # {"key", "index", "values"}
     prompt: str
     prompt_hash: str
     cache_key: str
     worst_case_nano: int = 0
-    tokens: int = 0                  # input estimate + max output: what the enqueued-token limit counts
+    tokens: int = 0  # input estimate + max output: what the enqueued-token limit counts
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -57,8 +60,8 @@ class SlotRecord:
     chunk: str
     round: int
     items: list[Item]
-    state: str = "intent"            # intent, then the provider state (pipeline.providers.batches.STATES)
-    attempt: int = 1                 # a batch refused for the enqueued-token limit is made again as attempt + 1
+    state: str = "intent"  # intent, then the provider state (pipeline.providers.batches.STATES)
+    attempt: int = 1  # a batch refused for the enqueued-token limit is made again as attempt + 1
     intent_at: float = 0.0
     batch_id: str | None = None
     created_at: float | None = None
@@ -76,9 +79,16 @@ class SlotRecord:
 def save_intent(connection: redis.Redis, record: SlotRecord) -> bool:
     """Write a new slot's record, unless it exists already (another job made it first). True if written."""
     key = record_key(record.slot)
-    values = {"run_id": record.run_id, "chunk": record.chunk, "round": record.round, "state": record.state,
-              "attempt": record.attempt, "intent_at": record.intent_at,
-              "items": json.dumps([i.to_dict() for i in record.items], ensure_ascii=False), "polls": 0}
+    values: dict[Any, Any] = {  # (redis-py types hset's mapping keys as an invariant union)
+        "run_id": record.run_id,
+        "chunk": record.chunk,
+        "round": record.round,
+        "state": record.state,
+        "attempt": record.attempt,
+        "intent_at": record.intent_at,
+        "items": json.dumps([i.to_dict() for i in record.items], ensure_ascii=False),
+        "polls": 0,
+    }
     with connection.pipeline() as pipe:
         while True:
             try:
@@ -96,26 +106,37 @@ def save_intent(connection: redis.Redis, record: SlotRecord) -> bool:
 
 
 def load(connection: redis.Redis, slot: str) -> SlotRecord | None:
-    raw = {k.decode(): v.decode() for k, v in connection.hgetall(record_key(slot)).items()}
+    raw = {decoded(k): decoded(v) for k, v in connection.hgetall(record_key(slot)).items()}
     if not raw:
         return None
     return SlotRecord(
-        slot=slot, run_id=raw["run_id"], chunk=raw["chunk"], round=int(raw["round"]),
-        items=[Item(**i) for i in json.loads(raw["items"])], state=raw["state"], attempt=int(raw["attempt"]),
-        intent_at=float(raw["intent_at"]), batch_id=raw.get("batch_id") or None,
+        slot=slot,
+        run_id=raw["run_id"],
+        chunk=raw["chunk"],
+        round=int(raw["round"]),
+        items=[Item(**i) for i in json.loads(raw["items"])],
+        state=raw["state"],
+        attempt=int(raw["attempt"]),
+        intent_at=float(raw["intent_at"]),
+        batch_id=raw.get("batch_id") or None,
         created_at=float(raw["created_at"]) if raw.get("created_at") else None,
         expires_at=float(raw["expires_at"]) if raw.get("expires_at") else None,
-        polls=int(raw.get("polls", 0)), done=raw.get("done") == "1",
-        extra={k: v for k, v in raw.items() if k in ("hold", "enqueued", "cancel_sent", "creating")})
+        polls=int(raw.get("polls", 0)),
+        done=raw.get("done") == "1",
+        extra={k: v for k, v in raw.items() if k in ("hold", "enqueued", "cancel_sent", "creating")},
+    )
 
 
-def record_batch(connection: redis.Redis, record: SlotRecord, batch_id: str, created_at: float,
-                 expires_at: float | None, state: str) -> None:
+def record_batch(
+    connection: redis.Redis, record: SlotRecord, batch_id: str, created_at: float, expires_at: float | None, state: str
+) -> None:
     """The provider made the batch: its id goes into the slot's record at once."""
     record.batch_id, record.created_at, record.expires_at, record.state = batch_id, created_at, expires_at, state
     with connection.pipeline(transaction=True) as pipe:
-        pipe.hset(record_key(record.slot), mapping={"batch_id": batch_id, "created_at": created_at, "state": state,
-                                                    "expires_at": expires_at or ""})
+        pipe.hset(
+            record_key(record.slot),
+            mapping={"batch_id": batch_id, "created_at": created_at, "state": state, "expires_at": expires_at or ""},
+        )
         pipe.hset(BATCH_IDS, batch_id, record.slot)
         pipe.zadd(OPEN, {record.slot: created_at})
         if expires_at:
@@ -153,7 +174,7 @@ def finish(connection: redis.Redis, record: SlotRecord, state: str, keep_seconds
 
 def taken_by_another(connection: redis.Redis, slot: str, batch_id: str) -> bool:
     owner = connection.hget(BATCH_IDS, batch_id)
-    return owner is not None and owner.decode() != slot
+    return owner is not None and decoded(owner) != slot
 
 
 # KEYS: enqueued hash, record. ARGV: provider:model, tokens, limit (-1 = none). 1 = counted (or was), 0 = over.
@@ -215,8 +236,9 @@ def drop_create_claim(connection: redis.Redis, record: SlotRecord) -> None:
 def enqueue_tokens(connection: redis.Redis, slot: str, target: str, tokens: int, limit: int | None) -> bool:
     """Count the slot's tokens against its model's open batches, unless that would pass ``limit`` (a batch
     alone over the limit still goes when nothing else is open: it could never go otherwise)."""
-    return bool(connection.eval(_ENQUEUE, 2, ENQUEUED, record_key(slot), target, tokens,
-                                -1 if limit is None else limit))
+    return bool(
+        connection.eval(_ENQUEUE, 2, ENQUEUED, record_key(slot), target, tokens, -1 if limit is None else limit)
+    )
 
 
 def release_tokens(connection: redis.Redis, slot: str, target: str) -> None:
@@ -229,17 +251,17 @@ def take_field(connection: redis.Redis, slot: str, name: str) -> str | None:
         pipe.hget(record_key(slot), name)
         pipe.hdel(record_key(slot), name)
         value, removed = pipe.execute()
-    return value.decode() if removed and value is not None else None
+    return decoded(value) if removed and value is not None else None
 
 
 def run_batches(connection: redis.Redis, run_id: str) -> list[SlotRecord]:
-    slots = sorted(m.decode() for m in connection.smembers(run_slots_key(run_id)))
+    slots = sorted(map(decoded, connection.smembers(run_slots_key(run_id))))
     return [r for r in (load(connection, s) for s in slots) if r is not None]
 
 
 def _slot_fields(connection: redis.Redis, run_id: str, *names: str) -> list[list[str | None]]:
     """Some fields of every slot of the run, without reading their items (status and resume ask often)."""
-    slots = [m.decode() for m in connection.smembers(run_slots_key(run_id))]
+    slots = list(map(decoded, connection.smembers(run_slots_key(run_id))))
     with connection.pipeline(transaction=False) as pipe:
         for slot in slots:
             pipe.hmget(record_key(slot), ["run_id", *names])
@@ -263,7 +285,7 @@ def states(connection: redis.Redis, run_id: str) -> dict[str, int]:
 
 def open_view(connection: redis.Redis) -> tuple[dict[str, int], float | None, float | None]:
     """For metrics: open batches by state, the oldest one's creation time, the soonest expiry."""
-    slots = [m.decode() for m in connection.zrange(OPEN, 0, -1)]
+    slots = list(map(decoded, connection.zrange(OPEN, 0, -1)))
     counts: dict[str, int] = {}
     if slots:
         with connection.pipeline(transaction=False) as pipe:
@@ -272,13 +294,13 @@ def open_view(connection: redis.Redis) -> tuple[dict[str, int], float | None, fl
             for state in pipe.execute():
                 name = state.decode() if state else "unknown"
                 counts[name] = counts.get(name, 0) + 1
-    oldest = connection.zrange(OPEN, 0, 0, withscores=True)
-    soonest = connection.zrange(EXPIRY, 0, 0, withscores=True)
-    return counts, (oldest[0][1] if oldest else None), (soonest[0][1] if soonest else None)
+    oldest: Any = connection.zrange(OPEN, 0, 0, withscores=True)
+    soonest: Any = connection.zrange(EXPIRY, 0, 0, withscores=True)
+    return counts, (float(oldest[0][1]) if oldest else None), (float(soonest[0][1]) if soonest else None)
 
 
 def ended_counts(connection: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in connection.hgetall(ENDED).items()}
+    return {decoded(k): int(v) for k, v in connection.hgetall(ENDED).items()}
 
 
 def now() -> float:

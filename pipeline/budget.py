@@ -8,6 +8,7 @@ cannot freeze the budget, but never before their call could still be running: th
 ``hold_seconds`` from its retry policy (``RetryPolicy.hold_seconds``). Amounts are nano-dollars so that Redis
 integer arithmetic stays exact.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,11 +52,10 @@ def holds_key(run_id: str) -> str:
 
 
 class RunBudget:
-    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None, *,
-                 hold_seconds: float) -> None:
+    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None, *, hold_seconds: float) -> None:
         self._client = client
         self._keys = [spend_key(run_id), holds_key(run_id)]
-        self._cap = -1 if max_cost is None else int(round(max_cost * NANO))
+        self._cap = -1 if max_cost is None else round(max_cost * NANO)
         self._hold_seconds = hold_seconds
         self._reserve = client.register_script(_RESERVE)
 
@@ -67,8 +67,9 @@ class RunBudget:
         member = f"{uuid.uuid4().hex}:{amount}"
         while True:
             now = await self._now()
-            verdict = int(await self._reserve(keys=self._keys, args=[self._cap, amount, now,
-                                                                      now + self._hold_seconds, member]))
+            verdict = int(
+                await self._reserve(keys=self._keys, args=[self._cap, amount, now, now + self._hold_seconds, member])
+            )
             if verdict == 1:
                 return member
             if verdict < 0:
@@ -94,24 +95,27 @@ async def spent(client: aioredis.Redis, run_id: str) -> float:
     return int(await client.get(spend_key(run_id)) or 0) / NANO
 
 
-def reserve_batch(connection: redis.Redis, run_id: str, max_cost: float | None, amount: int,
-                  hold_seconds: float) -> str | None:
+def reserve_batch(
+    connection: redis.Redis, run_id: str, max_cost: float | None, amount: int, hold_seconds: float
+) -> str | None:
     """Batch mode: hold a whole batch's worst case before it is created (the same holds as single calls, held
     for the batch's life). '' without a cap; None while other holds are out (try later: they may settle far
     below their estimate); BudgetExceeded when the settled spend alone leaves no room."""
     if max_cost is None:
         return ""
-    cap = int(round(max_cost * NANO))
+    cap = round(max_cost * NANO)
     seconds, micros = connection.time()
     now = seconds + micros / 1e6
     member = f"{uuid.uuid4().hex}:{amount}"
-    verdict = int(connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, now,
-                                  now + hold_seconds, member))
+    verdict = int(
+        connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, now, now + hold_seconds, member)
+    )
     if verdict == 1:
         return member
     if verdict < 0:
-        raise BudgetExceeded(f"the run's budget of ${cap / NANO:.4f} cannot hold a batch of at most "
-                             f"${amount / NANO:.6f}")
+        raise BudgetExceeded(
+            f"the run's budget of ${cap / NANO:.4f} cannot hold a batch of at most ${amount / NANO:.6f}"
+        )
     return None
 
 

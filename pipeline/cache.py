@@ -6,6 +6,7 @@ asking right now waits for that answer instead of paying for it again. A claim i
 call runs, so a dead worker's claim soon lapses; storing the answer drops it; a failed call turns it into a
 short "failed" mark, so the others then ask for themselves, at once and side by side.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,8 +53,15 @@ def cache_key(provider: str, request: ProviderRequest, base_url: str | None = No
     OpenAI-compatible servers, or two tenants' endpoints, sharing one Redis never answer for each other."""
     server = base_url.rstrip("/") if base_url else None
     digest = stable_hash(
-        provider, server, request.model, request.system, request.prompt, request.max_tokens, request.temperature,
-        dict(request.params), request.json_schema,
+        provider,
+        server,
+        request.model,
+        request.system,
+        request.prompt,
+        request.max_tokens,
+        request.temperature,
+        dict(request.params),
+        request.json_schema,
     )
     return "cache:{" + digest + "}"  # the hash tag keeps answer and claim in one Redis Cluster slot
 
@@ -63,9 +71,17 @@ def _claim_key(key: str) -> str:
 
 
 class ResponseCache:
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int | None = None, *, claimant: str | None = None,
-                 claim_seconds: float = 30.0, failed_seconds: float = 60.0,
-                 reads: RedisBatcher | None = None, writes: RedisBatcher | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_seconds: int | None = None,
+        *,
+        claimant: str | None = None,
+        claim_seconds: float = 30.0,
+        failed_seconds: float = 60.0,
+        reads: RedisBatcher | None = None,
+        writes: RedisBatcher | None = None,
+    ) -> None:
         """``claimant`` names who asks (a chunk: when RQ runs it again it owns its claims again). A claim lapses
         ``claim_seconds`` after its owner stopped renewing it; a failed mark after ``failed_seconds``.
         ``reads`` / ``writes``: the process's shared batchers (lookups; answers stored)."""
@@ -83,13 +99,15 @@ class ResponseCache:
         """(HIT, answer); (ASK, None): the prompt is now claimed by you; (WAIT, None): someone else is asking;
         (ALONE, None): a call for it failed a moment ago, ask for yourself without a claim."""
         [(verdict, raw)] = await self._reads.run(
-            lambda pipe: stage_script(pipe, self._lookup, [key, _claim_key(key)], [self._claimant, self._claim_ms]))
+            lambda pipe: stage_script(pipe, self._lookup, [key, _claim_key(key)], [self._claimant, self._claim_ms])
+        )
         verdict = int(verdict)
         return verdict, (_decode(raw) if verdict == HIT else None)
 
     @contextlib.asynccontextmanager
     async def holding(self, key: str) -> AsyncIterator[None]:
         """Keep renewing this claimant's claim on ``key`` while the call for it runs."""
+
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self._claim_ms / 3000)
@@ -104,8 +122,12 @@ class ResponseCache:
                 await renewing
 
     async def put(self, key: str, response: ProviderResponse) -> None:
-        data = {"text": response.text, "input_tokens": response.input_tokens,
-                "output_tokens": response.output_tokens, "model": response.model}
+        data = {
+            "text": response.text,
+            "input_tokens": response.input_tokens,
+            "output_tokens": response.output_tokens,
+            "model": response.model,
+        }
         text = json.dumps(data, ensure_ascii=False)
 
         def stage(pipe: Any) -> None:
@@ -121,5 +143,6 @@ class ResponseCache:
 
 def _decode(raw: bytes | str) -> ProviderResponse:
     data: dict[str, Any] = json.loads(raw)
-    return ProviderResponse(text=data["text"], input_tokens=data["input_tokens"], output_tokens=data["output_tokens"],
-                            model=data["model"])
+    return ProviderResponse(
+        text=data["text"], input_tokens=data["input_tokens"], output_tokens=data["output_tokens"], model=data["model"]
+    )

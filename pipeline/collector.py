@@ -2,6 +2,7 @@
 
 Run it as ``python -m pipeline.collector`` (``--burst`` to drain and exit) or through ``enqueue.py collect``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,14 @@ Observer = Callable[["BatchOutcome", store.Applied], None]
 
 # Fields a database may refuse in a result (too long, NULL where it needs a value), with what replaces them,
 # and the order they are tried in: each alone first, the input last, then all of them at once.
-_EMPTY: dict[str, Any] = {"model": None, "answer": None, "parsed": None, "provider": None, "prompt_hash": "",
-                          "input": {}}
+_EMPTY: dict[str, Any] = {
+    "model": None,
+    "answer": None,
+    "parsed": None,
+    "provider": None,
+    "prompt_hash": "",
+    "input": {},
+}
 _DROP_ORDER = [(name,) for name in _EMPTY] + [tuple(_EMPTY)]
 
 
@@ -43,15 +50,20 @@ class BatchOutcome:
 
 
 class Collector:
-    def __init__(self, settings: Settings, connection: redis.Redis, engine: Engine,
-                 observers: list[Observer] | None = None, consumer: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        connection: redis.Redis,
+        engine: Engine,
+        observers: list[Observer] | None = None,
+        consumer: str | None = None,
+    ) -> None:
         """``consumer`` names this reader in the stream's group: two collectors running at once need two names
         (a restarted one takes its old name back, and with it what it had read but not written)."""
         self.settings = settings
         self.engine = engine
         self.connection = connection
-        self.reader = StreamReader(connection, settings.result_stream, consumer,
-                                   parked_max=settings.parked_max_entries)
+        self.reader = StreamReader(connection, settings.result_stream, consumer, parked_max=settings.parked_max_entries)
         self.observers = list(observers or [])
         self._parked = 0
         self._prepared = False
@@ -138,19 +150,20 @@ class Collector:
             store.save_run(conn, record, "submitted")
         elif kind == handoff.STATUS and isinstance(record, dict):
             config = record.get("config")
-            store.set_run_status(conn, record["run_id"], record["status"],
-                                 config=RunConfig.from_dict(config) if config else None)
+            store.set_run_status(
+                conn, record["run_id"], record["status"], config=RunConfig.from_dict(config) if config else None
+            )
             if record.get("retrying"):
-                store.reopen_failed(conn, record["run_id"], record["retrying"], before=record["at"],
-                                    generation=record.get("generation"))
+                store.reopen_failed(
+                    conn, record["run_id"], record["retrying"], before=record["at"], generation=record.get("generation")
+                )
         elif kind == handoff.BATCH and isinstance(record, dict):
             store.save_batch(conn, record)
 
     def _park(self, entry: Entry, reason: str) -> None:
         self.reader.park(entry, reason)
         self._parked += 1
-        log.error("parked an entry of run %s in %s: %s", entry.data.get("run_id"), self.reader.parked_stream,
-                  reason)
+        log.error("parked an entry of run %s in %s: %s", entry.data.get("run_id"), self.reader.parked_stream, reason)
 
     def _write_one_by_one(self, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
         applied, finished = store.Applied(), []
@@ -179,8 +192,12 @@ class Collector:
             return store.Applied(), []
         error = redact(f"the answer could not be stored ({reason})")[:1900]
         for dropped in _DROP_ORDER:
-            failure = replace(record, status=FAILED, error=f"{error}; dropped: {', '.join(dropped)}",
-                              **{name: _EMPTY[name] for name in dropped})
+            failure = replace(
+                record,
+                status=FAILED,
+                error=f"{error}; dropped: {', '.join(dropped)}",
+                **{name: _EMPTY[name] for name in dropped},
+            )
             try:
                 with store.writing(self.engine) as conn:
                     return self._write(conn, [(entry, failure)])

@@ -6,6 +6,7 @@ text the chunk job carries. Whenever the fast reader refuses a file (a malformed
 CSV row pandas would pad), the row-by-row reader takes over from the same row, so that what is accepted and
 every error message stay those of the row-by-row reader.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, islice
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from json.encoder import encode_basestring_ascii as json_text
 from json.scanner import make_scanner
 from pathlib import Path
@@ -110,10 +111,16 @@ def json_safe(value: Any) -> Any:
 # ---------------------------------------------------------------- the row-by-row readers
 # The reference for what a file means: the fast readers below fall back to these from the row they stopped at.
 
+
 def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
     try:
         reader = pd.read_csv(
-            path, dtype=str, keep_default_na=False, chunksize=READ_BATCH, encoding="utf-8", on_bad_lines="error",
+            path,
+            dtype=str,
+            keep_default_na=False,
+            chunksize=READ_BATCH,
+            encoding="utf-8",
+            on_bad_lines="error",
             skip_blank_lines=False,  # pandas would also drop lines of spaces, which are real values
         )
         for frame in reader:
@@ -164,7 +171,6 @@ READERS: dict[str, Callable[[Path], Iterator[dict[str, Any]]]] = {
 }
 
 
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -173,9 +179,11 @@ def _first_line(exc: BaseException) -> str:
 
 TEXT, NUMBER, ANY = "text", "number", "any"  # what a column's values are: all str, all int, any JSON-safe value
 _encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]  # CPython's C encoder, no stub
-    None, None, json_text, None, ": ", ", ", False, False, True)
+    None, None, json_text, None, ": ", ", ", False, False, True
+)
 _encode_finite = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-    None, None, json_text, None, ": ", ", ", False, False, False)
+    None, None, json_text, None, ": ", ", ", False, False, False
+)
 
 
 def to_json(value: Any) -> str:
@@ -188,13 +196,13 @@ class Batch:
     """Consecutive rows read together: by column (CSV, Parquet), or as records whose keys may vary (JSONL and
     the row-by-row readers). Values are JSON-safe."""
 
-    start: int                                    # index of the first row in the file's rows
+    start: int  # index of the first row in the file's rows
     size: int
     names: list[str]
     columns: list[list[Any]] = field(default_factory=list)  # by column: one list of values a name
     kinds: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] | None = None
-    end_byte: int | None = None                   # how far into the file the reader is, if it knows
+    end_byte: int | None = None  # how far into the file the reader is, if it knows
     _jsons: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -240,8 +248,14 @@ class Batch:
         form = "{" + ", ".join(json_text(name).replace("%", "%%") + ": %s" for name in self.names) + "}"
         if not self.names:
             return ["{}"] * self.size
-        encoded = [list(map(json_text, column)) if kind == TEXT else list(map(str, column)) if kind == NUMBER
-                   else list(map(to_json, column)) for column, kind in zip(self.columns, self.kinds)]
+        encoded = [
+            list(map(json_text, column))
+            if kind == TEXT
+            else list(map(str, column))
+            if kind == NUMBER
+            else list(map(to_json, column))
+            for column, kind in zip(self.columns, self.kinds)
+        ]
         return [form % row for row in zip(*encoded)]
 
     @staticmethod
@@ -271,10 +285,13 @@ def _csv_batches(path: Path) -> Iterator[Batch]:
     if not header or "" in header or len(set(header)) != len(header):  # pandas renames such columns
         raise _Refused
     reader = pa_csv.open_csv(
-        path, read_options=pa_csv.ReadOptions(block_size=1 << 20),
+        path,
+        read_options=pa_csv.ReadOptions(block_size=1 << 20),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(column_types={name: pa.string() for name in header},
-                                              strings_can_be_null=False))
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in header}, strings_can_be_null=False
+        ),
+    )
     if reader.schema.names != header or not all(pa.types.is_string(t) for t in reader.schema.types):
         raise _Refused
     start = 0
@@ -292,13 +309,18 @@ def _csv_batches(path: Path) -> Iterator[Batch]:
         if present is not None and not pc.all(present).as_py():
             batch = batch.filter(present)
         if batch.num_rows:
-            yield Batch(start, batch.num_rows, list(header), [c.to_pylist() for c in batch.columns],
-                        [TEXT] * len(header), end_byte=consumed)
+            yield Batch(
+                start,
+                batch.num_rows,
+                list(header),
+                [c.to_pylist() for c in batch.columns],
+                [TEXT] * len(header),
+                end_byte=consumed,
+            )
             start += batch.num_rows
 
 
-_SAFE_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean,
-               pa.types.is_null)
+_SAFE_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean, pa.types.is_null)
 
 
 def _parquet_batches(path: Path) -> Iterator[Batch]:
@@ -324,8 +346,9 @@ def _parquet_batches(path: Path) -> Iterator[Batch]:
             columns.append(values)
             kinds.append(kinds_of)
         if batch.num_rows:
-            yield Batch(start, batch.num_rows, names, columns, kinds,
-                        end_byte=size * (start + batch.num_rows) // max(rows, 1))
+            yield Batch(
+                start, batch.num_rows, names, columns, kinds, end_byte=size * (start + batch.num_rows) // max(rows, 1)
+            )
             start += batch.num_rows
 
 
@@ -357,7 +380,9 @@ def _jsonl_batches(path: Path) -> Iterator[Batch]:
 
 
 FAST_READERS: dict[str, Callable[[Path], Iterator[Batch]]] = {
-    "csv": _csv_batches, "jsonl": _jsonl_batches, "parquet": _parquet_batches,
+    "csv": _csv_batches,
+    "jsonl": _jsonl_batches,
+    "parquet": _parquet_batches,
 }
 
 
@@ -489,6 +514,7 @@ def _raise_first(path: Path, batch: Batch, problems: Sequence[Problem | None]) -
 
 # ---------------------------------------------------------------- rows and serialized chunks
 
+
 def iter_rows(path: Path, id_column: str | None = None) -> Iterator[Row]:
     """Stream the dataset's rows with their keys. Values are made JSON-safe."""
     for batch in read_batches(path):
@@ -511,8 +537,12 @@ def iter_chunks(path: Path, chunk_size: int, id_column: str | None = None) -> It
 
 def row_entries(batch: Batch, keys: list[str]) -> list[str]:
     """Each row as the JSON of its entry in a chunk job's payload: ``{"key", "index", "values"}``."""
-    return [f'{{"key": {key}, "index": {index}, "values": {values}}}' for key, index, values in
-            zip(map(json_text, keys), range(batch.start, batch.start + batch.size), batch.row_jsons())]
+    return [
+        f'{{"key": {key}, "index": {index}, "values": {values}}}'
+        for key, index, values in zip(
+            map(json_text, keys), range(batch.start, batch.start + batch.size), batch.row_jsons()
+        )
+    ]
 
 
 class ChunkText:
@@ -525,8 +555,8 @@ class ChunkText:
     def add(self, entries: list[str]) -> None:
         self.pending += entries
         while len(self.pending) >= self.size:
-            self.emit(RowsJSON(self.size, ", ".join(self.pending[:self.size])))
-            del self.pending[:self.size]
+            self.emit(RowsJSON(self.size, ", ".join(self.pending[: self.size])))
+            del self.pending[: self.size]
 
     def close(self) -> None:
         if self.pending:
@@ -604,11 +634,15 @@ def scan(
     chunks = ChunkText(chunk_size or READ_BATCH, on_chunk) if on_chunk is not None else None
     for batch in read_batches(path):
         keys, key_problem = batch_keys(batch, id_column)
-        _raise_first(path, batch, [
-            key_problem,
-            None if max_row_bytes is None else oversized(batch, max_row_bytes),
-            None if template is None else template_problem(batch, template),
-        ])
+        _raise_first(
+            path,
+            batch,
+            [
+                key_problem,
+                None if max_row_bytes is None else oversized(batch, max_row_bytes),
+                None if template is None else template_problem(batch, template),
+            ],
+        )
         if check_row is not None:
             for key, index, values in zip(keys, range(batch.start, batch.start + batch.size), batch.values()):
                 check_row(Row(key, index, values))

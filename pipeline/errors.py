@@ -1,4 +1,5 @@
 """The pipeline's exceptions: one rooted hierarchy, retryable and permanent provider failures kept apart."""
+
 from __future__ import annotations
 
 

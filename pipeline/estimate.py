@@ -7,6 +7,7 @@ worker waits for that call, or finds its answer cached), cost nothing. Fallbacks
 rows the primary failed. The time is what the run's RPM/TPM (or DEFAULT_RPM/TPM) allow, less RATELIMIT_HEADROOM;
 without a limit it depends on the provider's latency and WORKER_CONCURRENCY, and is not estimated.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from .cache import cache_key
 from .datasets import iter_chunks
 from .pricing import NANO, PriceTable
 from .providers import ProviderRequest, build_provider
-from .records import RunConfig, Row
+from .records import Row, RunConfig
 from .settings import Settings
 from .templates import PromptTemplate
 
@@ -31,11 +32,11 @@ class Estimate:
     run_id: str
     model: str
     rows: int
-    rows_cached: int            # answered by the cache, or by an earlier row's call for the same prompt
-    input_tokens: int           # estimated, of the rows that need a call
-    output_tokens: int          # worst case: every call bills its output limit
-    cost_usd: float | None      # None: the model has no price
-    seconds: float | None       # None: no RPM/TPM limit to estimate from
+    rows_cached: int  # answered by the cache, or by an earlier row's call for the same prompt
+    input_tokens: int  # estimated, of the rows that need a call
+    output_tokens: int  # worst case: every call bills its output limit
+    cost_usd: float | None  # None: the model has no price
+    seconds: float | None  # None: no RPM/TPM limit to estimate from
     rpm: int | None
     tpm: int | None
 
@@ -45,12 +46,15 @@ class Estimate:
 
 def estimate(connection: redis.Redis, settings: Settings, config: RunConfig) -> Estimate:
     """Read the dataset once more and price every row; nothing is written anywhere."""
-    counts = _count(connection, config, _server(settings, config.provider),
-                    iter_chunks(Path(config.dataset), config.chunk_size, config.id_column))
+    counts = _count(
+        connection,
+        config,
+        _server(settings, config.provider),
+        iter_chunks(Path(config.dataset), config.chunk_size, config.id_column),
+    )
     rows, cached, input_tokens, output_tokens = counts
     prices = PriceTable.load(settings.price_file).with_price(config.model, config.price_in, config.price_out)
-    price = (prices.batch_price(config.provider, config.model) if config.mode == "batch"
-             else prices.price(config.model))
+    price = prices.batch_price(config.provider, config.model) if config.mode == "batch" else prices.price(config.model)
     cost = None if price is None else price.cost_nano(input_tokens, output_tokens) / NANO
     rpm, tpm = config.rpm or settings.default_rpm, config.tpm or settings.default_tpm
     seconds = _seconds(rows - cached, input_tokens + output_tokens, rpm, tpm, settings.ratelimit_headroom)
@@ -62,16 +66,25 @@ def _server(settings: Settings, provider: str) -> str | None:
     return getattr(build_provider(provider, settings), "base_url", None)
 
 
-def _count(connection: redis.Redis, config: RunConfig, server: str | None,
-           chunks: Iterable[list[Row]]) -> tuple[int, int, int, int]:
+def _count(
+    connection: redis.Redis, config: RunConfig, server: str | None, chunks: Iterable[list[Row]]
+) -> tuple[int, int, int, int]:
     template = PromptTemplate(config.template)
     seen: set[str] = set()
     rows = cached = input_tokens = output_tokens = 0
     for chunk in chunks:
-        requests = [ProviderRequest(prompt=template.render(row.values), model=config.model,
-                                    max_tokens=config.max_tokens, system=config.system_prompt,
-                                    temperature=config.temperature, params=config.params,
-                                    json_schema=config.json_schema) for row in chunk]
+        requests = [
+            ProviderRequest(
+                prompt=template.render(row.values),
+                model=config.model,
+                max_tokens=config.max_tokens,
+                system=config.system_prompt,
+                temperature=config.temperature,
+                params=config.params,
+                json_schema=config.json_schema,
+            )
+            for row in chunk
+        ]
         keys = [cache_key(config.provider, request, server) for request in requests]
         in_cache = _in_cache(connection, keys) if config.use_cache else [False] * len(keys)
         for request, key, hit in zip(requests, keys, in_cache):

@@ -5,6 +5,7 @@ untrusted: a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage 
 formula. So CSV text cells that start so are prefixed with a single quote (OWASP's CSV injection rule) unless
 ``raw`` is asked for; JSONL and Parquet are data formats, never evaluated, and stay raw.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,16 +21,45 @@ from . import store
 from .errors import ConfigError
 from .pricing import NANO
 
-OUTPUT_FIELDS = ["row_key", "status", "answer", "parsed_json", "error", "provider", "model", "input_tokens",
-                 "output_tokens", "cost_usd", "latency_ms", "cached", "attempts", "usage_estimated"]
+OUTPUT_FIELDS = [
+    "row_key",
+    "status",
+    "answer",
+    "parsed_json",
+    "error",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "latency_ms",
+    "cached",
+    "attempts",
+    "usage_estimated",
+]
 FORMATS = ("csv", "jsonl", "parquet")
 PAGE = 5000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 # What each output field is made of: the results column it reads (by position in _COLUMNS below).
-_COLUMNS = ["input", "row_key", "status", "answer", "parsed", "error", "provider", "model", "input_tokens",
-            "output_tokens", "cost_nano", "latency_ms", "cached", "attempts", "usage_estimated"]
+_COLUMNS = [
+    "input",
+    "row_key",
+    "status",
+    "answer",
+    "parsed",
+    "error",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cost_nano",
+    "latency_ms",
+    "cached",
+    "attempts",
+    "usage_estimated",
+]
 Page = list[list[Any]]
 
 
@@ -37,13 +67,41 @@ def _flat_page(rows: Sequence[Sequence[Any]], input_columns: list[str]) -> Page:
     """Result rows (the _COLUMNS of ``results``, JSON as its text) as output rows: the input columns, then
     OUTPUT_FIELDS."""
     loads, page = json.loads, []
-    for (values, row_key, status, answer, parsed, error, provider, model, input_tokens, output_tokens, cost_nano,
-         latency_ms, cached, attempts, usage_estimated) in rows:
+    for (
+        values,
+        row_key,
+        status,
+        answer,
+        parsed,
+        error,
+        provider,
+        model,
+        input_tokens,
+        output_tokens,
+        cost_nano,
+        latency_ms,
+        cached,
+        attempts,
+        usage_estimated,
+    ) in rows:
         values = loads(values)
         flat = [values.get(name) for name in input_columns]
-        flat += [row_key, status, answer, _parsed_json(parsed), error, provider, model, input_tokens, output_tokens,
-                 None if cost_nano is None else cost_nano / NANO, latency_ms, bool(cached), attempts,
-                 usage_estimated]  # answers billed at their worst case (no usage reported)
+        flat += [
+            row_key,
+            status,
+            answer,
+            _parsed_json(parsed),
+            error,
+            provider,
+            model,
+            input_tokens,
+            output_tokens,
+            None if cost_nano is None else cost_nano / NANO,
+            latency_ms,
+            bool(cached),
+            attempts,
+            usage_estimated,
+        ]  # answers billed at their worst case (no usage reported)
         page.append(flat)
     return page
 
@@ -108,11 +166,14 @@ def _defuse_page(page: Page, positions: list[int]) -> Page:
 def _write_csv(names: list[str], pages: Iterator[Page], destination: Path, raw: bool) -> int:
     count = 0
     fields = len(OUTPUT_FIELDS)
-    positions = [i for i in range(len(names)) if i < len(names) - fields or OUTPUT_FIELDS[i - len(names) + fields]
-                 not in _NOT_TEXT]
+    positions = [
+        i
+        for i in range(len(names))
+        if i < len(names) - fields or OUTPUT_FIELDS[i - len(names) + fields] not in _NOT_TEXT
+    ]
     with destination.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(names if raw else [defuse_cell(name) for name in names])   # headers come from the dataset
+        writer.writerow(names if raw else [defuse_cell(name) for name in names])  # headers come from the dataset
         for page in pages:
             writer.writerows(page if raw else _defuse_page(page, positions))
             count += len(page)
@@ -123,8 +184,7 @@ def _write_jsonl(names: list[str], pages: Iterator[Page], destination: Path) -> 
     count, dumps = 0, json.dumps
     with destination.open("w", encoding="utf-8") as handle:
         for page in pages:
-            handle.write("".join(dumps(dict(zip(names, row)), ensure_ascii=False, default=str) + "\n"
-                                 for row in page))
+            handle.write("".join(dumps(dict(zip(names, row)), ensure_ascii=False, default=str) + "\n" for row in page))
             count += len(page)
     return count
 

@@ -4,6 +4,7 @@ Workers append each result the moment it is known (so a killed worker loses no p
 done for its run in the same transaction. The collector acknowledges entries only after its SQL commit, so a
 collector crash means redelivery, which the idempotent upsert absorbs.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ from .records import STOPPED, Result, RunConfig
 
 GROUP = "collector"
 RESULT = "result"
-RUN = "run"          # a run was submitted: payload is its RunConfig
-STATUS = "status"    # a run changed status (cancelled, budget exhausted, resumed)
-BATCH = "batch"      # batch mode: a chunk's batch intent, its provider batch id, its state
+RUN = "run"  # a run was submitted: payload is its RunConfig
+STATUS = "status"  # a run changed status (cancelled, budget exhausted, resumed)
+BATCH = "batch"  # batch mode: a chunk's batch intent, its provider batch id, its state
 
 
 def done_key(run_id: str) -> str:
@@ -147,8 +148,14 @@ return removed
 class StreamReader:
     """The collector's side of the stream: pending entries first (after a restart), then new ones."""
 
-    def __init__(self, client: redis.Redis, stream: str, consumer: str | None = None,
-                 claim_idle_ms: int = 60_000, parked_max: int = 10_000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        consumer: str | None = None,
+        claim_idle_ms: int = 60_000,
+        parked_max: int = 10_000,
+    ) -> None:
         self.client = client
         self.stream = stream
         self.consumer = consumer or f"{socket.gethostname()}-collector"
@@ -202,8 +209,12 @@ class StreamReader:
     def park(self, entry: Entry, reason: str) -> None:
         """Keep an entry that cannot be written (unreadable, or refused by the database even as a failure) for a
         person to look at; it is acknowledged next."""
-        self.client.xadd(self.parked_stream, {"kind": entry.kind, "data": json.dumps(entry.data, default=str),
-                                              "reason": reason}, maxlen=self.parked_max, approximate=True)
+        self.client.xadd(
+            self.parked_stream,
+            {"kind": entry.kind, "data": json.dumps(entry.data, default=str), "reason": reason},
+            maxlen=self.parked_max,
+            approximate=True,
+        )
 
     def remove_idle_consumers(self, idle_ms: int, only: str | None = None) -> int:
         """Drop consumers of the group idle at least ``idle_ms`` with nothing pending (``only``: just that one).

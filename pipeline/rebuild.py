@@ -6,6 +6,7 @@ run's config, its done rows and its spend; its expiry after RUN_RETENTION_SECOND
 with a succeeded or failed result there is marked done (so no chunk asks a provider for it again), and a
 capped run's spend starts from its SQL total. Only Redis is written; SQL is only read.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def rebuild(connection: redis.Redis, engine: Engine, run_id: str) -> RunConfig:
         config = RunConfig.from_dict(row["config"])
         _mark_done(connection, run_id, store.result_statuses(conn, run_id))
     if config.max_cost is not None:
-        connection.set(spend_key(run_id), row["cost_nano"])     # exact: both are nano-dollars
+        connection.set(spend_key(run_id), row["cost_nano"])  # exact: both are nano-dollars
     if config.idempotency_key:
         connection.set(idempotency_key(config.idempotency_key, config.owner), run_id, nx=True)
     connection.set(config_key(run_id), json.dumps(config.to_dict()), nx=True)  # last: the run is whole now

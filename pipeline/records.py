@@ -1,4 +1,5 @@
 """The small values that travel between stages: rows in, run configuration, results out. All JSON-safe."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from .pricing import NANO
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 RETRYING = "retrying"  # a failed row that retry-failed sent again, until its new result comes
-STOPPED = "stopped"    # a budget stop or a cancel cut the row short after answers were billed: resume asks again
+STOPPED = "stopped"  # a budget stop or a cancel cut the row short after answers were billed: resume asks again
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ModelTarget:
     model: str
 
     @classmethod
-    def parse(cls, text: str) -> "ModelTarget":
+    def parse(cls, text: str) -> ModelTarget:
         provider, _, model = text.partition(":")
         return cls(provider.strip(), model.strip())
 
@@ -76,7 +77,7 @@ class RunConfig:
     total_rows: int = 0
     total_chunks: int = 0
     max_cost: float | None = None
-    price_in: float | None = None   # USD per million tokens of ``model`` for this run (--price-in/--price-out)
+    price_in: float | None = None  # USD per million tokens of ``model`` for this run (--price-in/--price-out)
     price_out: float | None = None
     use_cache: bool = True
     rpm: int | None = None
@@ -85,7 +86,7 @@ class RunConfig:
     idempotency_key: str | None = None
     created_at: float = 0.0
     owner: str | None = None  # the web user who submitted it; None: the CLI, a runs file or the scheduler
-    mode: str = "online"   # "batch": the provider's batch API, at its batch price (pipeline.batches)
+    mode: str = "online"  # "batch": the provider's batch API, at its batch price (pipeline.batches)
 
     @property
     def targets(self) -> list[ModelTarget]:
@@ -95,7 +96,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -133,16 +134,23 @@ class Result:
     batch_id: str | None = None  # the provider batch that answered the row (batch mode)
 
     @classmethod
-    def failure(cls, run_id: str, row: "Row", error: str | None = None) -> "Result":
+    def failure(cls, run_id: str, row: Row, error: str | None = None) -> Result:
         """A failed result for ``row``: the start of every row's result, and the whole of one that cannot run."""
-        return cls(run_id=run_id, row_key=row.key, row_index=row.index, status=FAILED, input=row.values,
-                   error=error, finished_at=time.time())
+        return cls(
+            run_id=run_id,
+            row_key=row.key,
+            row_index=row.index,
+            status=FAILED,
+            input=row.values,
+            error=error,
+            finished_at=time.time(),
+        )
 
     def to_json(self) -> str:
         return json.dumps(vars(self), ensure_ascii=False, default=str)  # asdict deep-copies every nested value
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Result":
+    def from_dict(cls, data: dict[str, Any]) -> Result:
         """A result as any worker version sent it: fields this version does not know are ignored (a newer
         worker in a rolling deploy), an older worker's dollar ``cost`` becomes nano-dollars. Raises ValueError
         for data that is not a result."""
@@ -150,7 +158,7 @@ class Result:
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("result_id", "")  # an older worker's result: no id, so never counted as a second answer
         if "cost_nano" not in data and isinstance(data.get("cost"), (int, float)):
-            values["cost_nano"] = int(round(data["cost"] * NANO))
+            values["cost_nano"] = round(data["cost"] * NANO)
         try:
             result = cls(**values)
         except TypeError as exc:  # a required field is missing
@@ -164,8 +172,16 @@ class Result:
             raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED}, {FAILED} or {STOPPED}")
         if not isinstance(self.result_id, str):
             raise ValueError("result_id must be text")
-        counts = (self.row_index, self.attempts, self.timeouts, self.rate_limited, self.input_tokens,
-                  self.output_tokens, self.usage_estimated, self.generation)
+        counts = (
+            self.row_index,
+            self.attempts,
+            self.timeouts,
+            self.rate_limited,
+            self.input_tokens,
+            self.output_tokens,
+            self.usage_estimated,
+            self.generation,
+        )
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
             raise ValueError("row_index, attempts and token counts must be integers")
         if self.cost_nano is not None and (not isinstance(self.cost_nano, int) or isinstance(self.cost_nano, bool)):

@@ -1,4 +1,5 @@
 """Keep secrets out of anything we write: error messages, logs, results and metrics."""
+
 from __future__ import annotations
 
 import re

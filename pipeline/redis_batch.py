@@ -4,6 +4,7 @@ With hundreds of rows in flight, a pipeline per row spent more CPU in the client
 MULTI/EXEC, parsing) than the provider call did. Rows ``await batcher.run(stage)``; the first one in a tick
 starts a flush, which sends everything staged by then in one pipeline and hands each row its own replies.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,7 +66,7 @@ class RedisBatcher:
             return
         start = 0
         for (_, future), size in zip(batch, sizes):
-            mine, start = replies[start:start + size], start + size
+            mine, start = replies[start : start + size], start + size
             if future.done():  # its row was cancelled meanwhile; the commands went out all the same
                 continue
             error = next((reply for reply in mine if isinstance(reply, Exception)), None)

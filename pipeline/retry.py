@@ -4,6 +4,7 @@ Transient errors (429, 5xx, connection failures, timeouts) are retried with expo
 jitter, or exactly the provider's ``Retry-After`` when it sent one. Timeouts have their own, smaller budget
 because a call that timed out may still have been billed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ class RetryPolicy:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     call_deadline: float | None = None  # a whole call, however slowly its bytes trickle in (the SDKs time reads)
-    max_retry_after: float = 300.0      # a provider (or a proxy) asking for longer is believed up to this
+    max_retry_after: float = 300.0  # a provider (or a proxy) asking for longer is believed up to this
 
     def provider_wait(self, retry_after: float | None) -> float | None:
         """The provider's ``Retry-After``, capped at ``max_retry_after`` (a bad proxy's 10^9 s would otherwise hold

@@ -5,6 +5,7 @@ whole dataset first; two of them started together would both pass the check and 
 The claim is one ``SET NX`` key: whoever sets it enqueues, the other is refused at once. It lapses a short
 while after its holder stops renewing it, so a killed CLI does not block the run.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -33,19 +34,21 @@ class RequeueClaim:
         self.what = what
         self.token = uuid.uuid4().hex
 
-    def __enter__(self) -> "RequeueClaim":
+    def __enter__(self) -> RequeueClaim:
         key = requeue_key(self.run_id)
         if not self.connection.set(key, f"{self.what}:{self.token}", nx=True, ex=CLAIM_SECONDS):
             held = self.connection.get(key)
             holder = (held.decode() if isinstance(held, bytes) else "another command").partition(":")[0]
-            raise ConfigError(f"run {self.run_id}: a {holder} of this run is enqueueing right now; "
-                              "wait for it, then look at `status`")
+            raise ConfigError(
+                f"run {self.run_id}: a {holder} of this run is enqueueing right now; wait for it, then look at `status`"
+            )
         return self
 
     def renew(self) -> None:
         """Called while enqueueing: a long dataset read keeps the claim."""
         self.connection.eval(_RENEW, 1, requeue_key(self.run_id), f"{self.what}:{self.token}", CLAIM_SECONDS)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.connection.eval(_RELEASE, 1, requeue_key(self.run_id), f"{self.what}:{self.token}")

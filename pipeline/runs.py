@@ -4,6 +4,7 @@ Run state that workers need lives in Redis (config, done rows, cancel flag, spen
 into SQL. A run id is derived from the dataset's hash and everything that defines the run, so submitting
 the same thing twice finds the same run; ``--idempotency-key`` pins the id to a key (e.g. a nightly date).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,33 @@ from .budget import spend_key
 from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
 from .errors import ConfigError, DatasetError, RunNotFound
 from .estimate import Estimate, estimate
-from .providers import check_provider_config
-from .queue import (SERIALIZER, chunk_label, chunk_queue, consuming_workers, decoded, enqueue_chunks, enqueued_key,
-                    job_id)
 from .pricing import NANO, PriceTable
 from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
+from .providers import check_provider_config
+from .queue import (
+    SERIALIZER,
+    chunk_label,
+    chunk_queue,
+    consuming_workers,
+    decoded,
+    enqueue_chunks,
+    enqueued_key,
+    job_id,
+)
 from .rebuild import known_config, recorded_submit
 from .records import ModelTarget, Row, RowsJSON, RunConfig, stable_hash
 from .runlock import RequeueClaim
-from .runstate import (CANCELLED, SUBMITTED, cancelled_key, config_key, generation_key,  # noqa: F401  (re-exported)
-                       idempotency_key, load_config, save_config, submitted_key)
+from .runstate import (
+    CANCELLED,
+    SUBMITTED,
+    cancelled_key,
+    config_key,
+    generation_key,
+    idempotency_key,
+    load_config,
+    save_config,
+    submitted_key,
+)
 from .settings import Settings
 from .templates import PromptTemplate
 
@@ -45,8 +63,9 @@ PENDING_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, 
 
 # Provider parameters a run may not set through --param: the pipeline builds them (or, like stream and n, they
 # would return answers it cannot read or several answers billed for one row).
-RESERVED_PARAMS = frozenset({"model", "messages", "system", "stream", "stream_options", "n", "prompt",
-                             "response_format"})
+RESERVED_PARAMS = frozenset(
+    {"model", "messages", "system", "stream", "stream_options", "n", "prompt", "response_format"}
+)
 
 
 @dataclass
@@ -94,7 +113,7 @@ class ChunkSpool:
     _HEADER = struct.Struct("<IQ")  # rows, bytes
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="pipeline-submit-")
+        self._file = tempfile.TemporaryFile(prefix="pipeline-submit-")  # noqa: SIM115  (closed by close())
         self.chunks = 0
 
     def write(self, rows: RowsJSON) -> None:
@@ -112,8 +131,13 @@ class ChunkSpool:
         self._file.close()
 
 
-def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
-           progress: ProgressCallback | None = None, engine: Engine | None = None) -> SubmitReport:
+def submit(
+    connection: redis.Redis,
+    settings: Settings,
+    request: RunRequest,
+    progress: ProgressCallback | None = None,
+    engine: Engine | None = None,
+) -> SubmitReport:
     """Validate everything, then enqueue. Any error is raised before the first job is enqueued.
 
     ``progress`` hears each stage with its total: the file's bytes read, then hashed, then the rows enqueued.
@@ -127,8 +151,9 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
         if known is not None:
             config = load_config(connection, decoded(known))
             finished = connection.exists(submitted_key(config.run_id))
-            return _finish_enqueue(connection, settings, config, None if finished else _unchanged_dataset(config),
-                                   existing=True)
+            return _finish_enqueue(
+                connection, settings, config, None if finished else _unchanged_dataset(config), existing=True
+            )
     spool = ChunkSpool()
     try:
         config = validate(settings, request, progress, spool=spool)
@@ -150,21 +175,30 @@ def submit(connection: redis.Redis, settings: Settings, request: RunRequest,
     return report
 
 
-def dry_run(connection: redis.Redis, settings: Settings, request: RunRequest,
-            progress: ProgressCallback | None = None) -> Estimate:
+def dry_run(
+    connection: redis.Redis, settings: Settings, request: RunRequest, progress: ProgressCallback | None = None
+) -> Estimate:
     """Validate everything ``submit`` validates and price the run; nothing is enqueued or stored."""
     return estimate(connection, settings, validate(settings, request, progress))
 
 
-def _finish_enqueue(connection: redis.Redis, settings: Settings, config: RunConfig, dataset: Path | None,
-                    existing: bool, spool: ChunkSpool | None = None,
-                    progress: ProgressCallback | None = None) -> SubmitReport:
+def _finish_enqueue(
+    connection: redis.Redis,
+    settings: Settings,
+    config: RunConfig,
+    dataset: Path | None,
+    existing: bool,
+    spool: ChunkSpool | None = None,
+    progress: ProgressCallback | None = None,
+) -> SubmitReport:
     enqueued = 0
     report = stage_reporter(progress, ENQUEUEING, config.total_rows, ROWS)
     if not connection.exists(submitted_key(config.run_id)):
         if dataset is None:
-            raise DatasetError(f"{config.dataset}: gone or changed, and run {config.run_id} was not fully "
-                               "enqueued; restore the file or submit it as a new run")
+            raise DatasetError(
+                f"{config.dataset}: gone or changed, and run {config.run_id} was not fully "
+                "enqueued; restore the file or submit it as a new run"
+            )
         if report is not None:
             report(0)
         rows = spool.read() if spool is not None else serialized_chunks(dataset, config.chunk_size, config.id_column)
@@ -183,8 +217,9 @@ def _unchanged_dataset(config: RunConfig) -> Path | None:
     return path
 
 
-def validate(settings: Settings, request: RunRequest, progress: ProgressCallback | None = None,
-             spool: ChunkSpool | None = None) -> RunConfig:
+def validate(
+    settings: Settings, request: RunRequest, progress: ProgressCallback | None = None, spool: ChunkSpool | None = None
+) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
     _check_fields(request)
     _check_mode(request)
@@ -199,27 +234,60 @@ def validate(settings: Settings, request: RunRequest, progress: ProgressCallback
     path = check_path(request.dataset, settings.allowed_data_dir)
     chunk_size = request.chunk_size or settings.chunk_size
     if request.mode == "batch" and settings.redis_url is None:
-        raise ConfigError("--mode batch needs a Redis server (REDIS_URL): its poll jobs wait in RQ's scheduler, "
-                          "which workers run only on a Redis server, not the embedded one")
+        raise ConfigError(
+            "--mode batch needs a Redis server (REDIS_URL): its poll jobs wait in RQ's scheduler, "
+            "which workers run only on a Redis server, not the embedded one"
+        )
     if request.mode == "batch" and chunk_size > BATCH_REQUEST_LIMITS[request.provider]:
-        raise ConfigError(f"--chunk-size {chunk_size}: a {request.provider} batch holds at most "
-                          f"{BATCH_REQUEST_LIMITS[request.provider]:,} requests, and each chunk is one batch")
-    summary = scan(path, id_column=request.id_column, max_row_bytes=settings.max_row_bytes, template=template,
-                   progress=progress, chunk_size=chunk_size, on_chunk=spool.write if spool is not None else None)
+        raise ConfigError(
+            f"--chunk-size {chunk_size}: a {request.provider} batch holds at most "
+            f"{BATCH_REQUEST_LIMITS[request.provider]:,} requests, and each chunk is one batch"
+        )
+    summary = scan(
+        path,
+        id_column=request.id_column,
+        max_row_bytes=settings.max_row_bytes,
+        template=template,
+        progress=progress,
+        chunk_size=chunk_size,
+        on_chunk=spool.write if spool is not None else None,
+    )
     config = RunConfig(
-        run_id="", dataset=str(path), dataset_hash=summary.sha256, template=request.template,
-        provider=request.provider, model=request.model, system_prompt=request.system_prompt,
-        temperature=request.temperature, max_tokens=request.max_tokens, params=dict(request.params),
-        json_schema=request.json_schema, fallbacks=list(request.fallbacks), id_column=request.id_column,
-        chunk_size=chunk_size, total_rows=summary.rows, total_chunks=-(-summary.rows // chunk_size),
-        max_cost=request.max_cost, price_in=request.price_in, price_out=request.price_out,
-        use_cache=request.use_cache, rpm=request.rpm, tpm=request.tpm,
-        name=request.name, idempotency_key=request.idempotency_key, created_at=time.time(), owner=request.owner,
+        run_id="",
+        dataset=str(path),
+        dataset_hash=summary.sha256,
+        template=request.template,
+        provider=request.provider,
+        model=request.model,
+        system_prompt=request.system_prompt,
+        temperature=request.temperature,
+        max_tokens=request.max_tokens,
+        params=dict(request.params),
+        json_schema=request.json_schema,
+        fallbacks=list(request.fallbacks),
+        id_column=request.id_column,
+        chunk_size=chunk_size,
+        total_rows=summary.rows,
+        total_chunks=-(-summary.rows // chunk_size),
+        max_cost=request.max_cost,
+        price_in=request.price_in,
+        price_out=request.price_out,
+        use_cache=request.use_cache,
+        rpm=request.rpm,
+        tpm=request.tpm,
+        name=request.name,
+        idempotency_key=request.idempotency_key,
+        created_at=time.time(),
+        owner=request.owner,
         mode=request.mode,
     )
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("run_id", "created_at", "dataset")
-                and not (k in ("price_in", "price_out", "owner") and v is None)  # ids of runs before these options
-                and not (k == "mode" and v == "online")}
+    identity = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("run_id", "created_at", "dataset")
+        and not (k in ("price_in", "price_out", "owner") and v is None)  # ids of runs before these options
+        and not (k == "mode" and v == "online")
+    }
     config.run_id = "r" + stable_hash(identity)[:15]
     return config
 
@@ -240,20 +308,24 @@ def _check_prices(settings: Settings, request: RunRequest) -> None:
     prices = PriceTable.load(settings.price_file).with_price(request.model, request.price_in, request.price_out)
     unpriced = prices.unpriced([request.model] + [ModelTarget.parse(f).model for f in request.fallbacks])
     if unpriced:
-        raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
-                          "PRICE_FILE, or give --price-in/--price-out (USD per million tokens) for --model")
+        raise ConfigError(
+            f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
+            "PRICE_FILE, or give --price-in/--price-out (USD per million tokens) for --model"
+        )
 
 
 def _check_fields(request: RunRequest) -> None:
     """The CLI's option types check these; a runs file or a library caller reaches here unchecked."""
+
     def number(name: str, value: Any, *, integer: bool, minimum: float | None) -> None:
         kinds = (int,) if integer else (int, float)
         if value is None:
             return
         if isinstance(value, bool) or not isinstance(value, kinds) or (minimum is not None and value < minimum):
             kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{name} must be {kind}" + (f" >= {minimum:g}" if minimum is not None else "")
-                              + f", got {value!r}")
+            raise ConfigError(
+                f"{name} must be {kind}" + (f" >= {minimum:g}" if minimum is not None else "") + f", got {value!r}"
+            )
 
     number("max_tokens", request.max_tokens, integer=True, minimum=1)
     number("chunk_size", request.chunk_size, integer=True, minimum=1)
@@ -263,16 +335,21 @@ def _check_fields(request: RunRequest) -> None:
     number("price_in", request.price_in, integer=False, minimum=0)
     number("price_out", request.price_out, integer=False, minimum=0)
     number("temperature", request.temperature, integer=False, minimum=None)
-    for name, value, limit in (("model", request.model, 200), ("name", request.name, 200),
-                               ("idempotency_key", request.idempotency_key, 200)):
+    for name, value, limit in (
+        ("model", request.model, 200),
+        ("name", request.name, 200),
+        ("idempotency_key", request.idempotency_key, 200),
+    ):
         if value is not None and (not isinstance(value, str) or len(value) > limit):
             raise ConfigError(f"{name} must be text of at most {limit} characters")
     if not isinstance(request.params, dict):
         raise ConfigError("params must be a table of provider parameters")
     reserved = sorted(RESERVED_PARAMS & set(request.params))
     if reserved:
-        raise ConfigError(f"param {reserved[0]!r} cannot be set: the pipeline sets it (reserved: "
-                          f"{', '.join(sorted(RESERVED_PARAMS))})")
+        raise ConfigError(
+            f"param {reserved[0]!r} cannot be set: the pipeline sets it (reserved: "
+            f"{', '.join(sorted(RESERVED_PARAMS))})"
+        )
     if not isinstance(request.fallbacks, (list, tuple)) or not all(isinstance(f, str) for f in request.fallbacks):
         raise ConfigError("fallbacks must be a list of PROVIDER:MODEL")
 
@@ -287,8 +364,10 @@ def _check_mode(request: RunRequest) -> None:
     if request.mode != "batch":
         return
     if request.provider not in BATCH_MODE_PROVIDERS:
-        raise ConfigError(f"--mode batch needs a provider with a batch API ({', '.join(BATCH_MODE_PROVIDERS)}); "
-                          f"{request.provider} has none")
+        raise ConfigError(
+            f"--mode batch needs a provider with a batch API ({', '.join(BATCH_MODE_PROVIDERS)}); "
+            f"{request.provider} has none"
+        )
     if request.fallbacks:
         raise ConfigError("--fallback cannot be used with --mode batch (a batch has one model)")
 
@@ -306,10 +385,14 @@ def _check_schema(schema: dict[str, Any] | None) -> None:
         raise ConfigError(f"invalid JSON schema: {exc.message}") from None
 
 
-def _enqueue_in_batches(connection: redis.Redis, settings: Settings, run_id: str,
-                        chunks: Iterable[tuple[str, list[Row] | RowsJSON]],
-                        keep_alive: Callable[[], None] | None = None,
-                        progress: Callable[[int], None] | None = None) -> int:
+def _enqueue_in_batches(
+    connection: redis.Redis,
+    settings: Settings,
+    run_id: str,
+    chunks: Iterable[tuple[str, list[Row] | RowsJSON]],
+    keep_alive: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Enqueue in transactions of a bounded size; ``progress`` hears the rows enqueued (or found enqueued)."""
     queue = chunk_queue(connection, settings)
     total, batch, rows, passed = 0, [], 0, 0
@@ -351,13 +434,19 @@ def _run_jobs(connection: redis.Redis, run_id: str) -> Iterator[Job]:
     labels = sorted(map(decoded, connection.smembers(enqueued_key(run_id))))
     ids = [job_id(run_id, label) for label in labels]
     for start in range(0, len(ids), 500):
-        for job in Job.fetch_many(ids[start:start + 500], connection=connection, serializer=SERIALIZER):
+        for job in Job.fetch_many(ids[start : start + 500], connection=connection, serializer=SERIALIZER):
             if job is not None:
                 yield job
 
 
-def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost: float | None = None,
-           engine: Engine | None = None) -> int:
+def resume(
+    connection: redis.Redis,
+    settings: Settings,
+    run_id: str,
+    *,
+    max_cost: float | None = None,
+    engine: Engine | None = None,
+) -> int:
     """Re-enqueue every row that has no result yet (after a cancel, a crash or a spent budget).
 
     Reads the dataset again (its hash must not have changed). Refused while any of the run's jobs is queued or
@@ -376,13 +465,22 @@ def resume(connection: redis.Redis, settings: Settings, run_id: str, *, max_cost
         return _resume_claimed(connection, settings, config, path, claim, max_cost=max_cost, engine=engine)
 
 
-def _resume_claimed(connection: redis.Redis, settings: Settings, config: RunConfig, path: Path,
-                    claim: RequeueClaim, *, max_cost: float | None, engine: Engine | None) -> int:
+def _resume_claimed(
+    connection: redis.Redis,
+    settings: Settings,
+    config: RunConfig,
+    path: Path,
+    claim: RequeueClaim,
+    *,
+    max_cost: float | None,
+    engine: Engine | None,
+) -> int:
     run_id = config.run_id
     if max_cost is not None:
         if unpriced := unpriced_models(settings, config):
-            raise ConfigError(f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to "
-                              "PRICE_FILE")
+            raise ConfigError(
+                f"--max-cost needs a price, and there is none for {', '.join(unpriced)}: add it to PRICE_FILE"
+            )
         if config.max_cost is None and engine is not None:  # spend was not tracked without a cap: start from SQL
             with engine.connect() as conn:
                 row = store.get_run(conn, run_id)
@@ -390,8 +488,12 @@ def _resume_claimed(connection: redis.Redis, settings: Settings, config: RunConf
         config.max_cost = max_cost
         save_config(connection, config)
     connection.delete(cancelled_key(run_id))
-    handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
-                          {"run_id": run_id, "status": "running", "config": config.to_dict()})
+    handoff.publish_event(
+        connection,
+        settings.result_stream,
+        handoff.STATUS,
+        {"run_id": run_id, "status": "running", "config": config.to_dict()},
+    )
     done = handoff.done_key(run_id)
     generation = int(connection.incr(generation_key(run_id)))
     chunks = []
@@ -418,12 +520,14 @@ def retry_failed(connection: redis.Redis, settings: Settings, engine: Engine, ru
         return _retry_claimed(connection, settings, engine, config, claim)
 
 
-def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, config: RunConfig,
-                   claim: RequeueClaim) -> int:
+def _retry_claimed(
+    connection: redis.Redis, settings: Settings, engine: Engine, config: RunConfig, claim: RequeueClaim
+) -> int:
     run_id = config.run_id
     with engine.connect() as conn:
-        failed = [Row(key=key, index=index, values=values)
-                  for key, index, values in store.unfinished_rows(conn, run_id)]
+        failed = [
+            Row(key=key, index=index, values=values) for key, index, values in store.unfinished_rows(conn, run_id)
+        ]
     if not failed:
         return 0
     connection.delete(cancelled_key(run_id))
@@ -432,12 +536,21 @@ def _retry_claimed(connection: redis.Redis, settings: Settings, engine: Engine, 
     generation = int(connection.incr(generation_key(run_id)))
     keys, at = [r.key for r in failed], time.time()
     for start in range(0, len(keys), RETRY_EVENT_KEYS):
-        connection.hdel(handoff.done_key(run_id), *keys[start:start + RETRY_EVENT_KEYS])
-        handoff.publish_event(connection, settings.result_stream, handoff.STATUS,
-                              {"run_id": run_id, "status": "running", "at": at, "generation": generation,
-                               "retrying": keys[start:start + RETRY_EVENT_KEYS]})
+        connection.hdel(handoff.done_key(run_id), *keys[start : start + RETRY_EVENT_KEYS])
+        handoff.publish_event(
+            connection,
+            settings.result_stream,
+            handoff.STATUS,
+            {
+                "run_id": run_id,
+                "status": "running",
+                "at": at,
+                "generation": generation,
+                "retrying": keys[start : start + RETRY_EVENT_KEYS],
+            },
+        )
     size = config.chunk_size
-    chunks = [(chunk_label(n, generation), failed[i:i + size]) for n, i in enumerate(range(0, len(failed), size))]
+    chunks = [(chunk_label(n, generation), failed[i : i + size]) for n, i in enumerate(range(0, len(failed), size))]
     return _enqueue_in_batches(connection, settings, run_id, chunks, claim.renew)
 
 
@@ -448,8 +561,10 @@ def _refuse_if_busy(connection: redis.Redis, run_id: str) -> None:
         raise ConfigError(f"run {run_id} still has {len(busy)} chunk job(s) queued or running; wait or cancel first")
     open_batches = batchstate.open_batch_count(connection, run_id)
     if open_batches:
-        raise ConfigError(f"run {run_id} still has {open_batches} provider batch(es) open; wait for them to end "
-                          "(a cancel ends them) first")
+        raise ConfigError(
+            f"run {run_id} still has {open_batches} provider batch(es) open; wait for them to end "
+            "(a cancel ends them) first"
+        )
 
 
 def cost_usd(run: dict[str, Any]) -> float | None:
@@ -473,15 +588,31 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str, queue_name:
             raise
         config = RunConfig.from_dict(row["config"])
         if row["status"] not in store.FINAL_STATUSES:  # a final run's keys expire on purpose; this one's were lost
-            note = (f"the run's queue state in Redis is gone (Redis lost its data), so nothing is working on it: "
-                    f"run `resume {run_id}` to finish it; rows with a result in SQL are not asked again")
+            note = (
+                f"the run's queue state in Redis is gone (Redis lost its data), so nothing is working on it: "
+                f"run `resume {run_id}` to finish it; rows with a result in SQL are not asked again"
+            )
     total = config.total_rows
     handed_over = int(connection.hlen(handoff.done_key(run_id)))
     if row is None:
-        row = {"status": SUBMITTED, "rows_succeeded": 0, "rows_failed": 0, "rows_cached": 0, "input_tokens": 0,
-               "output_tokens": 0, "cost_nano": 0, "rows_unpriced": 0, "attempts": 0, "timeouts": 0, "rate_limited": 0,
-               "latency_ms_sum": 0.0, "created_at": config.created_at, "first_result_at": None,
-               "last_result_at": None, "finished_at": None}
+        row = {
+            "status": SUBMITTED,
+            "rows_succeeded": 0,
+            "rows_failed": 0,
+            "rows_cached": 0,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost_nano": 0,
+            "rows_unpriced": 0,
+            "attempts": 0,
+            "timeouts": 0,
+            "rate_limited": 0,
+            "latency_ms_sum": 0.0,
+            "created_at": config.created_at,
+            "first_result_at": None,
+            "last_result_at": None,
+            "finished_at": None,
+        }
     written = row["rows_succeeded"] + row["rows_failed"]
     end = row["finished_at"] or (time.time() if row["status"] not in store.FINAL_STATUSES else row["last_result_at"])
     status = row["status"]
@@ -494,15 +625,31 @@ def run_status(connection: redis.Redis, engine: Engine, run_id: str, queue_name:
             idle = f"no worker is consuming queue {queue_name}: the run's chunks wait there until a worker starts"
             note = idle if note is None else f"{note}; {idle}"
     return {
-        "run_id": run_id, "name": config.name, "status": status, "dataset": config.dataset,
-        "provider": config.provider, "model": config.model, "rows_total": total,
-        "rows_succeeded": row["rows_succeeded"], "rows_failed": row["rows_failed"],
-        "rows_pending": max(0, total - written), "rows_in_handoff": max(0, handed_over - written),
-        "rows_cached": row["rows_cached"], "attempts": row["attempts"], "timeouts": row["timeouts"],
-        "rate_limited": row["rate_limited"], "input_tokens": row["input_tokens"],
-        "output_tokens": row["output_tokens"], "cost_usd": cost_usd(row), "rows_unpriced": row["rows_unpriced"],
+        "run_id": run_id,
+        "name": config.name,
+        "status": status,
+        "dataset": config.dataset,
+        "provider": config.provider,
+        "model": config.model,
+        "rows_total": total,
+        "rows_succeeded": row["rows_succeeded"],
+        "rows_failed": row["rows_failed"],
+        "rows_pending": max(0, total - written),
+        "rows_in_handoff": max(0, handed_over - written),
+        "rows_cached": row["rows_cached"],
+        "attempts": row["attempts"],
+        "timeouts": row["timeouts"],
+        "rate_limited": row["rate_limited"],
+        "input_tokens": row["input_tokens"],
+        "output_tokens": row["output_tokens"],
+        "cost_usd": cost_usd(row),
+        "rows_unpriced": row["rows_unpriced"],
         "avg_latency_ms": round(row["latency_ms_sum"] / written, 1) if written else None,
         "elapsed_s": round((end or time.time()) - row["created_at"], 2),
-        "max_cost": config.max_cost, "workers": workers, "note": note, "owner": config.owner, "mode": config.mode,
+        "max_cost": config.max_cost,
+        "workers": workers,
+        "note": note,
+        "owner": config.owner,
+        "mode": config.mode,
         "batches": batchstate.states(connection, run_id) if config.mode == "batch" else {},
     }

@@ -3,6 +3,7 @@ its keys are kept once the run is final.
 
 Kept apart from ``runs`` so that workers need neither pandas nor SQLAlchemy to start a job.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,17 @@ def save_config(connection: redis.Redis, config: RunConfig) -> None:
 def run_keys(connection: redis.Redis, run_id: str) -> list[str]:
     """Every lasting Redis key of one run (its idempotency key too, read from its config). The requeue claim
     (``runlock``) is left out: it lapses on its own and must never lose its expiry."""
-    keys = [config_key(run_id), cancelled_key(run_id), generation_key(run_id), submitted_key(run_id),
-            enqueued_key(run_id), done_key(run_id), spend_key(run_id), holds_key(run_id),
-            f"run:{run_id}:batches"]  # batch mode's slots (pipeline.batchstate.run_slots_key)
+    keys = [
+        config_key(run_id),
+        cancelled_key(run_id),
+        generation_key(run_id),
+        submitted_key(run_id),
+        enqueued_key(run_id),
+        done_key(run_id),
+        spend_key(run_id),
+        holds_key(run_id),
+        f"run:{run_id}:batches",
+    ]  # batch mode's slots (pipeline.batchstate.run_slots_key)
     try:
         config = load_config(connection, run_id)
         key, owner = config.idempotency_key, config.owner

@@ -15,12 +15,13 @@ Each firing submits with the idempotency key ``NAME@SLOT`` (the scheduled time i
 trigger, from two schedulers or a cron line plus the scheduler, starts one run. The scheduler submits in its own
 process: the files are read where the runs file is, and workers get the rows in the chunk jobs.
 """
+
 from __future__ import annotations
 
 import logging
 import tomllib
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def _named_run(path: Path, name: str, entry: dict[str, Any], allowed_dir: Path |
 
 def firing_key(run: NamedRun, at: datetime) -> str:
     """The idempotency key of the firing that ``at`` belongs to: the schedule slot at or before ``at``."""
-    at = at.astimezone(timezone.utc)
+    at = at.astimezone(UTC)
     if run.cron:
         local = at.astimezone().replace(tzinfo=None)
         slot = croniter(run.cron, local).get_prev(datetime) if not croniter.match(run.cron, local) else local
@@ -95,7 +96,7 @@ def firing_key(run: NamedRun, at: datetime) -> str:
         return f"{run.name}@{slot.isoformat(timespec='minutes')}"
     if run.every:
         slot = int(at.timestamp()) // run.every * run.every
-        return f"{run.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
+        return f"{run.name}@{datetime.fromtimestamp(slot, UTC).isoformat()}"
     return f"{run.name}@{at.date().isoformat()}"
 
 
@@ -117,8 +118,13 @@ def fire(connection: Redis, settings: Settings, runs_file: Path, name: str, at: 
     except PipelineError as exc:
         log.error("scheduled run %s not submitted: %s", name, exc)
         return None
-    log.info("scheduled run %s: %s run %s, %d jobs enqueued", name, "existing" if report.existing else "new",
-             report.run_id, report.jobs_enqueued)
+    log.info(
+        "scheduled run %s: %s run %s, %d jobs enqueued",
+        name,
+        "existing" if report.existing else "new",
+        report.run_id,
+        report.jobs_enqueued,
+    )
     return report
 
 
@@ -128,14 +134,19 @@ class FiringCronJob(CronJob):
     worker hosts never read a file (RQ's CronJob would enqueue a job that a worker runs)."""
 
     def __init__(self, settings: Settings, runs_file: Path, run: NamedRun) -> None:
-        super().__init__(queue_name=settings.queue_name, func_name=f"{__name__}.fire", cron=run.cron,
-                         interval=run.every, name=f"pipeline:{run.name}")
+        super().__init__(
+            queue_name=settings.queue_name,
+            func_name=f"{__name__}.fire",
+            cron=run.cron,
+            interval=run.every,
+            name=f"pipeline:{run.name}",
+        )
         self.settings = settings
         self.runs_file = runs_file
         self.run_name = run.name
 
     def enqueue(self, connection: Redis) -> None:  # type: ignore[override]
-        fire(connection, self.settings, self.runs_file, self.run_name, datetime.now(timezone.utc))
+        fire(connection, self.settings, self.runs_file, self.run_name, datetime.now(UTC))
 
 
 class PipelineCronScheduler(CronScheduler):

@@ -6,6 +6,7 @@ made, inside one transaction, so a batch delivered twice, or read by two collect
 
 Money is integer nano-dollars (``cost_nano``), the unit the budget keeps in Redis: SQL sums are exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,28 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, cast, create_engine, event, func, inspect, select, update)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    cast,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex
@@ -32,7 +53,8 @@ from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
 metadata = MetaData()
 
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("run_id", String(64), primary_key=True),
     Column("name", String(200)),
     Column("dataset", Text, nullable=False),
@@ -51,8 +73,8 @@ runs = Table(
     Column("rate_limited", Integer, nullable=False, default=0),
     Column("input_tokens", Integer, nullable=False, default=0),
     Column("output_tokens", Integer, nullable=False, default=0),
-    Column("cost_nano", BigInteger, nullable=False, default=0),     # of the results with a known cost
-    Column("rows_unpriced", Integer, nullable=False, default=0),    # results billed by a model without a price
+    Column("cost_nano", BigInteger, nullable=False, default=0),  # of the results with a known cost
+    Column("rows_unpriced", Integer, nullable=False, default=0),  # results billed by a model without a price
     Column("latency_ms_sum", Float, nullable=False, default=0.0),
     Column("created_at", Float, nullable=False),
     Column("first_result_at", Float),
@@ -61,7 +83,8 @@ runs = Table(
 )
 
 results = Table(
-    "results", metadata,
+    "results",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), nullable=False),
     Column("row_key", String(512), nullable=False),
@@ -85,18 +108,19 @@ results = Table(
     Column("calls", JSON),  # provider calls by "provider|model|outcome", for audit and metrics
     Column("finished_at", Float, nullable=False),
     Column("usage_estimated", Integer, nullable=False, default=0),  # answers billed at their reserved worst case
-    Column("generation", Integer, nullable=False, default=0),       # orders a row's outcomes (never host clocks)
-    Column("result_id", String(32)),                                # the worker's id of the answer kept here
+    Column("generation", Integer, nullable=False, default=0),  # orders a row's outcomes (never host clocks)
+    Column("result_id", String(32)),  # the worker's id of the answer kept here
     Column("batch_id", String(128)),  # the provider batch that answered the row (batch mode); NULL online
     UniqueConstraint("run_id", "row_key", name="uq_results_run_row"),
-    Index("ix_results_run_status", "run_id", "status"),    # retry-failed, counts by status
+    Index("ix_results_run_status", "run_id", "status"),  # retry-failed, counts by status
     Index("ix_results_run_index", "run_id", "row_index"),  # export and resume, in input order
 )
 
 # Answers whose spend a row counts besides the one it keeps (a failure it replaced, a second paid success of a
 # duplicated chunk): a redelivered entry of one of them is recognised here and not counted twice.
 counted_answers = Table(
-    "counted_answers", metadata,
+    "counted_answers",
+    metadata,
     Column("result_id", String(32), primary_key=True),
     Column("run_id", String(64), nullable=False),
 )
@@ -104,11 +128,12 @@ counted_answers = Table(
 # Batch mode's record of each chunk's provider batch (written by the collector from the workers' batch events),
 # so that a chunk run again after Redis lost its state adopts the batch instead of paying for a second one.
 batches = Table(
-    "batches", metadata,
+    "batches",
+    metadata,
     Column("run_id", String(64), nullable=False),
     Column("chunk", String(64), nullable=False),
     Column("round", Integer, nullable=False, default=1),
-    Column("batch_id", String(128)),                                # NULL while only the intent is known
+    Column("batch_id", String(128)),  # NULL while only the intent is known
     Column("provider", String(32), nullable=False),
     Column("state", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
@@ -132,10 +157,16 @@ _TOTALS: dict[str, Any] = {
 }
 RESULT_COLUMNS = [c.name for c in results.columns if c.name != "id"]
 # Columns an older version's tables lack, with what they hold (the README's 'Upgrading a database' adds them).
-_NEWER_COLUMNS = {"runs": {"cost_nano": "money as a float"},
-                  "results": {"cost_nano": "money as a float", "usage_estimated": "no estimated-usage count",
-                              "generation": "no retry generation", "result_id": "no answer id",
-                              "batch_id": "no batch id"}}
+_NEWER_COLUMNS = {
+    "runs": {"cost_nano": "money as a float"},
+    "results": {
+        "cost_nano": "money as a float",
+        "usage_estimated": "no estimated-usage count",
+        "generation": "no retry generation",
+        "result_id": "no answer id",
+        "batch_id": "no batch id",
+    },
+}
 
 
 def make_engine(url: str) -> Engine:
@@ -183,8 +214,10 @@ def _refuse_old_schema(engine: Engine) -> None:
         have = {c["name"] for c in tables.get_columns(table)}
         missing = [why for column, why in newer.items() if column not in have]
         if missing:
-            raise ConfigError(f"the database's {table} table is from an older version ({missing[0]}); "
-                              "upgrade it as the README's 'Upgrading a database' says")
+            raise ConfigError(
+                f"the database's {table} table is from an older version ({missing[0]}); "
+                "upgrade it as the README's 'Upgrading a database' says"
+            )
 
 
 @contextmanager
@@ -206,29 +239,49 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _insert(conn: Connection, table: Table):
-    return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
 
 
 # A run's row made before its own "run" event is written (two collectors, or a status event first): results and
 # events count into it at once, and save_run fills in its description later. Such a row has no dataset hash.
 UNREGISTERED = ""
-_DESCRIPTION = ("name", "dataset", "dataset_hash", "provider", "model", "config", "rows_total", "chunks_total",
-                "created_at")
+_DESCRIPTION = (
+    "name",
+    "dataset",
+    "dataset_hash",
+    "provider",
+    "model",
+    "config",
+    "rows_total",
+    "chunks_total",
+    "created_at",
+)
 
 
 def save_run(conn: Connection, config: RunConfig, status: str) -> None:
     """Create the run's row, or describe the row its results or events made first (a repeated submit changes
     nothing)."""
     values = {
-        "run_id": config.run_id, "name": config.name, "dataset": config.dataset,
-        "dataset_hash": config.dataset_hash, "provider": config.provider, "model": config.model,
-        "config": config.to_dict(), "status": status, "rows_total": config.total_rows,
-        "chunks_total": config.total_chunks, "created_at": config.created_at or time.time(),
+        "run_id": config.run_id,
+        "name": config.name,
+        "dataset": config.dataset,
+        "dataset_hash": config.dataset_hash,
+        "provider": config.provider,
+        "model": config.model,
+        "config": config.to_dict(),
+        "status": status,
+        "rows_total": config.total_rows,
+        "chunks_total": config.total_chunks,
+        "created_at": config.created_at or time.time(),
     }
     insert = _insert(conn, runs).values(**values)
-    conn.execute(insert.on_conflict_do_update(index_elements=["run_id"],
-                                              set_={c: insert.excluded[c] for c in _DESCRIPTION},
-                                              where=runs.c.dataset_hash == UNREGISTERED))
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["run_id"],
+            set_={c: insert.excluded[c] for c in _DESCRIPTION},
+            where=runs.c.dataset_hash == UNREGISTERED,
+        )
+    )
 
 
 def hold_runs(conn: Connection, run_ids: Iterable[str]) -> None:
@@ -238,11 +291,21 @@ def hold_runs(conn: Connection, run_ids: Iterable[str]) -> None:
     ordered = sorted(set(run_ids))
     if not ordered:
         return
-    placeholders = [{"run_id": run_id, "dataset": "", "dataset_hash": UNREGISTERED, "provider": "", "model": "",
-                     "config": {}, "status": "submitted", "created_at": time.time()} for run_id in ordered]
+    placeholders = [
+        {
+            "run_id": run_id,
+            "dataset": "",
+            "dataset_hash": UNREGISTERED,
+            "provider": "",
+            "model": "",
+            "config": {},
+            "status": "submitted",
+            "created_at": time.time(),
+        }
+        for run_id in ordered
+    ]
     conn.execute(_insert(conn, runs).on_conflict_do_nothing(index_elements=["run_id"]), placeholders)
-    conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(ordered)).order_by(runs.c.run_id)
-                 .with_for_update())
+    conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(ordered)).order_by(runs.c.run_id).with_for_update())
 
 
 def set_run_status(conn: Connection, run_id: str, status: str, *, config: RunConfig | None = None) -> None:
@@ -272,7 +335,7 @@ class Applied:
         self.previous.append(old)
         self.runs.add(new["run_id"])
 
-    def add(self, other: "Applied") -> None:
+    def add(self, other: Applied) -> None:
         self.changed += other.changed
         self.previous += other.previous
         self.runs |= other.runs
@@ -306,7 +369,7 @@ class _Ledger:
     """Answers of a batch other than the ones rows keep: ``superseded`` ones (their spend is merged into the row
     that replaced them) and ``others`` (paid answers to rows that keep another result: counted once each)."""
 
-    superseded: dict[str, str] = field(default_factory=dict)      # result_id -> run_id
+    superseded: dict[str, str] = field(default_factory=dict)  # result_id -> run_id
     others: list[dict[str, Any]] = field(default_factory=list)
 
     def replaced(self, old: dict[str, Any]) -> None:
@@ -332,27 +395,49 @@ def _count_other_answers(conn: Connection, ledger: _Ledger, applied: Applied) ->
         current = _existing(conn, [row]).get((row["run_id"], row["row_key"]))
         if current is None or not current["result_id"] or current["result_id"] == row["result_id"]:
             continue  # a row from before answer ids, or a redelivery of the answer it keeps
-        insert = (_insert(conn, counted_answers).values(result_id=row["result_id"], run_id=row["run_id"])
-                  .on_conflict_do_nothing(index_elements=["result_id"]).returning(counted_answers.c.result_id))
+        insert = (
+            _insert(conn, counted_answers)
+            .values(result_id=row["result_id"], run_id=row["run_id"])
+            .on_conflict_do_nothing(index_elements=["result_id"])
+            .returning(counted_answers.c.result_id)
+        )
         if conn.execute(insert).first() is None:
             continue  # counted before: a redelivered entry
         merged = {**_with_spending_of(current, row), **{c: current[c] for c in _KEPT}}
-        conn.execute(update(results).where(results.c.id == current["id"])
-                     .values(**{c: merged[c] for c in (*_SPENDING, "cost_nano", "calls")}))
+        conn.execute(
+            update(results)
+            .where(results.c.id == current["id"])
+            .values(**{c: merged[c] for c in (*_SPENDING, "cost_nano", "calls")})
+        )
         applied.extra.append((merged, current))
         applied.runs.add(row["run_id"])
 
 
 # What a row keeps of its own result when another answer's spend is added to it.
-_KEPT = ("status", "answer", "parsed", "error", "provider", "model", "prompt_hash", "input", "latency_ms",
-         "cached", "finished_at", "generation", "result_id", "row_index")
+_KEPT = (
+    "status",
+    "answer",
+    "parsed",
+    "error",
+    "provider",
+    "model",
+    "prompt_hash",
+    "input",
+    "latency_ms",
+    "cached",
+    "finished_at",
+    "generation",
+    "result_id",
+    "row_index",
+)
 
 
 _ROUNDS = 3
 
 
-def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], applied: Applied,
-           ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
+def _apply(
+    conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], applied: Applied, ledger: _Ledger
+) -> dict[tuple[str, str], dict[str, Any]]:
     """One round: insert every row that has none yet (one INSERT ... ON CONFLICT DO NOTHING RETURNING, whose
     conflicts go by the unique index), then look up the others by that same key and replace those the new
     outcome beats. Returns the rows whose write did not take (changed since they were read)."""
@@ -365,7 +450,7 @@ def _apply(conn: Connection, incoming: dict[tuple[str, str], dict[str, Any]], ap
     missed = {}
     for key in taken:
         row, old = incoming[key], existing.get(key)
-        if old is None:                     # gone since the INSERT saw it: try again
+        if old is None:  # gone since the INSERT saw it: try again
             missed[key] = row
         elif not _replaces(row, old):
             ledger.kept_another(row, old)
@@ -398,13 +483,14 @@ def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iter
     index itself, so no query plan can go by another index."""
     postgres = conn.dialect.name == "postgresql"
     for start in range(0, len(rows), _INSERT_ROWS):
-        part = rows[start:start + _INSERT_ROWS]
+        part = rows[start : start + _INSERT_ROWS]
         if postgres:
             result = conn.exec_driver_sql(_unnest_insert(conn.dialect, conflict), _column_arrays(part))
         else:
-            result = conn.exec_driver_sql(_values_insert(len(part), conn.dialect.identifier_preparer.quote,
-                                                         conflict), _row_values(part))
-        returned = result.cursor.fetchall()     # the driver's tuples: SQLAlchemy's rows cost as much again
+            result = conn.exec_driver_sql(
+                _values_insert(len(part), conn.dialect.identifier_preparer.quote, conflict), _row_values(part)
+            )
+        returned = result.cursor.fetchall()  # the driver's tuples: SQLAlchemy's rows cost as much again
         result.close()
         yield from returned
 
@@ -419,8 +505,10 @@ def _row_values(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
 
 def _column_arrays(rows: list[dict[str, Any]]) -> tuple[list[Any], ...]:
     dumps = json.dumps
-    return (*([row[column] for row in rows] for column in _PLAIN_COLUMNS),
-            *([dumps(row[column]) for row in rows] for column in _JSON_COLUMNS))
+    return (
+        *([row[column] for row in rows] for column in _PLAIN_COLUMNS),
+        *([dumps(row[column]) for row in rows] for column in _JSON_COLUMNS),
+    )
 
 
 def _array_type(column_type: Any, dialect: Any) -> str:
@@ -432,8 +520,9 @@ def _array_type(column_type: Any, dialect: Any) -> str:
 _INSERT_NEW = "ON CONFLICT (run_id, row_key) DO NOTHING RETURNING run_id, row_key"
 # Locks and returns the stored row: an update that changes nothing (see _existing).
 _STORED_COLUMNS = ("id", *RESULT_COLUMNS)
-_READ_STORED = ("ON CONFLICT (run_id, row_key) DO UPDATE SET row_index = results.row_index RETURNING "
-                + ", ".join(_STORED_COLUMNS))
+_READ_STORED = "ON CONFLICT (run_id, row_key) DO UPDATE SET row_index = results.row_index RETURNING " + ", ".join(
+    _STORED_COLUMNS
+)
 
 
 @lru_cache(maxsize=16)
@@ -454,30 +543,40 @@ def _unnest_insert(dialect: Any, conflict: str) -> str:
     arrays += ["CAST(%s AS TEXT[])"] * len(_JSON_COLUMNS)
     names = [quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS]
     picked = [quote(c) for c in _PLAIN_COLUMNS] + [f"CAST({quote(c)} AS JSON)" for c in _JSON_COLUMNS]
-    return (f"INSERT INTO {quote(results.name)} ({', '.join(names)}) SELECT {', '.join(picked)} "
-            f"FROM unnest({', '.join(arrays)}) AS given({', '.join(names)}) {conflict}")
+    return (
+        f"INSERT INTO {quote(results.name)} ({', '.join(names)}) SELECT {', '.join(picked)} "
+        f"FROM unnest({', '.join(arrays)}) AS given({', '.join(names)}) {conflict}"
+    )
 
 
 def _update_unchanged(conn: Connection, row: dict[str, Any], old: dict[str, Any]) -> bool:
     """Replace ``old`` with ``row`` if it is still what was read."""
     c = results.c
-    return conn.execute(update(results).where(c.id == old["id"], c.status == old["status"],
-                                              c.finished_at == old["finished_at"]).values(**row)).rowcount == 1
+    return (
+        conn.execute(
+            update(results)
+            .where(c.id == old["id"], c.status == old["status"], c.finished_at == old["finished_at"])
+            .values(**row)
+        ).rowcount
+        == 1
+    )
 
 
-def reopen_failed(conn: Connection, run_id: str, row_keys: Sequence[str], before: float,
-                  generation: int | None = None) -> int:
+def reopen_failed(
+    conn: Connection, run_id: str, row_keys: Sequence[str], before: float, generation: int | None = None
+) -> int:
     """Failed rows that retry-failed sent again (as retry ``generation``) count as pending until their new
     result comes. A result of that generation is that new result: a redelivered event must not reopen it. (An
     event from an older version has only its CLI host's time, ``before``.)"""
     c = results.c
     newer = c.finished_at < before if generation is None else c.generation < generation
-    reopened = conn.execute(update(results).where(c.run_id == run_id, c.row_key.in_(row_keys),
-                                                  c.status == FAILED, newer)
-                            .values(status=RETRYING)).rowcount
+    reopened = conn.execute(
+        update(results)
+        .where(c.run_id == run_id, c.row_key.in_(row_keys), c.status == FAILED, newer)
+        .values(status=RETRYING)
+    ).rowcount
     if reopened:
-        conn.execute(update(runs).where(runs.c.run_id == run_id)
-                     .values(rows_failed=runs.c.rows_failed - reopened))
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(rows_failed=runs.c.rows_failed - reopened))
     return reopened
 
 
@@ -555,7 +654,7 @@ def _existing(conn: Connection, rows: list[dict[str, Any]]) -> dict[tuple[str, s
     LATERAL lookup (by the (run_id, status) index), as did SQLite for ``(run_id, row_key) IN (VALUES ...)``.
     Results are never deleted, so each of these rows is still there and none is inserted here."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    decode = conn.dialect.name != "postgresql"      # psycopg decodes JSON columns itself
+    decode = conn.dialect.name != "postgresql"  # psycopg decodes JSON columns itself
     for values in _upsert(conn, rows, _READ_STORED):
         row = dict(zip(_STORED_COLUMNS, values))
         if decode:
@@ -591,8 +690,15 @@ def finish_complete_runs(conn: Connection, run_ids: Iterable[str]) -> list[str]:
     included). Returns the ones finished now."""
     finished = []
     for run_id in run_ids:
-        row = conn.execute(select(runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed,
-                                  runs.c.dataset_hash).where(runs.c.run_id == run_id)).mappings().first()
+        row = (
+            conn.execute(
+                select(
+                    runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed, runs.c.dataset_hash
+                ).where(runs.c.run_id == run_id)
+            )
+            .mappings()
+            .first()
+        )
         if row is None or row["dataset_hash"] == UNREGISTERED:  # its size is not known yet
             continue
         complete = row["rows_succeeded"] + row["rows_failed"] >= row["rows_total"]
@@ -625,8 +731,12 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
     """Results in input order, streamed from the database in pages (keyset pagination on row_index)."""
     last = -1
     while True:
-        query = (select(results).where(results.c.run_id == run_id, results.c.row_index > last)
-                 .order_by(results.c.row_index).limit(batch))
+        query = (
+            select(results)
+            .where(results.c.run_id == run_id, results.c.row_index > last)
+            .order_by(results.c.row_index)
+            .limit(batch)
+        )
         page = [dict(r) for r in conn.execute(query).mappings()]
         if not page:
             return
@@ -634,8 +744,9 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
         last = page[-1]["row_index"]
 
 
-def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000,
-                 as_text: Sequence[str] = ()) -> Iterator[Sequence[Sequence[Any]]]:
+def result_pages(
+    conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000, as_text: Sequence[str] = ()
+) -> Iterator[Sequence[Sequence[Any]]]:
     """The given columns of the run's results in input order: one query by the (run_id, row_index) index,
     streamed (a server-side cursor on PostgreSQL) and handed out ``page`` rows at a time, as tuples. JSON
     columns named in ``as_text`` come as their stored text, not decoded."""
@@ -647,9 +758,11 @@ def result_pages(conn: Connection, run_id: str, columns: Sequence[str], page: in
 def unfinished_rows(conn: Connection, run_id: str) -> list[tuple[str, int, dict[str, Any]]]:
     """(row_key, row_index, input) of the run's failed rows and those retry-failed reopened, in input order,
     found by the (run_id, status) index."""
-    query = (select(results.c.row_key, results.c.row_index, results.c.input)
-             .where(results.c.run_id == run_id, results.c.status.in_((FAILED, RETRYING)))
-             .order_by(results.c.row_index))
+    query = (
+        select(results.c.row_key, results.c.row_index, results.c.input)
+        .where(results.c.run_id == run_id, results.c.status.in_((FAILED, RETRYING)))
+        .order_by(results.c.row_index)
+    )
     return [tuple(row) for row in conn.execute(query)]
 
 
@@ -658,15 +771,17 @@ def count_results(conn: Connection, run_id: str) -> dict[str, int]:
     return {status: n for status, n in conn.execute(query)}
 
 
-
 def result_statuses(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[tuple[str, str]]:
     """(row_key, status) of the run's results in input order, paged like ``iter_results`` but without the
     row contents: what ``resume`` needs to rebuild a run's done rows."""
     last = -1
     while True:
-        query = (select(results.c.row_index, results.c.row_key, results.c.status)
-                 .where(results.c.run_id == run_id, results.c.row_index > last)
-                 .order_by(results.c.row_index).limit(batch))
+        query = (
+            select(results.c.row_index, results.c.row_key, results.c.status)
+            .where(results.c.run_id == run_id, results.c.row_index > last)
+            .order_by(results.c.row_index)
+            .limit(batch)
+        )
         page = conn.execute(query).all()
         if not page:
             return
@@ -680,24 +795,40 @@ def save_batch(conn: Connection, event: dict[str, Any]) -> None:
     reverse (a round's intent is published before the round before it is marked ended); a known batch id is
     kept when an event of the same round does not carry it."""
     now = time.time()
-    values = {"run_id": event["run_id"], "chunk": event["chunk"], "round": event["round"],
-              "batch_id": event.get("batch_id"), "provider": event["provider"], "state": event["state"],
-              "created_at": event.get("at") or now, "updated_at": now}
+    values = {
+        "run_id": event["run_id"],
+        "chunk": event["chunk"],
+        "round": event["round"],
+        "batch_id": event.get("batch_id"),
+        "provider": event["provider"],
+        "state": event["state"],
+        "created_at": event.get("at") or now,
+        "updated_at": now,
+    }
     insert = _insert(conn, batches).values(**values)
     same_round = batches.c.round == insert.excluded.round
     keep_id = func.coalesce(insert.excluded.batch_id, batches.c.batch_id)
-    conn.execute(insert.on_conflict_do_update(
-        index_elements=["run_id", "chunk"],
-        set_={"round": insert.excluded.round, "state": insert.excluded.state, "updated_at": insert.excluded.updated_at,
-              "batch_id": case((same_round, keep_id), else_=insert.excluded.batch_id),
-              "created_at": case((same_round, batches.c.created_at), else_=insert.excluded.created_at)},
-        where=batches.c.round <= insert.excluded.round))
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["run_id", "chunk"],
+            set_={
+                "round": insert.excluded.round,
+                "state": insert.excluded.state,
+                "updated_at": insert.excluded.updated_at,
+                "batch_id": case((same_round, keep_id), else_=insert.excluded.batch_id),
+                "created_at": case((same_round, batches.c.created_at), else_=insert.excluded.created_at),
+            },
+            where=batches.c.round <= insert.excluded.round,
+        )
+    )
 
 
 def chunk_batches(conn: Connection, run_id: str, chunk_no: str) -> list[dict[str, Any]]:
     """The recorded batches of a chunk number (``c000007``) of the run, under every label it was sent with
     (``c000007``, ``g2-c000007`` ...), oldest first."""
-    query = (select(batches).where(batches.c.run_id == run_id,
-                                   (batches.c.chunk == chunk_no) | batches.c.chunk.like(f"%-{chunk_no}"))
-             .order_by(batches.c.created_at, batches.c.chunk))
+    query = (
+        select(batches)
+        .where(batches.c.run_id == run_id, (batches.c.chunk == chunk_no) | batches.c.chunk.like(f"%-{chunk_no}"))
+        .order_by(batches.c.created_at, batches.c.chunk)
+    )
     return [dict(r) for r in conn.execute(query).mappings()]

@@ -1,4 +1,5 @@
 """Prompt templates: Jinja2, sandboxed (templates may come from users) and strict about missing variables."""
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,12 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
     elif operator == "**":
         if isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
             raise SecurityError(f"the template raises to a power over {_MAX_EXPONENT}")
-    elif (sizes := (_size(left), _size(right))) and sizes[0] is not None and sizes[1] is not None \
-            and sizes[0] + sizes[1] > MAX_TEMPLATE_SIZE:
+    elif (
+        (sizes := (_size(left), _size(right)))
+        and sizes[0] is not None
+        and sizes[1] is not None
+        and sizes[0] + sizes[1] > MAX_TEMPLATE_SIZE
+    ):
         raise SecurityError(f"the template builds a value over the limit of {MAX_TEMPLATE_SIZE:,}")
 
 

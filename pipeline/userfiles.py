@@ -1,4 +1,5 @@
 """The small text files users hand over besides the dataset: templates, JSON schemas, runs files."""
+
 from __future__ import annotations
 
 from pathlib import Path

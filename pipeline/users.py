@@ -8,6 +8,7 @@ hashes (argon2-cffi), never in clear.
 A run's owner is part of its configuration (``RunConfig.owner``, kept in Redis and in ``runs.config``);
 ``user_runs`` is the index that lets a user's runs be listed and paged without reading every run's JSON.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import (Boolean, Column, Engine, Float, Integer, MetaData, String, Table, func, insert, select,
-                        update)
+from sqlalchemy import Boolean, Column, Engine, Float, Integer, MetaData, String, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import store
@@ -26,7 +26,8 @@ from .errors import ConfigError
 metadata = MetaData()
 
 users = Table(
-    "users", metadata,
+    "users",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(64), nullable=False, unique=True),
     Column("secret_hash", String(255), nullable=False),
@@ -37,7 +38,8 @@ users = Table(
 )
 
 user_runs = Table(
-    "user_runs", metadata,
+    "user_runs",
+    metadata,
     Column("run_id", String(64), primary_key=True),
     Column("owner", String(64), nullable=False, index=True),
     Column("filename", String(255)),  # the uploaded file's own name, for people; never used as a path
@@ -64,9 +66,16 @@ def create_user(engine: Engine, name: str, secret: str, *, admin: bool = False, 
     prepare(engine)
     try:
         with engine.begin() as conn:
-            created = conn.execute(insert(users).values(
-                name=name, secret_hash=_hasher.hash(secret), is_admin=admin, is_client=client, disabled=False,
-                created_at=time.time())).inserted_primary_key
+            created = conn.execute(
+                insert(users).values(
+                    name=name,
+                    secret_hash=_hasher.hash(secret),
+                    is_admin=admin,
+                    is_client=client,
+                    disabled=False,
+                    created_at=time.time(),
+                )
+            ).inserted_primary_key
             assert created is not None  # a plain INSERT of one row
             return created[0]
     except IntegrityError:
@@ -98,8 +107,9 @@ def record_run(engine: Engine, run_id: str, owner: str, filename: str | None) ->
     """Index a run under its owner (a repeated submit of the same run changes nothing)."""
     try:
         with engine.begin() as conn:
-            conn.execute(insert(user_runs).values(run_id=run_id, owner=owner, filename=filename,
-                                                  created_at=time.time()))
+            conn.execute(
+                insert(user_runs).values(run_id=run_id, owner=owner, filename=filename, created_at=time.time())
+            )
     except IntegrityError:
         pass
 
@@ -120,6 +130,15 @@ def page_run_ids(engine: Engine, owner: str | None, offset: int, limit: int) -> 
         else:
             table, where = user_runs, user_runs.c.owner == owner
         total = conn.execute(select(func.count()).select_from(table).where(where)).scalar_one()
-        ids = conn.execute(select(table.c.run_id).where(where).order_by(table.c.created_at.desc(), table.c.run_id)
-                           .offset(offset).limit(limit)).scalars().all()
+        ids = (
+            conn.execute(
+                select(table.c.run_id)
+                .where(where)
+                .order_by(table.c.created_at.desc(), table.c.run_id)
+                .offset(offset)
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
     return list(ids), int(total)

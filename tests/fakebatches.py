@@ -9,6 +9,7 @@ created ``failed`` with ``token_limit_exceeded``) and Anthropic does (429). ``ba
 batch, then answers 500, as a create whose reply was lost; ``batch_hang_create`` creates it, then holds the reply
 ``hang_seconds`` (a worker can be killed between the create and its record).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,19 +31,19 @@ DAY = 86400
 @dataclass
 class FakeBatch:
     id: str
-    style: str                       # "openai" | "anthropic"
+    style: str  # "openai" | "anthropic"
     model: str
-    items: list[tuple[str, dict[str, Any]]]   # (custom_id, request body)
+    items: list[tuple[str, dict[str, Any]]]  # (custom_id, request body)
     tokens: int
     created: float
     ends_at: float
-    end: str                         # "completed" | "expired" | "stall"
+    end: str  # "completed" | "expired" | "stall"
     keep: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
     input_file_id: str | None = None
-    refused: str | None = None       # the enqueued-token refusal (OpenAI: a failed batch)
+    refused: str | None = None  # the enqueued-token refusal (OpenAI: a failed batch)
     cancel_at: float | None = None
-    final: str | None = None         # completed / expired / cancelled / failed, once ended
+    final: str | None = None  # completed / expired / cancelled / failed, once ended
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)  # custom_id -> outcome, once ended
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -84,14 +85,25 @@ class FakeBatches:
             tokens = sum(_tokens(_all_input_text(body, style)) + int(body.get("max_tokens") or 0) for _, body in items)
             prefix = "batch_" if style == "openai" else "msgbatch_"
             now = time.time()
-            batch = FakeBatch(id=prefix + uuid.uuid4().hex[:24], style=style, model=model, items=items, tokens=tokens,
-                              created=now, ends_at=now + float(plan.get("delay", config.batch_delay)),
-                              end=plan.get("end", "completed"), keep=plan.get("keep"), **extra)
+            batch = FakeBatch(
+                id=prefix + uuid.uuid4().hex[:24],
+                style=style,
+                model=model,
+                items=items,
+                tokens=tokens,
+                created=now,
+                ends_at=now + float(plan.get("delay", config.batch_delay)),
+                end=plan.get("end", "completed"),
+                keep=plan.get("keep"),
+                **extra,
+            )
             limit = config.batch_token_limit
             if limit is not None and self._open_tokens(model) + tokens > limit:
-                batch.refused = (f"Enqueued token limit reached for {model} in organization org-fake. Limit: "
-                                 f"{limit:,} enqueued tokens. Please try again once some in_progress batches "
-                                 "have been completed.")
+                batch.refused = (
+                    f"Enqueued token limit reached for {model} in organization org-fake. Limit: "
+                    f"{limit:,} enqueued tokens. Please try again once some in_progress batches "
+                    "have been completed."
+                )
                 server._stats.batches_refused += 1
             server._stats.batches_created += 1
             self.batches[batch.id] = batch
@@ -146,16 +158,26 @@ class FakeBatches:
             self._write_openai_files(batch)
 
     def _answer_item(self, style: str, body: dict[str, Any]) -> dict[str, Any]:
-        from .fakeprovider import (_all_input_text, _anthropic_body, _anthropic_error, _last_user_text,
-                                   _openai_body, _openai_error, _tokens)
+        from .fakeprovider import (
+            _all_input_text,
+            _anthropic_body,
+            _anthropic_error,
+            _last_user_text,
+            _openai_body,
+            _openai_error,
+            _tokens,
+        )
 
         server = self.server
         prompt = _last_user_text(body.get("messages", []))
         instruction = server._instruction(prompt)
         if isinstance(instruction, int):
             make_error = _openai_error if style == "openai" else _anthropic_error
-            return {"kind": "errored", "status": instruction,
-                    "body": make_error(instruction, f"fake provider says {instruction}")}
+            return {
+                "kind": "errored",
+                "status": instruction,
+                "body": make_error(instruction, f"fake provider says {instruction}"),
+            }
         content = server._content(prompt)
         max_tokens = body.get("max_tokens")
         finish = "stop"
@@ -164,23 +186,42 @@ class FakeBatches:
         server._stats.paid[prompt] += 1
         server._stats.batch_items += 1
         make = _openai_body if style == "openai" else _anthropic_body
-        return {"kind": "succeeded", "body": make(body.get("model", "unknown"), content,
-                                                  _tokens(_all_input_text(body, style)), _tokens(content), finish)}
+        return {
+            "kind": "succeeded",
+            "body": make(
+                body.get("model", "unknown"), content, _tokens(_all_input_text(body, style)), _tokens(content), finish
+            ),
+        }
 
     def _write_openai_files(self, batch: FakeBatch) -> None:
         output, errors = [], []
         for custom_id, outcome in batch.outcomes.items():
             line: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": custom_id}
             if outcome["kind"] == "succeeded":
-                output.append({**line, "response": {"status_code": 200, "request_id": uuid.uuid4().hex,
-                                                     "body": outcome["body"]}, "error": None})
+                output.append(
+                    {
+                        **line,
+                        "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": outcome["body"]},
+                        "error": None,
+                    }
+                )
             elif outcome["kind"] == "errored":
-                errors.append({**line, "response": {"status_code": outcome["status"], "request_id": uuid.uuid4().hex,
-                                                    "body": outcome["body"]}, "error": None})
+                errors.append(
+                    {
+                        **line,
+                        "response": {
+                            "status_code": outcome["status"],
+                            "request_id": uuid.uuid4().hex,
+                            "body": outcome["body"],
+                        },
+                        "error": None,
+                    }
+                )
             else:
                 code = "batch_expired" if outcome["kind"] == "expired" else "batch_cancelled"
-                errors.append({**line, "response": None,
-                               "error": {"code": code, "message": f"request not executed ({code})"}})
+                errors.append(
+                    {**line, "response": None, "error": {"code": code, "message": f"request not executed ({code})"}}
+                )
         if output:
             batch.output_file_id = self._store_file("\n".join(json.dumps(o) for o in output) + "\n")
         if errors:
@@ -203,9 +244,17 @@ class FakeBatches:
         with self.server._lock:
             file_id = f"file-{uuid.uuid4().hex[:24]}"
             self.files[file_id] = content
-        return web.json_response({"id": file_id, "object": "file", "bytes": len(content),
-                                  "created_at": int(time.time()), "filename": filename, "purpose": purpose,
-                                  "status": "processed"})
+        return web.json_response(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": int(time.time()),
+                "filename": filename,
+                "purpose": purpose,
+                "status": "processed",
+            }
+        )
 
     async def _file_content(self, request: web.Request) -> web.Response:
         with self.server._lock:
@@ -219,15 +268,17 @@ class FakeBatches:
         with self.server._lock:
             content = self.files.get(body.get("input_file_id", ""))
         if content is None:
-            return web.json_response({"error": {"message": "input file not found", "type": "invalid_request_error"}},
-                                     status=400)
+            return web.json_response(
+                {"error": {"message": "input file not found", "type": "invalid_request_error"}}, status=400
+            )
         items = []
         for line in content.decode("utf-8").splitlines():
             if line.strip():
                 entry = json.loads(line)
                 items.append((entry["custom_id"], entry["body"]))
-        batch = self._new_batch("openai", items, metadata=body.get("metadata") or {},
-                                input_file_id=body["input_file_id"])
+        batch = self._new_batch(
+            "openai", items, metadata=body.get("metadata") or {}, input_file_id=body["input_file_id"]
+        )
         await self._hang_if_asked()
         if self._lose_reply():
             return web.json_response({"error": {"message": "reply lost", "type": "server_error"}}, status=500)
@@ -258,12 +309,20 @@ class FakeBatches:
     async def _openai_list(self, request: web.Request) -> web.Response:
         with self.server._lock:
             self._settle_all()
-            ordered = [b for b in sorted(self.batches.values(), key=lambda b: b.created, reverse=True)
-                       if b.style == "openai"]
+            ordered = [
+                b for b in sorted(self.batches.values(), key=lambda b: b.created, reverse=True) if b.style == "openai"
+            ]
             page = _page(ordered, request.query.get("after"), int(request.query.get("limit", 20)))
             data = [self._openai_object(b) for b in page[0]]
-        return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None, "has_more": page[1]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": page[1],
+            }
+        )
 
     def _openai_object(self, batch: FakeBatch) -> dict[str, Any]:
         status = batch.final or "in_progress"
@@ -273,12 +332,25 @@ class FakeBatches:
             done = batch.keep
         created = int(batch.created)
         return {
-            "id": batch.id, "object": "batch", "endpoint": "/v1/chat/completions",
-            "errors": ({"object": "list", "data": [{"code": "token_limit_exceeded", "message": batch.refused,
-                                                    "param": None, "line": None}]} if batch.refused else None),
-            "input_file_id": batch.input_file_id, "completion_window": "24h", "status": status,
-            "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
-            "created_at": created, "in_progress_at": created, "expires_at": created + DAY,
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "errors": (
+                {
+                    "object": "list",
+                    "data": [{"code": "token_limit_exceeded", "message": batch.refused, "param": None, "line": None}],
+                }
+                if batch.refused
+                else None
+            ),
+            "input_file_id": batch.input_file_id,
+            "completion_window": "24h",
+            "status": status,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "created_at": created,
+            "in_progress_at": created,
+            "expires_at": created + DAY,
             "completed_at": int(time.time()) if status == "completed" else None,
             "failed_at": created if status == "failed" else None,
             "expired_at": int(batch.ends_at) if status == "expired" else None,
@@ -330,12 +402,21 @@ class FakeBatches:
     async def _anthropic_list(self, request: web.Request) -> web.Response:
         with self.server._lock:
             self._settle_all()
-            ordered = [b for b in sorted(self.batches.values(), key=lambda b: b.created, reverse=True)
-                       if b.style == "anthropic" and not b.refused]
+            ordered = [
+                b
+                for b in sorted(self.batches.values(), key=lambda b: b.created, reverse=True)
+                if b.style == "anthropic" and not b.refused
+            ]
             page = _page(ordered, request.query.get("after_id"), int(request.query.get("limit", 20)))
             data = [self._anthropic_object(b, request) for b in page[0]]
-        return web.json_response({"data": data, "has_more": page[1], "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None})
+        return web.json_response(
+            {
+                "data": data,
+                "has_more": page[1],
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     async def _anthropic_results(self, request: web.Request) -> web.Response:
         from .fakeprovider import _anthropic_error
@@ -368,10 +449,14 @@ class FakeBatches:
         ended = batch.final is not None
         base = f"{request.scheme}://{request.host}"
         return {
-            "id": batch.id, "type": "message_batch",
+            "id": batch.id,
+            "type": "message_batch",
             "processing_status": "ended" if ended else ("canceling" if batch.cancel_at else "in_progress"),
-            "request_counts": counts, "created_at": _iso(batch.created), "expires_at": _iso(batch.created + DAY),
-            "ended_at": _iso(time.time()) if ended else None, "archived_at": None,
+            "request_counts": counts,
+            "created_at": _iso(batch.created),
+            "expires_at": _iso(batch.created + DAY),
+            "ended_at": _iso(time.time()) if ended else None,
+            "archived_at": None,
             "cancel_initiated_at": _iso(batch.cancel_at) if batch.cancel_at else None,
             "results_url": f"{base}/v1/messages/batches/{batch.id}/results" if ended else None,
         }
@@ -382,7 +467,7 @@ def _page(ordered: list[FakeBatch], after: str | None, limit: int) -> tuple[list
     if after:
         ids = [b.id for b in ordered]
         start = ids.index(after) + 1 if after in ids else len(ids)
-    chosen = ordered[start:start + limit]
+    chosen = ordered[start : start + limit]
     return chosen, start + limit < len(ordered)
 
 

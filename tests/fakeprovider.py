@@ -11,6 +11,7 @@ In-process: ``with FakeProvider(latency=0.2, rpm=3000) as server: ... server.url
 As a process: ``python -m tests.fakeprovider --port 0 --latency 0.2 --rpm 3000`` prints its URL first;
 ``POST /_control`` (JSON config fields), ``GET /_stats`` and ``POST /_reset`` work on both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,26 +42,26 @@ class Config:
     rpm: float | None = None
     tpm: float | None = None
     burst_seconds: float = 1.0
-    window: str = "bucket"              # "bucket": token buckets; "sliding": at most a window's share of the limit
-    window_seconds: float = 10.0        # in any window_seconds ("sliding" only)
-    retry_after: float = 1.0            # for injected 429s
+    window: str = "bucket"  # "bucket": token buckets; "sliding": at most a window's share of the limit
+    window_seconds: float = 10.0  # in any window_seconds ("sliding" only)
+    retry_after: float = 1.0  # for injected 429s
     hang_seconds: float = 30.0
-    error_rate: float = 0.0             # share of calls answered 500 at random
-    hang_rate: float = 0.0              # share of calls that hang hang_seconds at random (then 504, never paid)
-    sample_in_flight: float = 0.0       # seconds between samples of the calls in flight; 0 = no sampling
+    error_rate: float = 0.0  # share of calls answered 500 at random
+    hang_rate: float = 0.0  # share of calls that hang hang_seconds at random (then 504, never paid)
+    sample_in_flight: float = 0.0  # seconds between samples of the calls in flight; 0 = no sampling
     fail_next: list[Instruction] = field(default_factory=list)
-    rules: list[dict[str, Any]] = field(default_factory=list)     # {"match", "action", "times": N | None}
-    answers: list[dict[str, str]] = field(default_factory=list)   # {"match", "content"}
-    usage: bool = True                  # False: answers carry no "usage" (some OpenAI-compatible servers)
+    rules: list[dict[str, Any]] = field(default_factory=list)  # {"match", "action", "times": N | None}
+    answers: list[dict[str, str]] = field(default_factory=list)  # {"match", "content"}
+    usage: bool = True  # False: answers carry no "usage" (some OpenAI-compatible servers)
     # Batch APIs (OpenAI /v1/batches, Anthropic /v1/messages/batches). A batch ends ``batch_delay`` seconds after
     # it is created, every item answered as the online call would be (``rules`` and ``fail_next`` give per-item
     # errors). ``batch_plan`` overrides that for the next batches, one dict each: {"keep": N items answered,
     # "end": "completed" | "expired" | "stall" (never ends until cancelled), "delay": s}.
     batch_delay: float = 0.0
     batch_plan: list[dict[str, Any]] = field(default_factory=list)
-    batch_token_limit: int | None = None   # enqueued tokens per model over its open batches; above it, refused
-    batch_lose_create: int = 0             # the next N creates make the batch, then answer 500 (reply lost)
-    batch_hang_create: int = 0             # the next N creates make the batch, then hang hang_seconds first
+    batch_token_limit: int | None = None  # enqueued tokens per model over its open batches; above it, refused
+    batch_lose_create: int = 0  # the next N creates make the batch, then answer 500 (reply lost)
+    batch_hang_create: int = 0  # the next N creates make the batch, then hang hang_seconds first
 
 
 class Bucket:
@@ -147,15 +148,15 @@ class Stats:
     max_per_minute: int = 0
     admitted: collections.deque = field(default_factory=collections.deque)
     admitted_total: int = 0
-    admitted_tokens: int = 0                 # as charged to the token limit: input + max output tokens
-    first_admitted: float | None = None      # monotonic
+    admitted_tokens: int = 0  # as charged to the token limit: input + max output tokens
+    first_admitted: float | None = None  # monotonic
     last_admitted: float | None = None
-    admitted_per_second: list[int] = field(default_factory=list)   # by whole seconds since first_admitted
+    admitted_per_second: list[int] = field(default_factory=list)  # by whole seconds since first_admitted
     tokens_per_second: list[int] = field(default_factory=list)
     in_flight_samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, calls in flight)
     batches_created: int = 0
-    batch_items: int = 0                     # batch requests answered (paid), all batches
-    batches_refused: int = 0                 # creates refused for the enqueued-token limit
+    batch_items: int = 0  # batch requests answered (paid), all batches
+    batches_refused: int = 0  # creates refused for the enqueued-token limit
     batches_cancelled: int = 0
 
     def admit(self, now: float, tokens: int = 0) -> None:
@@ -182,16 +183,26 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "by_status": {str(k): v for k, v in self.by_status.items()},
-            "by_path": dict(self.by_path), "paid": dict(self.paid), "auth_seen": self.auth_seen,
-            "in_flight_max": self.in_flight_max, "max_per_second": self.max_per_second,
-            "max_per_minute": self.max_per_minute, "in_flight": self.in_flight,
-            "admitted_total": self.admitted_total, "admitted_tokens": self.admitted_tokens,
-            "first_admitted": self.first_admitted, "last_admitted": self.last_admitted,
-            "admitted_per_second": list(self.admitted_per_second), "tokens_per_second": list(self.tokens_per_second),
+            "requests": self.requests,
+            "by_status": {str(k): v for k, v in self.by_status.items()},
+            "by_path": dict(self.by_path),
+            "paid": dict(self.paid),
+            "auth_seen": self.auth_seen,
+            "in_flight_max": self.in_flight_max,
+            "max_per_second": self.max_per_second,
+            "max_per_minute": self.max_per_minute,
+            "in_flight": self.in_flight,
+            "admitted_total": self.admitted_total,
+            "admitted_tokens": self.admitted_tokens,
+            "first_admitted": self.first_admitted,
+            "last_admitted": self.last_admitted,
+            "admitted_per_second": list(self.admitted_per_second),
+            "tokens_per_second": list(self.tokens_per_second),
             "in_flight_samples": list(self.in_flight_samples),
-            "batches_created": self.batches_created, "batch_items": self.batch_items,
-            "batches_refused": self.batches_refused, "batches_cancelled": self.batches_cancelled,
+            "batches_created": self.batches_created,
+            "batch_items": self.batch_items,
+            "batches_refused": self.batches_refused,
+            "batches_cancelled": self.batches_cancelled,
         }
 
 
@@ -279,7 +290,7 @@ class FakeProvider:
             self._sampler = None
         await self._runner.cleanup()
 
-    def start(self) -> "FakeProvider":
+    def start(self) -> FakeProvider:
         ready = threading.Event()
 
         def run() -> None:
@@ -302,7 +313,7 @@ class FakeProvider:
         self._thread.join(10)
         self._loop = None
 
-    def __enter__(self) -> "FakeProvider":
+    def __enter__(self) -> FakeProvider:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -352,7 +363,8 @@ class FakeProvider:
                 stats.paid[prompt] += 1
                 stats.by_status[200] += 1
             payload = (_openai_body if style == "openai" else _anthropic_body)(
-                body.get("model", "unknown"), content, prompt_tokens, _tokens(content), finish)
+                body.get("model", "unknown"), content, prompt_tokens, _tokens(content), finish
+            )
             if not config.usage:
                 del payload["usage"]
             return web.json_response(payload, headers=headers)
@@ -388,24 +400,39 @@ class FakeProvider:
                 return answer["content"]
         return "ECHO: " + prompt
 
-    async def _inject(self, stats: Stats, style: str, instruction: Instruction, headers: dict[str, str],
-                      config: Config, request: web.Request) -> web.StreamResponse:
+    async def _inject(
+        self,
+        stats: Stats,
+        style: str,
+        instruction: Instruction,
+        headers: dict[str, str],
+        config: Config,
+        request: web.Request,
+    ) -> web.StreamResponse:
         if instruction == "hang":
             await asyncio.sleep(config.hang_seconds)
             return self._finish(stats, style, 504, headers)
         if instruction == "malformed":
             with self._lock:
                 stats.by_status["malformed"] += 1
-            return web.Response(status=200, text='{"id": "oops", "choices": [', content_type="application/json",
-                                headers=headers)
+            return web.Response(
+                status=200, text='{"id": "oops", "choices": [', content_type="application/json", headers=headers
+            )
         status = int(instruction)
         if status == 401:  # like the real APIs, echo the key back, so tests can check that we redact it
             key = request.headers.get("x-api-key") or request.headers.get("authorization", "").split(" ")[-1]
             return self._finish(stats, style, status, headers, message=f"Incorrect API key provided: {key}")
         return self._finish(stats, style, status, headers, config.retry_after if status == 429 else None)
 
-    def _finish(self, stats: Stats, style: str, status: int, headers: dict[str, str],
-                retry_after: float | None = None, message: str | None = None) -> web.Response:
+    def _finish(
+        self,
+        stats: Stats,
+        style: str,
+        status: int,
+        headers: dict[str, str],
+        retry_after: float | None = None,
+        message: str | None = None,
+    ) -> web.Response:
         with self._lock:
             stats.by_status[status] += 1
         headers = dict(headers)
@@ -426,7 +453,7 @@ class FakeProvider:
                 headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
                 headers[f"x-ratelimit-reset-{kind}"] = f"{bucket.reset_seconds():.3f}s"
             else:
-                reset = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=bucket.reset_seconds())
+                reset = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=bucket.reset_seconds())
                 headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
                 headers[f"anthropic-ratelimit-{kind}-remaining"] = str(remaining)
                 headers[f"anthropic-ratelimit-{kind}-reset"] = reset.isoformat().replace("+00:00", "Z")
@@ -434,8 +461,9 @@ class FakeProvider:
 
     # --- control endpoints ---------------------------------------------------------------------------------
     async def _models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model",
-                                                             "created": 0, "owned_by": "fake"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}
+        )
 
     async def _control(self, request: web.Request) -> web.Response:
         self.configure(**(await request.json()))
@@ -477,29 +505,56 @@ def _all_input_text(body: dict[str, Any], style: str) -> str:
 
 def _openai_body(model: str, content: str, prompt_tokens: int, completion_tokens: int, finish: str) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                     "logprobs": None, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
 def _anthropic_body(model: str, content: str, prompt_tokens: int, completion_tokens: int, finish: str) -> dict:
     return {
-        "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
         "content": [{"type": "text", "text": content}],
-        "stop_reason": "end_turn" if finish == "stop" else "max_tokens", "stop_sequence": None,
+        "stop_reason": "end_turn" if finish == "stop" else "max_tokens",
+        "stop_sequence": None,
         "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
     }
 
 
-_OPENAI_ERRORS = {429: "rate_limit_exceeded", 400: "invalid_request_error", 401: "invalid_api_key",
-                  403: "permission_denied", 404: "not_found", 422: "invalid_request_error"}
-_ANTHROPIC_ERRORS = {429: "rate_limit_error", 400: "invalid_request_error", 401: "authentication_error",
-                     403: "permission_error", 404: "not_found_error", 422: "invalid_request_error",
-                     529: "overloaded_error"}
+_OPENAI_ERRORS = {
+    429: "rate_limit_exceeded",
+    400: "invalid_request_error",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    422: "invalid_request_error",
+}
+_ANTHROPIC_ERRORS = {
+    429: "rate_limit_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    422: "invalid_request_error",
+    529: "overloaded_error",
+}
 
 
 def _openai_error(status: int, message: str) -> dict:
@@ -520,22 +575,45 @@ def main() -> None:
     parser.add_argument("--rpm", type=float)
     parser.add_argument("--tpm", type=float)
     parser.add_argument("--burst-seconds", type=float, default=1.0, help="bucket size of --window bucket")
-    parser.add_argument("--window", choices=("bucket", "sliding"), default="bucket",
-                        help="bucket: token buckets refilled continuously; sliding: at most rpm/60 * "
-                             "--window-seconds (and the same for tpm) admitted in any --window-seconds")
+    parser.add_argument(
+        "--window",
+        choices=("bucket", "sliding"),
+        default="bucket",
+        help="bucket: token buckets refilled continuously; sliding: at most rpm/60 * "
+        "--window-seconds (and the same for tpm) admitted in any --window-seconds",
+    )
     parser.add_argument("--window-seconds", type=float, default=10.0)
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of calls answered 500 at random")
-    parser.add_argument("--hang-rate", type=float, default=0.0,
-                        help="share of calls that hang --hang-seconds at random (then 504; never paid)")
+    parser.add_argument(
+        "--hang-rate",
+        type=float,
+        default=0.0,
+        help="share of calls that hang --hang-seconds at random (then 504; never paid)",
+    )
     parser.add_argument("--hang-seconds", type=float, default=30.0)
-    parser.add_argument("--sample-in-flight", type=float, default=0.0, metavar="SECONDS",
-                        help="sample the calls in flight this often into /_stats' in_flight_samples")
+    parser.add_argument(
+        "--sample-in-flight",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sample the calls in flight this often into /_stats' in_flight_samples",
+    )
     args = parser.parse_args()
-    server = FakeProvider(args.host, args.port, latency=args.latency, jitter=args.jitter, rpm=args.rpm,
-                          tpm=args.tpm, burst_seconds=args.burst_seconds, window=args.window,
-                          window_seconds=args.window_seconds, error_rate=args.error_rate,
-                          hang_rate=args.hang_rate, hang_seconds=args.hang_seconds,
-                          sample_in_flight=args.sample_in_flight)
+    server = FakeProvider(
+        args.host,
+        args.port,
+        latency=args.latency,
+        jitter=args.jitter,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        burst_seconds=args.burst_seconds,
+        window=args.window,
+        window_seconds=args.window_seconds,
+        error_rate=args.error_rate,
+        hang_rate=args.hang_rate,
+        hang_seconds=args.hang_seconds,
+        sample_in_flight=args.sample_in_flight,
+    )
 
     async def run() -> None:
         await server.serve()

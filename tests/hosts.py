@@ -5,6 +5,7 @@ other host, and the test itself in the root namespace, gets a veth pair whose ot
 carry the test process's pid, so parallel runs do not clash, and namespaces a killed run left behind (its pid
 gone) are removed by the next one. Needs root and iproute2.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,18 +38,20 @@ def ip(*args: str) -> str:
 
 @dataclass
 class Host:
-    name: str        # the namespace
-    address: str     # its IPv4 address on the bridge
+    name: str  # the namespace
+    address: str  # its IPv4 address on the bridge
     network: Network
 
-    def popen(self, command: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
-              user: str | None = None) -> subprocess.Popen:
+    def popen(
+        self, command: list[str], *, env: dict[str, str] | None = None, log: Path | None = None, user: str | None = None
+    ) -> subprocess.Popen:
         """Start a command inside this host; stdout and stderr go to ``log`` (never a pipe nobody reads)."""
         prefix = ["ip", "netns", "exec", self.name] + (["runuser", "-u", user, "--"] if user else [])
         out = log.open("ab") if log else subprocess.DEVNULL
         try:
-            return subprocess.Popen(prefix + command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                prefix + command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             if log:
                 out.close()
@@ -64,7 +67,7 @@ class Host:
 @dataclass
 class Network:
     tag: str
-    subnet: str                      # first three octets, "10.a.b"
+    subnet: str  # first three octets, "10.a.b"
     hosts: dict[str, Host] = field(default_factory=dict)
     root_link: str | None = None
 
@@ -79,13 +82,12 @@ class Network:
         host = Host(name, address, self)
         self.hosts[role] = host
         ip("-n", name, "link", "set", "lo", "up")
-        if len(self.hosts) == 1:   # the hub: a bridge that every other link plugs into
+        if len(self.hosts) == 1:  # the hub: a bridge that every other link plugs into
             ip("-n", name, "link", "add", "br0", "type", "bridge")
             ip("-n", name, "addr", "add", f"{address}/24", "dev", "br0")
             ip("-n", name, "link", "set", "br0", "up")
             return host
-        ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"to-{role}"[:15],
-           "netns", self.hub.name)
+        ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"to-{role}"[:15], "netns", self.hub.name)
         self._plug(f"to-{role}"[:15])
         ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
         ip("-n", name, "link", "set", "eth0", "up")
@@ -135,7 +137,7 @@ def remove_leftovers() -> None:
         name = line.split()[0] if line.strip() else ""
         if not name.startswith(PREFIX):
             continue
-        owner = name[len(PREFIX):].split("x", 1)[0]
+        owner = name[len(PREFIX) :].split("x", 1)[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             _kill_namespace(name)
 

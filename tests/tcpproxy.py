@@ -1,4 +1,5 @@
 """A TCP forwarder on loopback that a test can take down and bring back: a database 'outage' on demand."""
+
 from __future__ import annotations
 
 import asyncio

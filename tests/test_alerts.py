@@ -1,4 +1,5 @@
 """The shipped alert rules, checked and unit-tested by Prometheus's own promtool against deploy/tests fixtures."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ def test_alert_rules_are_valid():
 
 
 def test_alert_rules_fire_and_stay_quiet_as_the_fixtures_say():
-    run = subprocess.run([promtool(), "test", "rules", str(FIXTURES)], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    run = subprocess.run(
+        [promtool(), "test", "rules", str(FIXTURES)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     print(run.stdout, run.stderr)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "SUCCESS" in run.stdout

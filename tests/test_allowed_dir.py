@@ -1,6 +1,7 @@
 """ALLOWED_DATA_DIR bounds every file a submit reads: the dataset, a template file (given on the command line or
 named by a runs file) and a JSON schema file. A template's text goes to the provider, so reading a file outside
 would leak it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,14 @@ def database_url(tmp_path):
 
 
 def submit(pipeline, allowed, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "enqueue.py", "submit", *args], cwd=ROOT,
-                          env=pipeline.env(ALLOWED_DATA_DIR=str(allowed)), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "enqueue.py", "submit", *args],
+        cwd=ROOT,
+        env=pipeline.env(ALLOWED_DATA_DIR=str(allowed)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -43,12 +50,15 @@ def _refused(run: subprocess.CompletedProcess, pipeline, name: str) -> None:
 
 def test_template_and_schema_files_outside_the_allowed_dir_are_refused(pipeline, files):
     dataset = str(files / "d.csv")
-    _refused(submit(pipeline, files, dataset, "--template-file", str(files / "../secret.j2")), pipeline,
-             "secret.j2")
-    _refused(submit(pipeline, files, dataset, "-t", "{{ text }}", "--json-schema", str(files.parent / "schema.json")),
-             pipeline, "schema.json")
-    (files / "runs.toml").write_text('[runs.leak]\ndataset = "d.csv"\ntemplate_file = "../secret.j2"\n',
-                                     encoding="utf-8")
+    _refused(submit(pipeline, files, dataset, "--template-file", str(files / "../secret.j2")), pipeline, "secret.j2")
+    _refused(
+        submit(pipeline, files, dataset, "-t", "{{ text }}", "--json-schema", str(files.parent / "schema.json")),
+        pipeline,
+        "schema.json",
+    )
+    (files / "runs.toml").write_text(
+        '[runs.leak]\ndataset = "d.csv"\ntemplate_file = "../secret.j2"\n', encoding="utf-8"
+    )
     _refused(submit(pipeline, files, "--config", str(files / "runs.toml"), "--name", "leak"), pipeline, "secret.j2")
 
 
@@ -56,7 +66,14 @@ def test_files_inside_the_allowed_dir_are_accepted(pipeline, files):
     (files / "runs.toml").write_text('[runs.ok]\ndataset = "d.csv"\ntemplate_file = "ok.j2"\n', encoding="utf-8")
     named = submit(pipeline, files, "--config", str(files / "runs.toml"), "--name", "ok")
     assert named.returncode == 0, named.stderr
-    direct = submit(pipeline, files, str(files / "d.csv"), "--template-file", str(files / "ok.j2"),
-                    "--json-schema", str(files / "schema.json"))
+    direct = submit(
+        pipeline,
+        files,
+        str(files / "d.csv"),
+        "--template-file",
+        str(files / "ok.j2"),
+        "--json-schema",
+        str(files / "schema.json"),
+    )
     assert direct.returncode == 0, direct.stderr
     assert pipeline.redis.llen(f"rq:queue:{pipeline.settings.queue_name}") == 2

@@ -3,6 +3,7 @@
 The tests drive the pipeline as its processes would: burst workers, a burst collector, and RQ's scheduled jobs
 (the poll jobs) moved to the queue once due, as ``worker.py``'s scheduler does.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ from .datasets import write
 from .fakeprovider import FakeProvider
 
 TEMPLATE = "Say: {{ text }}"
-ONE_WORKER = "from pipeline.settings import load_settings; from pipeline.workers import run_worker; " \
-             "run_worker(load_settings())"
+ONE_WORKER = (
+    "from pipeline.settings import load_settings; from pipeline.workers import run_worker; run_worker(load_settings())"
+)
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 
 
@@ -48,12 +50,20 @@ def server():
 @pytest.fixture
 def batch_pipeline(make_pipeline, server):
     def make(**overrides):
-        values = dict(openai_api_key="sk-test-openai", openai_base_url=f"{server.url}/v1",
-                      anthropic_api_key="sk-ant-test", anthropic_base_url=server.url,
-                      batch_poll_seconds=1, batch_poll_max_seconds=1, batch_wait_seconds=1, job_retries=2,
-                      request_timeout=0.25)   # a create's lease: 17 x 0.25 s
+        values = dict(
+            openai_api_key="sk-test-openai",
+            openai_base_url=f"{server.url}/v1",
+            anthropic_api_key="sk-ant-test",
+            anthropic_base_url=server.url,
+            batch_poll_seconds=1,
+            batch_poll_max_seconds=1,
+            batch_wait_seconds=1,
+            job_retries=2,
+            request_timeout=0.25,
+        )  # a create's lease: 17 x 0.25 s
         values.update(overrides)
         return make_pipeline(**values)
+
     return make
 
 
@@ -64,8 +74,9 @@ def rows(n: int, prefix: str = "row") -> list[dict[str, str]]:
 def submit(pipeline, tmp_path, data, provider, **fields):
     fields.setdefault("chunk_size", 10)
     path = write(tmp_path / f"d{time.monotonic_ns()}.jsonl", data)
-    return pipeline.submit(path, TEMPLATE, id_column="id", provider=provider, model=MODELS[provider],
-                           mode="batch", **fields).run_id
+    return pipeline.submit(
+        path, TEMPLATE, id_column="id", provider=provider, model=MODELS[provider], mode="batch", **fields
+    ).run_id
 
 
 def move_due_jobs(pipeline) -> int:
@@ -104,17 +115,18 @@ def settled(pipeline, run_id, count):
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_skip_the_batch(
-        batch_pipeline, server, tmp_path, provider):
+    batch_pipeline, server, tmp_path, provider
+):
     pipeline = batch_pipeline()
     data = rows(24)
-    data.insert(9, {"id": "dup", "text": "row 3 — ü"})          # row 3's prompt again, in its chunk: asked once
+    data.insert(9, {"id": "dup", "text": "row 3 — ü"})  # row 3's prompt again, in its chunk: asked once
     run_id = submit(pipeline, tmp_path, data, provider)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     found = results(pipeline, run_id)
     online, batch = PriceTable.load().price(MODELS[provider]), PriceTable.load().batch_price(provider, MODELS[provider])
     batch_ids = {r["batch_id"] for r in found.values()}
     assert len(found) == 25 and all(r["status"] == "succeeded" for r in found.values())
-    assert len(batch_ids) == 3 and None not in batch_ids                     # one batch per chunk of 10
+    assert len(batch_ids) == 3 and None not in batch_ids  # one batch per chunk of 10
     for row in data:
         result = found[row["id"]]
         assert result["answer"] == f"ECHO: Say: {row['text']}"
@@ -123,12 +135,15 @@ def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_s
     stats = server.stats()
     assert stats["batches_created"] == 3 and stats["batch_items"] == 24
     assert (found["dup"]["cached"], found["dup"]["cost_nano"], found["dup"]["batch_id"]) == (
-        True, 0, found["0003"]["batch_id"])
+        True,
+        0,
+        found["0003"]["batch_id"],
+    )
     assert "/v1/chat/completions" not in stats["by_path"] and "/v1/messages" not in stats["by_path"]
     info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
     assert info["batches"] == {"completed": 3} and info["cost_usd"] > 0
 
-    again = submit(pipeline, tmp_path, data, provider, idempotency_key="second")   # every prompt is cached now
+    again = submit(pipeline, tmp_path, data, provider, idempotency_key="second")  # every prompt is cached now
     drive(pipeline, lambda: pipeline.run_row(again)["status"] == "completed")
     cached = results(pipeline, again)
     assert all(r["cached"] and r["batch_id"] is None and r["cost_nano"] == 0 for r in cached.values())
@@ -136,12 +151,12 @@ def test_a_batch_run_lands_in_sql_with_its_batch_at_half_price_and_cached_rows_s
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_answers_an_online_run_paid_for_answer_a_batch_run_from_the_cache(batch_pipeline, server, tmp_path,
-                                                                           provider):
+def test_answers_an_online_run_paid_for_answer_a_batch_run_from_the_cache(batch_pipeline, server, tmp_path, provider):
     pipeline = batch_pipeline()
     data = rows(6)
-    online = pipeline.submit(write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", provider=provider,
-                             model=MODELS[provider]).run_id
+    online = pipeline.submit(
+        write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", provider=provider, model=MODELS[provider]
+    ).run_id
     drive(pipeline, lambda: pipeline.run_row(online)["status"] == "completed")
     batch = submit(pipeline, tmp_path, data, provider)
     drive(pipeline, lambda: pipeline.run_row(batch)["status"] == "completed")
@@ -157,26 +172,38 @@ def test_batch_mode_is_refused_for_providers_without_a_batch_api(batch_pipeline,
     with pytest.raises(ConfigError, match="a openai batch holds at most 50,000 requests"):
         pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch", chunk_size=50_001)
     with pytest.raises(ConfigError, match="--fallback cannot be used with --mode batch"):
-        pipeline.submit(path, TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch",
-                        fallbacks=["anthropic:claude-haiku-4-5"])
+        pipeline.submit(
+            path,
+            TEMPLATE,
+            provider="openai",
+            model="gpt-4o-mini",
+            mode="batch",
+            fallbacks=["anthropic:claude-haiku-4-5"],
+        )
     embedded = pipeline.settings.model_copy(update={"redis_url": None})
     with pytest.raises(ConfigError, match="--mode batch needs a Redis server"):
-        runs.validate(embedded, runs.RunRequest(dataset=path, template=TEMPLATE, provider="openai",
-                                                model="gpt-4o-mini", mode="batch"))
+        runs.validate(
+            embedded,
+            runs.RunRequest(dataset=path, template=TEMPLATE, provider="openai", model="gpt-4o-mini", mode="batch"),
+        )
 
 
 def test_a_dry_run_of_a_batch_run_prices_it_at_the_batch_price(batch_pipeline, tmp_path):
     pipeline = batch_pipeline()
     path = write(tmp_path / "d.jsonl", rows(10))
-    cost = {mode: runs.dry_run(pipeline.redis, pipeline.settings, runs.RunRequest(
-        dataset=path, template=TEMPLATE, provider="openai", model="gpt-4o-mini", mode=mode)).cost_usd
-        for mode in ("online", "batch")}
+    cost = {
+        mode: runs.dry_run(
+            pipeline.redis,
+            pipeline.settings,
+            runs.RunRequest(dataset=path, template=TEMPLATE, provider="openai", model="gpt-4o-mini", mode=mode),
+        ).cost_usd
+        for mode in ("online", "batch")
+    }
     assert cost["batch"] == pytest.approx(cost["online"] / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_a_batch_whose_create_reply_was_lost_is_found_again_not_made_twice(batch_pipeline, server, tmp_path,
-                                                                          provider):
+def test_a_batch_whose_create_reply_was_lost_is_found_again_not_made_twice(batch_pipeline, server, tmp_path, provider):
     """The provider made the batch but the worker never recorded its id (the reply was lost, as when the worker
     dies right after the create call): the next look finds it by its chunk id and adopts it."""
     server.configure(batch_lose_create=1)
@@ -185,13 +212,12 @@ def test_a_batch_whose_create_reply_was_lost_is_found_again_not_made_twice(batch
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     found = results(pipeline, run_id)
     assert len(found) == 20 and all(r["status"] == "succeeded" for r in found.values())
-    assert server.stats()["batches_created"] == 2                     # one per chunk: 0 extra
+    assert server.stats()["batches_created"] == 2  # one per chunk: 0 extra
     assert set(server.stats()["paid"].values()) == {1}
     assert {r["batch_id"] for r in found.values()} == set(server.batches.batches)
 
 
-def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_batch(batch_pipeline, server,
-                                                                                     tmp_path):
+def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_batch(batch_pipeline, server, tmp_path):
     """A worker process is SIGKILLed while the provider has made the batch and its reply is on the way. The
     chunk comes back (as worker.py's pool gives a dead worker's chunks back), runs again, finds the batch and
     makes none. (One bare worker process: a pool could respawn a child that takes the chunk as it is killed.)"""
@@ -208,7 +234,7 @@ def test_a_worker_killed_between_the_create_call_and_its_record_leaves_no_extra_
     for dead in Worker.all(connection=pipeline.redis, serializer=SERIALIZER):
         recover_chunks_of(pipeline.redis, pipeline.settings, dead.name)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
-    assert server.stats()["batches_created"] == 1                                # 0 extra
+    assert server.stats()["batches_created"] == 1  # 0 extra
     assert {r["batch_id"] for r in pipeline.results(run_id)} == set(server.batches.batches)
     assert set(server.stats()["paid"].values()) == {1}
 
@@ -219,28 +245,29 @@ def test_a_batch_recorded_in_sql_is_adopted_by_resume_after_redis_lost_the_run(b
     server.configure(batch_delay=2)
     pipeline = batch_pipeline()
     run_id = submit(pipeline, tmp_path, rows(10), "openai")
-    pipeline.work()                                                    # the chunk creates its batch
+    pipeline.work()  # the chunk creates its batch
     pipeline.collect()
     (batch_id,) = server.batches.batches
     with pipeline.engine.connect() as conn:
         (recorded,) = store.chunk_batches(conn, run_id, "c000000")
     assert (recorded["batch_id"], recorded["state"], recorded["round"]) == (batch_id, "created", 1)
-    pipeline.redis.flushdb()                                           # Redis lost the run, its batch open
+    pipeline.redis.flushdb()  # Redis lost the run, its batch open
 
     runs.resume(pipeline.redis, pipeline.settings, run_id, engine=pipeline.engine)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
-    assert server.stats()["batches_created"] == 1                      # 0 extra
+    assert server.stats()["batches_created"] == 1  # 0 extra
     assert {r["batch_id"] for r in pipeline.results(run_id)} == {batch_id} and len(pipeline.results(run_id)) == 10
     assert set(server.stats()["paid"].values()) == {1}
     with pipeline.engine.connect() as conn:
         assert store.chunk_batches(conn, run_id, "c000000")[0]["state"] == "completed"
 
 
-def test_a_second_job_on_a_slot_whose_batch_is_being_created_waits_instead_of_creating(batch_pipeline, server,
-                                                                                       tmp_path):
+def test_a_second_job_on_a_slot_whose_batch_is_being_created_waits_instead_of_creating(
+    batch_pipeline, server, tmp_path
+):
     """While one job's create call is in flight (its lease is live), another job on the same slot (an RQ retry of
     a chunk thought dead) creates nothing; once the call is over it finds the batch."""
-    server.configure(batch_hang_create=1, hang_seconds=2)              # longer than the client's 1 s timeout
+    server.configure(batch_hang_create=1, hang_seconds=2)  # longer than the client's 1 s timeout
     pipeline = batch_pipeline()
     run_id = submit(pipeline, tmp_path, rows(10), "openai")
     second: list[float | None] = []
@@ -253,9 +280,9 @@ def test_a_second_job_on_a_slot_whose_batch_is_being_created_waits_instead_of_cr
 
     beside = threading.Thread(target=second_job)
     beside.start()
-    pipeline.work()                                                    # the first job, creating the batch
+    pipeline.work()  # the first job, creating the batch
     beside.join()
-    assert second == [1]                                               # made nothing: look again in 1 s
+    assert second == [1]  # made nothing: look again in 1 s
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     assert server.stats()["batches_created"] == 1 and len(pipeline.results(run_id)) == 10
 
@@ -269,14 +296,15 @@ def test_an_expired_batch_sends_only_its_missing_items_again(batch_pipeline, ser
     first, second = sorted(server.batches.batches.values(), key=lambda b: b.created)
     assert (first.final, len(first.items), second.final, len(second.items)) == ("expired", 10, "completed", 6)
     assert all(r["status"] == "succeeded" for r in found.values())
-    assert [r["batch_id"] for r in found.values()] == [first.id] * 4 + [second.id] * 6   # in row order
+    assert [r["batch_id"] for r in found.values()] == [first.id] * 4 + [second.id] * 6  # in row order
     assert set(server.stats()["paid"].values()) == {1} and server.stats()["batch_items"] == 10
     assert sorted(r["attempts"] for r in found.values()) == [1] * 4 + [2] * 6
     assert runs.run_status(pipeline.redis, pipeline.engine, run_id)["batches"] == {"expired": 1, "completed": 1}
 
 
-def test_items_that_keep_failing_fail_after_the_last_round_and_permanent_errors_at_once(batch_pipeline, server,
-                                                                                       tmp_path):
+def test_items_that_keep_failing_fail_after_the_last_round_and_permanent_errors_at_once(
+    batch_pipeline, server, tmp_path
+):
     server.configure(rules=[{"match": "row 1 ", "action": 500}, {"match": "row 2 ", "action": 400}])
     pipeline = batch_pipeline(batch_max_rounds=2)
     run_id = submit(pipeline, tmp_path, rows(5), "anthropic")
@@ -289,7 +317,8 @@ def test_items_that_keep_failing_fail_after_the_last_round_and_permanent_errors_
 
 
 def test_cancel_cancels_the_providers_batch_keeps_what_it_finished_and_resume_sends_only_the_rest(
-        batch_pipeline, server, tmp_path):
+    batch_pipeline, server, tmp_path
+):
     server.configure(batch_plan=[{"keep": 3, "end": "stall"}])
     pipeline = batch_pipeline()
     data = rows(10)
@@ -299,7 +328,7 @@ def test_cancel_cancels_the_providers_batch_keeps_what_it_finished_and_resume_se
     assert scrape("pipeline_batches", {"state": "in_progress"}) == 1
     assert scrape("pipeline_batches", {"state": "completed"}) == 0
     assert 0 <= scrape("pipeline_batch_oldest_open_age_seconds") < 60
-    assert 86000 < scrape("pipeline_batch_expiry_seconds") <= 86400      # the fake's 24 h window
+    assert 86000 < scrape("pipeline_batch_expiry_seconds") <= 86400  # the fake's 24 h window
     runs.cancel(pipeline.redis, pipeline.settings, run_id)
     drive(pipeline, lambda: not batchstate.open_batch_count(pipeline.redis, run_id), what="the cancelled batch")
     found = results(pipeline, run_id)
@@ -321,10 +350,11 @@ def test_open_batches_stay_under_the_enqueued_token_limit_from_settings(batch_pi
     server enforces the same limit, and refuses nothing."""
     data = [{"id": f"{i:04d}", "text": f"row {i:02d}"} for i in range(20)]
     pipeline = batch_pipeline()
-    probe = runs.validate(pipeline.settings, runs.RunRequest(dataset=write(tmp_path / "p.jsonl", data[:1]),
-                                                             template=TEMPLATE))
+    probe = runs.validate(
+        pipeline.settings, runs.RunRequest(dataset=write(tmp_path / "p.jsonl", data[:1]), template=TEMPLATE)
+    )
     per_item = -(-len(f"Say: {data[0]['text']}".encode()) // 3) + probe.max_tokens
-    limit = 15 * per_item                                              # one chunk of 10 fits, two do not
+    limit = 15 * per_item  # one chunk of 10 fits, two do not
     server.configure(batch_token_limit=limit, batch_delay=1.5)
     pipeline = batch_pipeline(batch_enqueued_tokens={MODELS["openai"]: limit})
     run_id = submit(pipeline, tmp_path, data, "openai")
@@ -335,9 +365,10 @@ def test_open_batches_stay_under_the_enqueued_token_limit_from_settings(batch_pi
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_a_provider_refusing_a_batch_for_its_enqueued_token_limit_is_waited_for_not_failed(batch_pipeline, server,
-                                                                                          tmp_path, provider):
-    server.configure(batch_token_limit=10 * 300, batch_delay=1.5)      # a chunk of 10 fits, two do not
+def test_a_provider_refusing_a_batch_for_its_enqueued_token_limit_is_waited_for_not_failed(
+    batch_pipeline, server, tmp_path, provider
+):
+    server.configure(batch_token_limit=10 * 300, batch_delay=1.5)  # a chunk of 10 fits, two do not
     pipeline = batch_pipeline()
     run_id = submit(pipeline, tmp_path, rows(20), provider)
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
@@ -348,14 +379,19 @@ def test_a_provider_refusing_a_batch_for_its_enqueued_token_limit_is_waited_for_
 
 
 def test_max_cost_stops_before_a_batch_whose_worst_case_would_pass_it(batch_pipeline, server, tmp_path):
-    data = [{"id": f"{i:04d}", "text": f"row {i:02d}"} for i in range(20)]     # every prompt the same size
+    data = [{"id": f"{i:04d}", "text": f"row {i:02d}"} for i in range(20)]  # every prompt the same size
     pipeline = batch_pipeline()
     price = PriceTable.load().batch_price("openai", MODELS["openai"])
     per_item = price.cost_nano(-(-len(f"Say: {data[0]['text']}".encode()) // 3), 256)
-    cap = (10 * per_item + 1) / 1e9                                     # one chunk's worst case, and a nano-dollar
+    cap = (10 * per_item + 1) / 1e9  # one chunk's worst case, and a nano-dollar
     run_id = submit(pipeline, tmp_path, data, "openai", max_cost=cap)
-    drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "budget_exhausted" and
-          not batchstate.open_batch_count(pipeline.redis, run_id))
+    drive(
+        pipeline,
+        lambda: (
+            pipeline.run_row(run_id)["status"] == "budget_exhausted"
+            and not batchstate.open_batch_count(pipeline.redis, run_id)
+        ),
+    )
     assert server.stats()["batches_created"] == 1
     info = runs.run_status(pipeline.redis, pipeline.engine, run_id)
     assert (info["rows_succeeded"], info["rows_pending"]) == (10, 10)
@@ -365,20 +401,31 @@ def test_max_cost_stops_before_a_batch_whose_worst_case_would_pass_it(batch_pipe
 def test_the_cli_submits_a_batch_run_from_a_runs_file_and_status_shows_its_batches(batch_pipeline, tmp_path):
     pipeline = batch_pipeline()
     write(tmp_path / "d.jsonl", rows(12))
-    (tmp_path / "runs.toml").write_text('[runs.nightly]\ndataset = "d.jsonl"\ntemplate = "Say: {{ text }}"\n'
-                                        'provider = "anthropic"\nmodel = "claude-haiku-4-5"\nid_column = "id"\n'
-                                        'mode = "batch"\n', encoding="utf-8")
+    (tmp_path / "runs.toml").write_text(
+        '[runs.nightly]\ndataset = "d.jsonl"\ntemplate = "Say: {{ text }}"\n'
+        'provider = "anthropic"\nmodel = "claude-haiku-4-5"\nid_column = "id"\n'
+        'mode = "batch"\n',
+        encoding="utf-8",
+    )
     env = pipeline.env()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "enqueue.py", *args], cwd=processes.ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "enqueue.py", *args],
+            cwd=processes.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     refused = cli("submit", str(tmp_path / "d.jsonl"), "-t", TEMPLATE, "--mode", "batch")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        "error: --mode batch needs a provider with a batch API (openai, anthropic); fake has none"]
-    run_id = json.loads(cli("submit", "--config", str(tmp_path / "runs.toml"), "--name", "nightly",
-                            "--json").stdout)["run_id"]
+        "error: --mode batch needs a provider with a batch API (openai, anthropic); fake has none"
+    ]
+    run_id = json.loads(cli("submit", "--config", str(tmp_path / "runs.toml"), "--name", "nightly", "--json").stdout)[
+        "run_id"
+    ]
     drive(pipeline, lambda: pipeline.run_row(run_id)["status"] == "completed")
     status = cli("status", run_id).stdout
     assert "batches    0 created, 0 in progress, 1 completed, 0 expired" in status

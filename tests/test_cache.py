@@ -1,4 +1,5 @@
 """The claim protocol of the response cache, on a real Redis (its clock runs the claims' expiry)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ def run(scenario, redis_url):
         finally:
             await client.delete(KEY, KEY + ":asking")
             await client.aclose()
+
     return asyncio.run(main())
 
 
@@ -29,13 +31,14 @@ def test_a_claim_is_renewed_while_its_call_runs_and_lapses_when_its_owner_is_gon
         owner, other = (ResponseCache(client, claimant=name, claim_seconds=0.3) for name in ("A", "B"))
         seen = [(await owner.get_or_claim(KEY))[0], (await other.get_or_claim(KEY))[0]]
         async with owner.holding(KEY):
-            await asyncio.sleep(0.7)                      # more than twice the claim's life: renewed meanwhile
+            await asyncio.sleep(0.7)  # more than twice the claim's life: renewed meanwhile
             seen.append((await other.get_or_claim(KEY))[0])
-        seen.append((await owner.get_or_claim(KEY))[0])   # its own claim: the owner (a retried chunk) takes it back
-        deadline = time.monotonic() + 5                   # the owner is gone now: nobody renews the claim
+        seen.append((await owner.get_or_claim(KEY))[0])  # its own claim: the owner (a retried chunk) takes it back
+        deadline = time.monotonic() + 5  # the owner is gone now: nobody renews the claim
         while (verdict := (await other.get_or_claim(KEY))[0]) == WAIT and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return seen + [verdict]
+
     assert run(scenario, redis_url) == [ASK, WAIT, WAIT, ASK, ASK]
 
 
@@ -43,11 +46,12 @@ def test_a_failed_call_lets_the_waiters_ask_alone_and_an_answer_ends_the_claim(r
     async def scenario(client):
         owner, other, third = (ResponseCache(client, claimant=name) for name in ("A", "B", "C"))
         seen = [(await owner.get_or_claim(KEY))[0]]
-        await other.failed(KEY)                           # not its claim: changes nothing
+        await other.failed(KEY)  # not its claim: changes nothing
         seen.append((await third.get_or_claim(KEY))[0])
         await owner.failed(KEY)
         seen.append((await other.get_or_claim(KEY))[0])
         await other.put(KEY, ProviderResponse(text="answer", input_tokens=1, output_tokens=1, model="m"))
         verdict, hit = await third.get_or_claim(KEY)
         return seen + [verdict, hit.text, await client.exists(KEY + ":asking")]
+
     assert run(scenario, redis_url) == [ASK, WAIT, ALONE, HIT, "answer", 0]

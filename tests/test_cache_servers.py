@@ -1,5 +1,6 @@
 """The response cache is per server: two OpenAI-compatible servers (or two tenants' endpoints) sharing one Redis
 never get each other's answers, while the same server still gets its own."""
+
 from __future__ import annotations
 
 from pipeline.cache import cache_key
@@ -16,8 +17,9 @@ def test_two_servers_sharing_a_redis_get_their_own_answers(make_pipeline, tmp_pa
         answers = {}
         for label, server, key in (("first", first, "a"), ("second", second, "b"), ("again", first, "c")):
             pipeline = make_pipeline(compatible_base_url=f"{server.url}/v1")
-            report = pipeline.submit(dataset, "Q: {{ text }}", provider="compatible", model="m", id_column="id",
-                                     idempotency_key=key)
+            report = pipeline.submit(
+                dataset, "Q: {{ text }}", provider="compatible", model="m", id_column="id", idempotency_key=key
+            )
             pipeline.work()
             pipeline.collect()
             answers[label] = {r["row_key"]: (r["answer"], bool(r["cached"])) for r in pipeline.results(report.run_id)}

@@ -1,4 +1,5 @@
 """The commands schedulers and ops scripts call: --json outputs and wait's exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,21 @@ def database_url(tmp_path):
 
 
 def cli(pipeline, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "enqueue.py", *args],
+        cwd=ROOT,
+        env=pipeline.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_json_outputs_and_wait_exit_codes(pipeline, tmp_path):
     dataset = write(tmp_path / "d.csv", tricky_rows(12))
-    submitted = json.loads(cli(pipeline, "submit", str(dataset), "-t", "Q: {{ text }}", "--json",
-                               "--name", "ops-test").stdout)
+    submitted = json.loads(
+        cli(pipeline, "submit", str(dataset), "-t", "Q: {{ text }}", "--json", "--name", "ops-test").stdout
+    )
     run_id = submitted["run_id"]
     assert submitted["rows"] == 12 and submitted["jobs_enqueued"] == 1
 
@@ -54,9 +62,15 @@ def test_wait_fails_when_too_many_rows_failed(pipeline, tmp_path):
     dataset = write(tmp_path / "d.csv", tricky_rows(4))
     report = pipeline.submit(dataset, "Q: {{ text }}")
     pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")
-    for i in range(4):   # hand over results as a worker would, one of them failed
-        result = Result(run_id=report.run_id, row_key=str(i), row_index=i, input={}, finished_at=1.0,
-                        status="failed" if i == 0 else "succeeded")
+    for i in range(4):  # hand over results as a worker would, one of them failed
+        result = Result(
+            run_id=report.run_id,
+            row_key=str(i),
+            row_index=i,
+            input={},
+            finished_at=1.0,
+            status="failed" if i == 0 else "succeeded",
+        )
         pipeline.redis.xadd(pipeline.settings.result_stream, {"kind": handoff.RESULT, "data": result.to_json()})
     pipeline.collect()
     assert cli(pipeline, "wait", report.run_id, "--timeout", "10").returncode == 1
@@ -73,11 +87,23 @@ def test_default_sqlite_file_is_created_in_a_data_dir_that_does_not_exist_yet(pi
     data_dir = tmp_path / "fresh" / "data"
     env = {k: v for k, v in pipeline.env().items() if k != "DATABASE_URL"} | {"DATA_DIR": str(data_dir)}
     dataset = write(tmp_path / "d.csv", tricky_rows(3))
-    submitted = subprocess.run([sys.executable, "enqueue.py", "submit", str(dataset), "-t", "Q: {{ text }}",
-                                "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    submitted = subprocess.run(
+        [sys.executable, "enqueue.py", "submit", str(dataset), "-t", "Q: {{ text }}", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submitted.returncode == 0, submitted.stderr
-    status = subprocess.run([sys.executable, "enqueue.py", "status", json.loads(submitted.stdout)["run_id"],
-                             "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "enqueue.py", "status", json.loads(submitted.stdout)["run_id"], "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["rows_total"] == 3
     assert (data_dir / "pipeline.db").exists()
@@ -105,8 +131,8 @@ def test_submit_progress_has_a_total_per_stage_and_reaches_it(pipeline, tmp_path
     for stage in stages:
         seen = [e for e in events if e.stage == stage]
         assert {e.total for e in seen} == {totals[stage]}
-        assert [e.done for e in seen] == sorted({e.done for e in seen})   # only forward
-        assert seen[0].done == 0 and seen[-1].done == seen[-1].total     # shown at once, ends at 100 %
+        assert [e.done for e in seen] == sorted({e.done for e in seen})  # only forward
+        assert seen[0].done == 0 and seen[-1].done == seen[-1].total  # shown at once, ends at 100 %
     text = drawn.getvalue()
     assert text.count("100%") >= 3 and f"{rows}/{rows}" in text
 
@@ -115,10 +141,10 @@ def test_watch_rate_is_measured_over_its_own_window():
     from pipeline.progress import RateWindow
 
     window = RateWindow(seconds=30)
-    assert window.add(100.0, 5000) is None   # 5000 rows done before the watch began are not a rate
+    assert window.add(100.0, 5000) is None  # 5000 rows done before the watch began are not a rate
     assert window.add(101.0, 5010) == 10.0
     assert window.add(102.0, 5020) == 10.0
-    for second in range(103, 141):           # then 1 row/s: after the window's 30 s, 10/s is forgotten
+    for second in range(103, 141):  # then 1 row/s: after the window's 30 s, 10/s is forgotten
         rate = window.add(float(second), 5020 + second - 102)
     assert rate == 1.0
     assert window.samples[0][0] == 110.0 and len(window.samples) == 31
@@ -139,9 +165,8 @@ def test_status_says_so_when_no_worker_consumes_the_queue(pipeline, tmp_path):
         return runs.run_status(pipeline.redis, pipeline.engine, report.run_id, queue)
 
     assert status()["workers"] == 0
-    worker = Worker([chunk_queue(pipeline.redis, pipeline.settings)], connection=pipeline.redis,
-                    serializer=SERIALIZER)
-    worker.register_birth()                  # a live worker listening on the queue (it takes no job here)
+    worker = Worker([chunk_queue(pipeline.redis, pipeline.settings)], connection=pipeline.redis, serializer=SERIALIZER)
+    worker.register_birth()  # a live worker listening on the queue (it takes no job here)
     try:
         assert (status()["workers"], status()["note"]) == (1, None)
     finally:

@@ -1,5 +1,6 @@
 """The collector against what real data and real providers send: content one database refuses must not stall
 the others' results, and every row still ends with exactly one result. Runs on SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,23 @@ TEMPLATE = "Q: {{ text }}"
 def test_nul_characters_and_infinities_reach_sql(pipeline, tmp_path):
     """PostgreSQL text refuses NUL and its JSON refuses NaN/Infinity; both come in real files and answers."""
     dataset = tmp_path / "odd.jsonl"
-    dataset.write_text('{"id": "a", "text": "nul \\u0000 inside", "score": Infinity}\n'
-                       '{"id": "b", "text": "plain", "score": NaN}\n'
-                       '{"id": "c", "text": "fine", "score": 1.5}\n', encoding="utf-8")
+    dataset.write_text(
+        '{"id": "a", "text": "nul \\u0000 inside", "score": Infinity}\n'
+        '{"id": "b", "text": "plain", "score": NaN}\n'
+        '{"id": "c", "text": "fine", "score": 1.5}\n',
+        encoding="utf-8",
+    )
     report = pipeline.submit(dataset, TEMPLATE, id_column="id")
     pipeline.work()
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert {k: r["status"] for k, r in results.items()} == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}
     assert results["a"]["answer"] == "ECHO: Q: nul \ufffd inside"
-    assert (results["a"]["input"]["score"], results["b"]["input"]["score"], results["c"]["input"]["score"]) == \
-        (None, None, 1.5)
+    assert (results["a"]["input"]["score"], results["b"]["input"]["score"], results["c"]["input"]["score"]) == (
+        None,
+        None,
+        1.5,
+    )
     assert pipeline.run_row(report.run_id)["status"] == "completed"
 
 
@@ -37,15 +44,30 @@ def test_a_result_the_database_refuses_does_not_hold_up_the_batch(pipeline, tmp_
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(5)))
     report = pipeline.submit(dataset, TEMPLATE, id_column="id")
-    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")      # this test plays the worker
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")  # this test plays the worker
 
     def answer(i: int, model: str) -> Result:
-        return Result(run_id=report.run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": f"t{i}"},
-                      answer=f"answer {i}", provider="openai", model=model, attempts=1, input_tokens=3,
-                      output_tokens=2, cost_nano=1_000_000, finished_at=1000.0 + i)
+        return Result(
+            run_id=report.run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={"text": f"t{i}"},
+            answer=f"answer {i}",
+            provider="openai",
+            model=model,
+            attempts=1,
+            input_tokens=3,
+            output_tokens=2,
+            cost_nano=1_000_000,
+            finished_at=1000.0 + i,
+        )
 
-    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream,
-                            [answer(i, "m" * 300 if i == 2 else "gpt-4o-mini") for i in range(5)])
+    handoff.publish_results(
+        pipeline.redis,
+        pipeline.settings.result_stream,
+        [answer(i, "m" * 300 if i == 2 else "gpt-4o-mini") for i in range(5)],
+    )
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert len(results) == 5 and pipeline.redis.xlen(pipeline.settings.result_stream) == 0
@@ -54,24 +76,41 @@ def test_a_result_the_database_refuses_does_not_hold_up_the_batch(pipeline, tmp_
     if pipeline.engine.dialect.name == "postgresql":
         assert results["r2"]["status"] == "failed" and "could not be stored" in results["r2"]["error"]
         assert (run["rows_succeeded"], run["rows_failed"]) == (4, 1)
-    else:                                                   # SQLite does not enforce the length
+    else:  # SQLite does not enforce the length
         assert (run["rows_succeeded"], run["rows_failed"]) == (5, 0)
     assert run["status"] == "completed"
 
 
 def _publish(pipeline, run_id: str, keys: list[str], **fields) -> None:
-    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [
-        Result(run_id=run_id, row_key=key, row_index=i, status=fields.get("status", SUCCEEDED), input={"text": key},
-               answer=f"answer {key}", provider="openai", model="gpt-4o-mini", attempts=1, input_tokens=3,
-               output_tokens=2, cost_nano=1_000_000, finished_at=fields.get("finished_at", 1000.0 + i))
-        for i, key in enumerate(keys)])
+    handoff.publish_results(
+        pipeline.redis,
+        pipeline.settings.result_stream,
+        [
+            Result(
+                run_id=run_id,
+                row_key=key,
+                row_index=i,
+                status=fields.get("status", SUCCEEDED),
+                input={"text": key},
+                answer=f"answer {key}",
+                provider="openai",
+                model="gpt-4o-mini",
+                attempts=1,
+                input_tokens=3,
+                output_tokens=2,
+                cost_nano=1_000_000,
+                finished_at=fields.get("finished_at", 1000.0 + i),
+            )
+            for i, key in enumerate(keys)
+        ],
+    )
 
 
 def _played_run(pipeline, tmp_path, rows: int = 3):
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(rows)))
     report = pipeline.submit(dataset, TEMPLATE, id_column="id")
-    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")      # this test plays the worker
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")  # this test plays the worker
     return report.run_id
 
 
@@ -84,7 +123,7 @@ def test_a_database_that_refuses_every_write_is_an_outage_not_bad_content(pipeli
 
     run_id = _played_run(pipeline, tmp_path)
     collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
-    collector.step(block_ms=None)                                           # the run's own row first
+    collector.step(block_ms=None)  # the run's own row first
     assert pipeline.results(run_id) == []
     _publish(pipeline, run_id, ["r0", "r1", "r2"])
     with pipeline.engine.begin() as conn:
@@ -107,7 +146,7 @@ def test_an_entry_refused_even_as_a_failure_is_parked_not_lost(pipeline, tmp_pat
     pipeline.collect()
     stored = {r["row_key"] for r in pipeline.results(run_id)}
     parked = pipeline.redis.xrange(f"{pipeline.settings.result_stream}:parked")
-    if pipeline.engine.dialect.name == "postgresql":                        # NUL in the key itself
+    if pipeline.engine.dialect.name == "postgresql":  # NUL in the key itself
         assert stored == {"r0", "r2"} and len(parked) == 1
         assert b"bad\\u0000key" in parked[0][1][b"data"] and parked[0][1][b"reason"]
     else:
@@ -122,15 +161,30 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
 
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
-    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, attempts=2,
-                   cost_nano=500_000_000, finished_at=10.0 + i) for i in range(3)]
+    rows = [
+        Result(
+            run_id=run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={},
+            attempts=2,
+            cost_nano=500_000_000,
+            finished_at=10.0 + i,
+        )
+        for i in range(3)
+    ]
     with pipeline.engine.begin() as conn:
         store.apply_results(conn, rows)
         store.save_run(conn, config, "submitted")
         assert store.finish_complete_runs(conn, [run_id]) == [run_id]
     run = pipeline.run_row(run_id)
-    assert (run["rows_succeeded"], run["attempts"], run["cost_nano"], run["first_result_at"]) == \
-        (3, 6, 1_500_000_000, 10.0)
+    assert (run["rows_succeeded"], run["attempts"], run["cost_nano"], run["first_result_at"]) == (
+        3,
+        6,
+        1_500_000_000,
+        10.0,
+    )
 
 
 def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_path):
@@ -145,7 +199,7 @@ def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_
         assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 1
     _publish(pipeline, run_id, ["r0"], status="failed", finished_at=300.0)
     pipeline.collect()
-    with pipeline.engine.begin() as conn:                                    # the same event again
+    with pipeline.engine.begin() as conn:  # the same event again
         assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 0
         store.finish_complete_runs(conn, [run_id])
     (row,) = pipeline.results(run_id)
@@ -164,19 +218,34 @@ def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipe
     stream = pipeline.settings.result_stream
 
     def entry(i: int, **changes) -> dict:
-        data = json.loads(Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": "t"},
-                                 answer="a", attempts=1, cost_nano=7, finished_at=5.0).to_json())
+        data = json.loads(
+            Result(
+                run_id=run_id,
+                row_key=f"r{i}",
+                row_index=i,
+                status=SUCCEEDED,
+                input={"text": "t"},
+                answer="a",
+                attempts=1,
+                cost_nano=7,
+                finished_at=5.0,
+            ).to_json()
+        )
         data.update(changes)
         return {k: v for k, v in data.items() if v is not None}
 
     newer = entry(0, reasoning_tokens=12, cache_read_tokens=3)
     older = entry(1, cost=0.000002, cost_nano=None)
-    for fields in ({"kind": "result", "data": json.dumps(newer)}, {"kind": "result", "data": "{not json"},
-                   {"kind": "result", "data": json.dumps(entry(9, row_key=None))},
-                   {"kind": "result", "data": json.dumps(entry(8, status="maybe"))},
-                   {"kind": "shiny-new-kind", "data": json.dumps({"run_id": run_id})},
-                   {"kind": "result", "data": json.dumps(older)},
-                   {"kind": "result", "data": json.dumps(entry(2))}, {"kind": "result", "data": json.dumps(entry(3))}):
+    for fields in (
+        {"kind": "result", "data": json.dumps(newer)},
+        {"kind": "result", "data": "{not json"},
+        {"kind": "result", "data": json.dumps(entry(9, row_key=None))},
+        {"kind": "result", "data": json.dumps(entry(8, status="maybe"))},
+        {"kind": "shiny-new-kind", "data": json.dumps({"run_id": run_id})},
+        {"kind": "result", "data": json.dumps(older)},
+        {"kind": "result", "data": json.dumps(entry(2))},
+        {"kind": "result", "data": json.dumps(entry(3))},
+    ):
         pipeline.redis.xadd(stream, fields)
     metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
     Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
@@ -204,11 +273,22 @@ def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline
 
     pipeline = make_pipeline(collector_batch=20)
     run_id = _played_run(pipeline, tmp_path, rows=1000)
-    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, attempts=1,
-                   cost_nano=1_000_000, finished_at=1.0) for i in range(1000)]
+    rows = [
+        Result(
+            run_id=run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={},
+            attempts=1,
+            cost_nano=1_000_000,
+            finished_at=1.0,
+        )
+        for i in range(1000)
+    ]
     for start in range(0, 1000, 20):
         for _ in range(2):
-            handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, rows[start:start + 20])
+            handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, rows[start : start + 20])
     others = [make_pipeline(collector_batch=20) for _ in range(2)]
     collectors = [Collector(p.settings, p.redis, p.engine, consumer=f"collector-{n}") for n, p in enumerate(others)]
     threads = [threading.Thread(target=c.run, kwargs={"burst": True}) for c in collectors]
@@ -220,8 +300,12 @@ def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline
         counts = store.count_results(conn, run_id)
     run = pipeline.run_row(run_id)
     assert counts == {"succeeded": 1000}
-    assert (run["status"], run["rows_succeeded"], run["attempts"], run["cost_nano"]) == \
-        ("completed", 1000, 1000, 1000 * 1_000_000)
+    assert (run["status"], run["rows_succeeded"], run["attempts"], run["cost_nano"]) == (
+        "completed",
+        1000,
+        1000,
+        1000 * 1_000_000,
+    )
 
 
 def test_results_written_while_another_collector_creates_their_run_row_count(make_pipeline, tmp_path):
@@ -236,8 +320,10 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
     other = make_pipeline()
-    rows = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, cost_nano=5,
-                   finished_at=1.0) for i in range(3)]
+    rows = [
+        Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, cost_nano=5, finished_at=1.0)
+        for i in range(3)
+    ]
 
     def write_run_row() -> None:
         with store.writing(other.engine) as conn:
@@ -248,7 +334,7 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
         store.apply_results(conn, rows)
         thread = threading.Thread(target=write_run_row)
         thread.start()
-        thread.join(timeout=1.0)              # it waits for this transaction (before: wrote at once, counted 0)
+        thread.join(timeout=1.0)  # it waits for this transaction (before: wrote at once, counted 0)
     thread.join(timeout=60)
     run = pipeline.run_row(run_id)
     assert (run["status"], run["rows_succeeded"], run["cost_nano"], run["rows_total"]) == ("completed", 3, 15, 3)
@@ -260,7 +346,7 @@ def test_a_status_event_before_its_run_row_is_kept(pipeline, tmp_path):
 
     run_id = _played_run(pipeline, tmp_path)
     stream = pipeline.settings.result_stream
-    pipeline.redis.xtrim(stream, maxlen=0)                                  # the run event comes later
+    pipeline.redis.xtrim(stream, maxlen=0)  # the run event comes later
     handoff.publish_event(pipeline.redis, stream, handoff.STATUS, {"run_id": run_id, "status": "cancelled"})
     pipeline.collect()
     handoff.publish_event(pipeline.redis, stream, handoff.RUN, load_config(pipeline.redis, run_id).to_dict())
@@ -276,10 +362,22 @@ def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, t
     from pipeline.queue import enqueued_key
 
     run_id = _played_run(pipeline, tmp_path)
-    sent = [Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": f"t{i}"},
-                   answer=f"answer {i}", provider="openai", model=model, prompt_hash=prompt_hash, attempts=1,
-                   finished_at=1000.0 + i)
-            for i, (model, prompt_hash) in enumerate([("gpt-4o-mini", "h0"), ("m" * 300, "h1"), ("gpt-4o-mini", None)])]
+    sent = [
+        Result(
+            run_id=run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={"text": f"t{i}"},
+            answer=f"answer {i}",
+            provider="openai",
+            model=model,
+            prompt_hash=prompt_hash,
+            attempts=1,
+            finished_at=1000.0 + i,
+        )
+        for i, (model, prompt_hash) in enumerate([("gpt-4o-mini", "h0"), ("m" * 300, "h1"), ("gpt-4o-mini", None)])
+    ]
     handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, sent)
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(run_id)}
@@ -288,7 +386,7 @@ def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, t
     if pipeline.engine.dialect.name == "postgresql":
         assert results["r1"]["status"] == "failed" and "dropped: model" in results["r1"]["error"]
 
-    pipeline.redis.delete(enqueued_key(run_id))                 # the chunk this test played is not a job
+    pipeline.redis.delete(enqueued_key(run_id))  # the chunk this test played is not a job
     runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id)
     pipeline.work()
     pipeline.collect()
@@ -305,23 +403,46 @@ def test_a_batch_of_new_repeated_and_retried_rows_moves_totals_by_what_it_change
     run_id = _played_run(pipeline, tmp_path, rows=6)
 
     def result(i: int, status: str, at: float) -> Result:
-        return Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=status, input={"i": i}, attempts=1,
-                      input_tokens=10, cost_nano=100, finished_at=at, calls={"fake|fake|200": 1})
+        return Result(
+            run_id=run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=status,
+            input={"i": i},
+            attempts=1,
+            input_tokens=10,
+            cost_nano=100,
+            finished_at=at,
+            calls={"fake|fake|200": 1},
+        )
 
     with store.writing(pipeline.engine) as conn:
-        first = store.apply_results(conn, [result(0, SUCCEEDED, 1.0), result(1, "failed", 1.0),
-                                           result(2, "failed", 1.0)])
+        first = store.apply_results(
+            conn, [result(0, SUCCEEDED, 1.0), result(1, "failed", 1.0), result(2, "failed", 1.0)]
+        )
     assert len(first.changed) == 3
     with store.writing(pipeline.engine) as conn:
-        second = store.apply_results(conn, [result(0, "failed", 2.0), result(1, SUCCEEDED, 2.0),
-                                            result(2, "failed", 0.5), result(3, SUCCEEDED, 2.0),
-                                            result(4, SUCCEEDED, 2.0), result(4, "failed", 3.0)])
+        second = store.apply_results(
+            conn,
+            [
+                result(0, "failed", 2.0),
+                result(1, SUCCEEDED, 2.0),
+                result(2, "failed", 0.5),
+                result(3, SUCCEEDED, 2.0),
+                result(4, SUCCEEDED, 2.0),
+                result(4, "failed", 3.0),
+            ],
+        )
     assert sorted(row["row_key"] for row in second.changed) == ["r1", "r3", "r4"]
     results = {r["row_key"]: r for r in pipeline.results(run_id)}
     # Every paid answer counts once: r0, r2 and r4 keep their result and add the spend of the one they did not keep.
     assert {k: (r["status"], r["attempts"]) for k, r in results.items()} == {
-        "r0": ("succeeded", 2), "r1": ("succeeded", 2), "r2": ("failed", 2), "r3": ("succeeded", 1),
-        "r4": ("succeeded", 2)}
+        "r0": ("succeeded", 2),
+        "r1": ("succeeded", 2),
+        "r2": ("failed", 2),
+        "r3": ("succeeded", 1),
+        "r4": ("succeeded", 2),
+    }
     run = pipeline.run_row(run_id)
     assert (run["rows_succeeded"], run["rows_failed"]) == (4, 1)
     for total in ("attempts", "input_tokens", "cost_nano"):
@@ -337,21 +458,40 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
     from pipeline import store
 
     run_id = _played_run(pipeline, tmp_path, rows=1)
-    rows = [Result(run_id=run_id, row_key=f"k{i}", row_index=i, status=SUCCEEDED, input={"i": i}, finished_at=1.0,
-                   calls={"fake|fake|200": 1}) for i in range(2000)]
+    rows = [
+        Result(
+            run_id=run_id,
+            row_key=f"k{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={"i": i},
+            finished_at=1.0,
+            calls={"fake|fake|200": 1},
+        )
+        for i in range(2000)
+    ]
     with store.writing(pipeline.engine) as conn:
         store.apply_results(conn, rows)
-    asked = list(store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]],
-                                       store._Ledger()).values())
+    asked = list(
+        store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]], store._Ledger()).values()
+    )
     asked += [dict(asked[0], row_key="never-stored")]
     with store.writing(pipeline.engine) as conn:
         if conn.dialect.name == "postgresql":
-            plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + store._unnest_insert(conn.dialect, store._READ_STORED),
-                                                   store._column_arrays(asked)).scalars())
+            plan = "\n".join(
+                conn.exec_driver_sql(
+                    "EXPLAIN " + store._unnest_insert(conn.dialect, store._READ_STORED), store._column_arrays(asked)
+                ).scalars()
+            )
             assert "Conflict Arbiter Indexes: uq_results_run_row" in plan and "Scan on results" not in plan, plan
         found = store._existing(conn, asked[:-1])
     assert sorted(found) == sorted((run_id, f"k{i}") for i in range(0, 2000, 7))
-    assert all(row["status"] == SUCCEEDED and row["input"] == {"i": int(row["row_key"][1:])} and
-               row["calls"] == {"fake|fake|200": 1} and row["cached"] is False for row in found.values())
+    assert all(
+        row["status"] == SUCCEEDED
+        and row["input"] == {"i": int(row["row_key"][1:])}
+        and row["calls"] == {"fake|fake|200": 1}
+        and row["cached"] is False
+        for row in found.values()
+    )
     with pipeline.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(store.results)).scalar_one() == 2000

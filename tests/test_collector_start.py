@@ -1,5 +1,6 @@
 """The collector process starts while its database is down: it serves /metrics at once and writes the waiting
 results when the database answers (a PostgreSQL reached through a TCP proxy the test takes down and up)."""
+
 from __future__ import annotations
 
 import socket
@@ -34,20 +35,29 @@ def test_collector_starts_with_the_database_down_and_writes_once_it_answers(pipe
     url = make_url(pipeline.settings.resolved_database_url)
     proxy = TcpProxy(url.host, url.port)  # not listening yet: the database "does not answer"
     port = _free_port()
-    env = pipeline.env(DATABASE_URL=url.set(port=proxy.port).render_as_string(hide_password=False),
-                       METRICS_PORT=str(port), METRICS_HOST="127.0.0.1")
+    env = pipeline.env(
+        DATABASE_URL=url.set(port=proxy.port).render_as_string(hide_password=False),
+        METRICS_PORT=str(port),
+        METRICS_HOST="127.0.0.1",
+    )
     collector = processes.start(["enqueue.py", "collect"], env)
     try:
-        processes.wait_for(lambda: _scrape_or_none(port) is not None or collector.poll() is not None, 60,
-                           "/metrics of the collector started with its database down")
+        processes.wait_for(
+            lambda: _scrape_or_none(port) is not None or collector.poll() is not None,
+            60,
+            "/metrics of the collector started with its database down",
+        )
         assert collector.poll() is None, collector.stderr.read().decode()
         down = scrape(port)
         assert total(down, "pipeline_database_up") == 0
         assert total(down, "pipeline_handoff_backlog") == 21  # the run event and its 20 results
 
         proxy.up()
-        processes.wait_for(lambda: total(scrape(port), "pipeline_handoff_backlog") == 0, 120,
-                           "the collector to write the backlog once the database answers")
+        processes.wait_for(
+            lambda: total(scrape(port), "pipeline_handoff_backlog") == 0,
+            120,
+            "the collector to write the backlog once the database answers",
+        )
         assert pipeline.run_row(first.run_id)["rows_succeeded"] == 20
         up = scrape(port)
         assert total(up, "pipeline_database_up") == 1
@@ -57,15 +67,17 @@ def test_collector_starts_with_the_database_down_and_writes_once_it_answers(pipe
         proxy.down()  # the database is cut while the collector runs: /metrics keeps answering
         second = pipeline.submit(write(tmp_path / "b.csv", tricky_rows(5)), "Q: {{ text }}")
         pipeline.work()
-        processes.wait_for(lambda: total(scrape(port), "pipeline_database_up") == 0, 60,
-                           "/metrics to report the database down")
+        processes.wait_for(
+            lambda: total(scrape(port), "pipeline_database_up") == 0, 60, "/metrics to report the database down"
+        )
         cut = scrape(port)
         assert total(cut, "pipeline_handoff_backlog") >= 6  # the second run waits in Redis
         assert collector.poll() is None
 
         proxy.up()
-        processes.wait_for(lambda: total(scrape(port), "pipeline_handoff_backlog") == 0, 120,
-                           "the collector to catch up after the cut")
+        processes.wait_for(
+            lambda: total(scrape(port), "pipeline_handoff_backlog") == 0, 120, "the collector to catch up after the cut"
+        )
         assert pipeline.run_row(second.run_id)["rows_succeeded"] == 5
     finally:
         collector.terminate()

@@ -1,5 +1,6 @@
 """The queue dashboard (dashboard.py: rq-dashboard's blueprint, JSON jobs, basic auth) over HTTP during a run,
 with a real worker busy on a chunk."""
+
 from __future__ import annotations
 
 import base64
@@ -63,18 +64,25 @@ def _busy_job(pipeline) -> str | None:
 def test_workers_page_and_its_data_answer_while_a_worker_is_busy(pipeline, tmp_path):
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(40)), "Q: {{ text }}", chunk_size=40)
     port = _free_port()
-    env = pipeline.env(FAKE_LATENCY="0.5", WORKER_CONCURRENCY="1", DASHBOARD_PORT=str(port),
-                       DASHBOARD_PASSWORD=PASSWORD)
+    env = pipeline.env(
+        FAKE_LATENCY="0.5", WORKER_CONCURRENCY="1", DASHBOARD_PORT=str(port), DASHBOARD_PASSWORD=PASSWORD
+    )
     worker = processes.start(["worker.py", "--processes", "1"], env)
     dashboard = processes.start(["dashboard.py"], env)
     url = f"http://127.0.0.1:{port}"
     try:
-        processes.wait_for(lambda: _busy_job(pipeline) is not None or worker.poll() is not None, 60,
-                           "the worker to be busy on the run's chunk")
+        processes.wait_for(
+            lambda: _busy_job(pipeline) is not None or worker.poll() is not None,
+            60,
+            "the worker to be busy on the run's chunk",
+        )
         job_id = _busy_job(pipeline)
         assert job_id is not None and job_id.startswith(report.run_id), worker.stderr.read().decode()
-        processes.wait_for(lambda: _get(f"{url}/0/data/queues.json")[0] != 0 or dashboard.poll() is not None,
-                           30, "the dashboard to answer")
+        processes.wait_for(
+            lambda: _get(f"{url}/0/data/queues.json")[0] != 0 or dashboard.poll() is not None,
+            30,
+            "the dashboard to answer",
+        )
         assert dashboard.poll() is None, dashboard.stderr.read().decode()
 
         status, body = _get(f"{url}/0/data/workers.json")  # what the Workers page polls
@@ -106,8 +114,9 @@ def test_workers_page_and_its_data_answer_while_a_worker_is_busy(pipeline, tmp_p
 def test_dashboard_refuses_to_start_without_a_password(pipeline):
     env = pipeline.env(DASHBOARD_PORT=str(_free_port()))
     env.pop("DASHBOARD_PASSWORD", None)
-    run = subprocess.run([sys.executable, "dashboard.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, "dashboard.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode != 0
     assert "DASHBOARD_PASSWORD" in run.stderr
 
@@ -128,8 +137,11 @@ def _redis_servers_in(directory: Path) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and "redis-server" in (proc / "cmdline").read_text() and \
-                    (proc / "cwd").resolve() == directory.resolve():
+            if (
+                proc.name.isdigit()
+                and "redis-server" in (proc / "cmdline").read_text()
+                and (proc / "cwd").resolve() == directory.resolve()
+            ):
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -142,17 +154,28 @@ def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_co
     DATA_DIR; after SIGTERM to the worker, then to the dashboard, no redis-server is left."""
     data_dir, port = tmp_path / "data", _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
-    env.update(DATA_DIR=str(data_dir), METRICS_PORT="0", LOG_LEVEL="WARNING", DASHBOARD_PORT=str(port),
-               DASHBOARD_PASSWORD=PASSWORD, PYTHONPATH=str(ROOT))
+    env.update(
+        DATA_DIR=str(data_dir),
+        METRICS_PORT="0",
+        LOG_LEVEL="WARNING",
+        DASHBOARD_PORT=str(port),
+        DASHBOARD_PASSWORD=PASSWORD,
+        PYTHONPATH=str(ROOT),
+    )
     commands = _procfile()
-    started = [subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True) for name in ("worker", "dashboard")]
+    started = [
+        subprocess.Popen(
+            commands[name], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        for name in ("worker", "dashboard")
+    ]
     worker, dashboard = started
     url = f"http://127.0.0.1:{port}/0/data/workers.json"
 
     def workers_shown() -> list[dict]:
-        assert worker.poll() is None and dashboard.poll() is None, \
-            (worker.stderr.read() if worker.poll() is not None else dashboard.stderr.read()).decode()[-2000:]
+        assert worker.poll() is None and dashboard.poll() is None, (
+            worker.stderr.read() if worker.poll() is not None else dashboard.stderr.read()
+        ).decode()[-2000:]
         status, body = _get(url)
         return json.loads(body)["workers"] if status == 200 else []
 

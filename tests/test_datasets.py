@@ -1,5 +1,6 @@
 """The fast batch readers read every file exactly as the row-by-row readers do, and the chunk jobs' serialized
 rows decode to the payload the workers always got."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,8 +22,8 @@ from .datasets import tricky_rows, write
 
 CSV_FILES = {
     "tricky": None,  # tests.datasets' quotes, commas, newlines, non-ASCII
-    "bom crlf": "\ufeffid,text\r\n1,\"a \"\"q\"\" b\"\r\n2, x \"y\" z\r\n",
-    "blank lines": "id,text\n1,a\n\n2,b\n,\n   ,  \n3,\"x\ny\"\n",
+    "bom crlf": '\ufeffid,text\r\n1,"a ""q"" b"\r\n2, x "y" z\r\n',
+    "blank lines": 'id,text\n1,a\n\n2,b\n,\n   ,  \n3,"x\ny"\n',
     "short row": "id,text\n1,a\n2\n3,c\n",
     "no final newline": "id,text\n1,a\n2,b",
     "duplicate header": "id,id\n1,2\n",
@@ -56,8 +57,14 @@ def test_csv_reads_as_the_row_by_row_reader(tmp_path, case):
 def test_jsonl_reads_as_the_row_by_row_reader(tmp_path):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps(r, ensure_ascii=False) for r in tricky_rows(50)]
-    lines += ['{"id": "n", "x": NaN, "y": [1e400, {"z": -Infinity}]}', "", "   ", '  {"id": "lead"}',
-              '{"id": "u", "t": "\\u00e9\\ud83d\\ude42"}', '{"id": "tail"}   \r']
+    lines += [
+        '{"id": "n", "x": NaN, "y": [1e400, {"z": -Infinity}]}',
+        "",
+        "   ",
+        '  {"id": "lead"}',
+        '{"id": "u", "t": "\\u00e9\\ud83d\\ude42"}',
+        '{"id": "tail"}   \r',
+    ]
     lines += [json.dumps(r) for r in tricky_rows(30)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     rows = list(datasets.iter_rows(path))
@@ -66,15 +73,17 @@ def test_jsonl_reads_as_the_row_by_row_reader(tmp_path):
 
 
 def test_parquet_reads_as_the_row_by_row_reader(tmp_path):
-    table = pa.table({
-        "id": [f"k{i}" for i in range(30)],
-        "text": [None if i % 7 == 0 else f"t{i}" for i in range(30)],
-        "n": list(range(30)),
-        "f": [math.nan if i % 5 == 0 else i / 3 for i in range(30)],
-        "when": [dt.datetime(2024, 1, 1) + dt.timedelta(hours=i) for i in range(30)],
-        "tags": [["a", str(i)] for i in range(30)],
-        "cat": pa.array([f"c{i % 3}" for i in range(30)]).dictionary_encode(),
-    })
+    table = pa.table(
+        {
+            "id": [f"k{i}" for i in range(30)],
+            "text": [None if i % 7 == 0 else f"t{i}" for i in range(30)],
+            "n": list(range(30)),
+            "f": [math.nan if i % 5 == 0 else i / 3 for i in range(30)],
+            "when": [dt.datetime(2024, 1, 1) + dt.timedelta(hours=i) for i in range(30)],
+            "tags": [["a", str(i)] for i in range(30)],
+            "cat": pa.array([f"c{i % 3}" for i in range(30)]).dictionary_encode(),
+        }
+    )
     path = tmp_path / "d.parquet"
     pq.write_table(table, path, row_group_size=7)
     rows = list(datasets.iter_rows(path, "id"))
@@ -102,14 +111,16 @@ def _scan_error(path: Path, template: str, **options) -> str:
 def test_checks_name_the_first_bad_row_across_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "READ_BATCH", 7)
     rows = [{"id": f"i{n}", "text": f"t{n}"} for n in range(40)]
-    rows[23] = {"id": "i23"}                       # the template's variable is missing from row 24
-    rows[31] = {"id": "i31", "text": " "}          # blank prompt
+    rows[23] = {"id": "i23"}  # the template's variable is missing from row 24
+    rows[31] = {"id": "i31", "text": " "}  # blank prompt
     path = write(tmp_path / "d.jsonl", rows)
     assert _scan_error(path, "{{ text }}") == f"{path}: row 24: template variable missing: 'text' is undefined"
     path = write(tmp_path / "e.jsonl", rows[:23] + rows[24:])
     assert _scan_error(path, "{{ text }}") == f"{path}: row 31: the template renders an empty prompt"
-    assert (_scan_error(path, "x {{ text }}", id_column="id", max_row_bytes=10)
-            == f"{path}: row 1: 26 bytes, over the limit of 10")
+    assert (
+        _scan_error(path, "x {{ text }}", id_column="id", max_row_bytes=10)
+        == f"{path}: row 1: 26 bytes, over the limit of 10"
+    )
     assert "row 31" in _scan_error(path, "{{ text | trim }}")  # rendered row by row: same answer
 
 

@@ -1,4 +1,5 @@
 """Dataset -> RQ jobs -> worker -> collector -> SQL, on real Redis, real RQ workers, SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,11 @@ def test_export_joins_input_columns_with_answers(pipeline, tmp_path, fmt):
     pipeline.collect()
     out = tmp_path / f"out.{fmt}"
     assert export_run(pipeline.engine, report.run_id, fmt, out) == 30
-    frame = {"csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
-             "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-             "parquet": pd.read_parquet}[fmt](out)
+    frame = {
+        "csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+        "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+        "parquet": pd.read_parquet,
+    }[fmt](out)
     assert list(frame["id"]) == [r["id"] for r in rows]
     assert list(frame["text"]) == [r["text"] for r in rows]
     assert list(frame["answer"]) == [fake_answer(f"Classify: {r['text']}") for r in rows]
@@ -107,13 +110,11 @@ def test_cli_submit_worker_collect_status_export(pipeline, tmp_path):
     env = pipeline.env()
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    out = cli("enqueue.py", "submit", str(dataset), "--template", TEMPLATE, "--id-column", "id",
-              "--chunk-size", "15")
+    out = cli("enqueue.py", "submit", str(dataset), "--template", TEMPLATE, "--id-column", "id", "--chunk-size", "15")
     run_id = out.split()[1].rstrip(":")
     assert "40 rows in 3 chunks, 3 jobs enqueued" in out
     cli("worker.py", "--burst", "--processes", "2")
@@ -129,8 +130,11 @@ def _redis_servers_in(directory: Path) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and "redis-server" in (proc / "cmdline").read_text() and \
-                    (proc / "cwd").resolve() == directory.resolve():
+            if (
+                proc.name.isdigit()
+                and "redis-server" in (proc / "cmdline").read_text()
+                and (proc / "cwd").resolve() == directory.resolve()
+            ):
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -143,16 +147,36 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
     env.update(DATA_DIR=str(data_dir), METRICS_PORT="0")
-    demo = subprocess.run([sys.executable, "enqueue.py", "run", "examples/reviews.csv", "--template-file",
-                           "examples/sentiment.j2", "--id-column", "id"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    demo = subprocess.run(
+        [
+            sys.executable,
+            "enqueue.py",
+            "run",
+            "examples/reviews.csv",
+            "--template-file",
+            "examples/sentiment.j2",
+            "--id-column",
+            "id",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert demo.returncode == 0, demo.stderr
     assert "300 total: 300 succeeded, 0 failed, 0 pending" in demo.stdout
-    assert "cached     76 rows; attempts 224" in demo.stdout      # each distinct prompt paid once
+    assert "cached     76 rows; attempts 224" in demo.stdout  # each distinct prompt paid once
     assert _redis_servers_in(data_dir) == []
     run_id = demo.stdout.split()[1].rstrip(":")
-    status = subprocess.run([sys.executable, "enqueue.py", "status", run_id, "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "enqueue.py", "status", run_id, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"] == "completed"
     assert _redis_servers_in(data_dir) == []
@@ -180,14 +204,24 @@ def test_worker_and_collector_on_embedded_defaults_leave_no_redis_behind(tmp_pat
     before = _embedded_redis_servers()
 
     def command(*args: str) -> str:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=180)
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr
         assert _embedded_redis_servers() - before == set()
         return done.stdout
 
-    run_id = command("enqueue.py", "submit", "examples/reviews.csv", "--template-file", "examples/sentiment.j2",
-                     "--id-column", "id").split()[1].rstrip(":")
+    run_id = (
+        command(
+            "enqueue.py",
+            "submit",
+            "examples/reviews.csv",
+            "--template-file",
+            "examples/sentiment.j2",
+            "--id-column",
+            "id",
+        )
+        .split()[1]
+        .rstrip(":")
+    )
     command("worker.py", "--burst", "--processes", "2")
     command("enqueue.py", "collect", "--burst")
     assert "300 total: 300 succeeded, 0 failed, 0 pending" in command("enqueue.py", "status", run_id)

@@ -1,4 +1,5 @@
 """CSV export keeps spreadsheets from running cells as formulas (OWASP's rule) unless --raw; JSONL/Parquet raw."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,9 @@ TEXTS = ["=1+2", "+SUM(A1:A9)", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "steer me",
 
 
 def cli(pipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True, text=True, timeout=60
+    )
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -40,8 +42,12 @@ def test_csv_export_escapes_formula_cells_unless_raw_and_other_formats_stay_raw(
     assert pipeline.run_row(report.run_id)["rows_succeeded"] == len(TEXTS)
 
     outputs = {}
-    for name, extra in (("safe.csv", []), ("raw.csv", ["--raw"]), ("out.jsonl", ["--format", "jsonl"]),
-                        ("out.parquet", ["--format", "parquet"])):
+    for name, extra in (
+        ("safe.csv", []),
+        ("raw.csv", ["--raw"]),
+        ("out.jsonl", ["--format", "jsonl"]),
+        ("out.parquet", ["--format", "parquet"]),
+    ):
         run = cli(pipeline, "export", report.run_id, "-o", str(tmp_path / name), *extra)
         assert run.returncode == 0, run.stderr
         outputs[name] = tmp_path / name
@@ -56,9 +62,9 @@ def test_csv_export_escapes_formula_cells_unless_raw_and_other_formats_stay_raw(
         assert safe[key]["text"] == expected
         assert raw[key]["text"] == jsonl[key]["text"] == parquet[key]["text"] == text
     steered = f"r{TEXTS.index('steer me')}"
-    assert safe[steered]["answer"] == "'" + STEERED          # the LLM's answer, steered by the dataset
+    assert safe[steered]["answer"] == "'" + STEERED  # the LLM's answer, steered by the dataset
     assert raw[steered]["answer"] == jsonl[steered]["answer"] == parquet[steered]["answer"] == STEERED
-    assert safe["r0"]["answer"].startswith("ECHO: =1+2")       # not at the start: left alone
+    assert safe["r0"]["answer"].startswith("ECHO: =1+2")  # not at the start: left alone
     assert "'=cmd|' /C calc'!A0" in safe["r0"] and "=cmd|' /C calc'!A0" in raw["r0"]  # the header too
     assert safe["r0"]["input_tokens"] == raw["r0"]["input_tokens"]  # numbers are never touched
 
@@ -78,24 +84,49 @@ def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp
 
     from pipeline import store
     from pipeline.export import PAGE, export_run
-    from pipeline.records import RunConfig, Result
+    from pipeline.records import Result, RunConfig
 
     rows = PAGE + 700
     order = list(range(rows))
     random.Random(7).shuffle(order)
     with store.writing(pipeline.engine) as conn:
-        store.save_run(conn, RunConfig(run_id="big", dataset="d.csv", dataset_hash="h", template="{{ text }}",
-                                       provider="fake", model="fake", total_rows=rows), "completed")
-        store.apply_results(conn, [Result(run_id="big", row_key=f"k{i}", row_index=i,
-                                          status="failed" if i % 9 == 0 else "succeeded",
-                                          input={"text": f"=t{i}", "n": i}, answer=f"a{i}",
-                                          parsed={"i": i} if i % 2 else None, cost_nano=i, finished_at=1.0)
-                                   for i in order])
+        store.save_run(
+            conn,
+            RunConfig(
+                run_id="big",
+                dataset="d.csv",
+                dataset_hash="h",
+                template="{{ text }}",
+                provider="fake",
+                model="fake",
+                total_rows=rows,
+            ),
+            "completed",
+        )
+        store.apply_results(
+            conn,
+            [
+                Result(
+                    run_id="big",
+                    row_key=f"k{i}",
+                    row_index=i,
+                    status="failed" if i % 9 == 0 else "succeeded",
+                    input={"text": f"=t{i}", "n": i},
+                    answer=f"a{i}",
+                    parsed={"i": i} if i % 2 else None,
+                    cost_nano=i,
+                    finished_at=1.0,
+                )
+                for i in order
+            ],
+        )
     for fmt in ("csv", "jsonl", "parquet"):
         assert export_run(pipeline.engine, "big", fmt, tmp_path / f"out.{fmt}") == rows
-    exported = {"csv": read_csv(tmp_path / "out.csv"),
-                "jsonl": [json.loads(line) for line in (tmp_path / "out.jsonl").read_text("utf-8").splitlines()],
-                "parquet": pq.read_table(tmp_path / "out.parquet").to_pylist()}
+    exported = {
+        "csv": read_csv(tmp_path / "out.csv"),
+        "jsonl": [json.loads(line) for line in (tmp_path / "out.jsonl").read_text("utf-8").splitlines()],
+        "parquet": pq.read_table(tmp_path / "out.parquet").to_pylist(),
+    }
     for fmt, table in exported.items():
         assert [row["row_key"] for row in table] == [f"k{i}" for i in range(rows)], fmt
         assert list(table[0])[:4] == ["text", "n", "row_key", "status"]

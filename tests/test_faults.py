@@ -1,4 +1,5 @@
 """Nothing lost, nothing paid twice: real processes killed and restarted in the middle of a run."""
+
 from __future__ import annotations
 
 import os
@@ -39,14 +40,20 @@ def test_killed_worker_process_chunk_is_retried_at_once_without_redoing_answered
 
     with FakeProvider(latency=0.05) as server:
         pipeline = make_pipeline(worker_concurrency=2, openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
-        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(60)), "Q: {{ text }}", id_column="id",
-                                 chunk_size=60, provider="openai", model="gpt-4o-mini")
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", tricky_rows(60)),
+            "Q: {{ text }}",
+            id_column="id",
+            chunk_size=60,
+            provider="openai",
+            model="gpt-4o-mini",
+        )
         pool = processes.start(["worker.py", "--burst"], pipeline.env())
         try:
             processes.wait_for(lambda: _done(pipeline, report.run_id) >= 10, 30, "first answers")
             [worker] = processes.children(pool.pid)
             before = _answered_before(pipeline, report.run_id)
-            os.kill(worker, signal.SIGKILL)         # what the OOM killer does
+            os.kill(worker, signal.SIGKILL)  # what the OOM killer does
             # the chunk's heartbeat would lapse only after 70 s: the pool requeues it, a new worker drains it
             assert pool.wait(timeout=60) == 0
         finally:
@@ -55,21 +62,21 @@ def test_killed_worker_process_chunk_is_retried_at_once_without_redoing_answered
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert len(results) == 60 and all(r["status"] == "succeeded" for r in results.values())
-    for key, seen_at in before.items():          # answered before the kill: not requested again
+    for key, seen_at in before.items():  # answered before the kill: not requested again
         assert results[key]["finished_at"] <= seen_at
     assert len(paid) == 60
     paid_twice = sum(count - 1 for count in paid.values())
     print(f"worker killed after {len(before)} answers: 60 results, {sum(paid.values())} calls, {paid_twice} paid twice")
-    assert paid_twice <= 2                        # at most the calls in flight when the worker died
+    assert paid_twice <= 2  # at most the calls in flight when the worker died
     assert pipeline.run_row(report.run_id)["rows_succeeded"] == 60
 
 
 def test_killed_worker_machine_chunk_comes_back_through_abandoned_job_detection(make_pipeline, tmp_path):
     """The whole worker dies; another worker's maintenance finds the abandoned chunk (about 60 s + intervals)."""
-    pipeline = make_pipeline(fake_latency=0.05, worker_concurrency=2, job_monitoring_interval=1,
-                             worker_maintenance_interval=2)
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(40)), "Q: {{ text }}", id_column="id",
-                             chunk_size=40)
+    pipeline = make_pipeline(
+        fake_latency=0.05, worker_concurrency=2, job_monitoring_interval=1, worker_maintenance_interval=2
+    )
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(40)), "Q: {{ text }}", id_column="id", chunk_size=40)
     first = processes.start(["worker.py"], pipeline.env())
     try:
         processes.wait_for(lambda: _done(pipeline, report.run_id) >= 8, 30, "first answers")
@@ -79,8 +86,9 @@ def test_killed_worker_machine_chunk_comes_back_through_abandoned_job_detection(
         processes.kill_tree(first)
     second = processes.start(["worker.py"], pipeline.env())
     try:
-        processes.wait_for(lambda: _done(pipeline, report.run_id) >= 40, 150, "the abandoned chunk to finish",
-                           interval=0.5)
+        processes.wait_for(
+            lambda: _done(pipeline, report.run_id) >= 40, 150, "the abandoned chunk to finish", interval=0.5
+        )
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
@@ -98,12 +106,12 @@ def test_collector_that_dies_after_commit_before_ack_leaves_no_duplicate(pipelin
     crashed = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
     entries = crashed.reader.read(count=1000, block_ms=None)
     with pipeline.engine.begin() as conn:
-        crashed._write(conn, crashed._readable(entries))   # committed, but the process "dies" before acking
+        crashed._write(conn, crashed._readable(entries))  # committed, but the process "dies" before acking
     assert pipeline.redis.xlen(pipeline.settings.result_stream) == len(entries)
     restarted = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
     restarted.reader.claim_idle_ms = 0
     pipeline_written = restarted.run(burst=True)
-    assert pipeline_written == 0               # every redelivered result was already there
+    assert pipeline_written == 0  # every redelivered result was already there
     run = pipeline.run_row(report.run_id)
     assert (run["rows_succeeded"], run["rows_failed"]) == (30, 0)
     assert len(pipeline.results(report.run_id)) == 30
@@ -115,9 +123,15 @@ def test_duplicate_deliveries_and_a_late_failure_never_undo_a_success(pipeline, 
     pipeline.work()
     pipeline.collect()
     first = pipeline.results(report.run_id)[0]
-    late_failure = Result(run_id=report.run_id, row_key=first["row_key"], row_index=first["row_index"],
-                          status="failed", input=first["input"], error="late duplicate",
-                          finished_at=first["finished_at"] + 10)
+    late_failure = Result(
+        run_id=report.run_id,
+        row_key=first["row_key"],
+        row_index=first["row_index"],
+        status="failed",
+        input=first["input"],
+        error="late duplicate",
+        finished_at=first["finished_at"] + 10,
+    )
     stream = pipeline.settings.result_stream
     for _ in range(2):
         pipeline.redis.xadd(stream, {"kind": handoff.RESULT, "data": late_failure.to_json()})
@@ -140,9 +154,25 @@ def restartable_redis(tmp_path):
         port = probe.getsockname()[1]
     data = tmp_path / "redis-data"
     data.mkdir()
-    command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-               "--appendfsync", "always", "--save", "", "--dir", str(data), "--daemonize", "yes",
-               "--pidfile", str(data / "redis.pid")]
+    command = [
+        redis_server,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+        str(data),
+        "--daemonize",
+        "yes",
+        "--pidfile",
+        str(data / "redis.pid"),
+    ]
     client = redis.Redis(port=port)
 
     def start() -> None:
@@ -150,7 +180,7 @@ def restartable_redis(tmp_path):
         processes.wait_for(lambda: _pings(client), 10, "redis to start")
 
     def stop() -> None:
-        client.shutdown()    # saves the AOF, like a clean restart
+        client.shutdown()  # saves the AOF, like a clean restart
 
     start()
     yield f"redis://127.0.0.1:{port}/0", start, stop
@@ -168,8 +198,9 @@ def _pings(client) -> bool:
 def test_redis_restart_mid_run_loses_no_row(make_pipeline, tmp_path, restartable_redis):
     url, start, stop = restartable_redis
     pipeline = make_pipeline(redis_url=url, fake_latency=0.05, worker_concurrency=4)
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(300)), "Q: {{ text }}", id_column="id",
-                             chunk_size=50)
+    report = pipeline.submit(
+        write(tmp_path / "d.csv", tricky_rows(300)), "Q: {{ text }}", id_column="id", chunk_size=50
+    )
     workers = processes.start(["worker.py", "--processes", "2"], pipeline.env())
     try:
         processes.wait_for(lambda: _done(pipeline, report.run_id) >= 40, 30, "first answers")
@@ -212,12 +243,19 @@ def test_database_outage_keeps_results_in_redis_until_it_is_back(make_pipeline, 
         thread = threading.Thread(target=collector.run, kwargs={"stop": stop.is_set})
         with caplog.at_level("WARNING", logger="pipeline.collector"):
             thread.start()
-            processes.wait_for(lambda: any("database unavailable" in r.message for r in caplog.records), 30,
-                               "the collector to notice the outage")
-            assert pipeline.redis.xlen(pipeline.settings.result_stream) >= 100   # nothing acknowledged
+            processes.wait_for(
+                lambda: any("database unavailable" in r.message for r in caplog.records),
+                30,
+                "the collector to notice the outage",
+            )
+            assert pipeline.redis.xlen(pipeline.settings.result_stream) >= 100  # nothing acknowledged
             proxy.up()
-            processes.wait_for(lambda: pipeline.redis.xlen(pipeline.settings.result_stream) == 0, 60,
-                               "the collector to catch up", interval=0.1)
+            processes.wait_for(
+                lambda: pipeline.redis.xlen(pipeline.settings.result_stream) == 0,
+                60,
+                "the collector to catch up",
+                interval=0.1,
+            )
         stop.set()
         thread.join(30)
         run = pipeline.run_row(report.run_id)

@@ -1,5 +1,6 @@
 """JSON logs: many processes share one rotating file and every line survives whole; secrets are redacted; a run
 logs one INFO summary per chunk (provider calls only at DEBUG); rotation follows the settings."""
+
 from __future__ import annotations
 
 import json
@@ -32,19 +33,21 @@ for i in range(int(sys.argv[3])):
 def test_processes_logging_through_rotation_lose_no_line(tmp_path):
     path = tmp_path / "logs" / "pipeline.jsonl"
     writers, per_writer = 4, 400
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"p{n}", str(per_writer)], cwd=ROOT)
-             for n in range(writers)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"p{n}", str(per_writer)], cwd=ROOT)
+        for n in range(writers)
+    ]
     assert all(p.wait(timeout=60) == 0 for p in procs)
     files = sorted(path.parent.glob("pipeline.jsonl*"))
     assert len(files) > 5, "the file should have rotated several times"
     seen = []
     for file in files:
         for line in file.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)                      # every line is whole JSON
+            entry = json.loads(line)  # every line is whole JSON
             assert {"@timestamp", "level", "logger", "message", "role", "pid", "run_id"} <= entry.keys()
             seen.append(entry["message"].split()[1])
     expected = [f"p{n}-{i}" for n in range(writers) for i in range(per_writer)]
-    assert sorted(seen) == sorted(expected)               # every message exactly once
+    assert sorted(seen) == sorted(expected)  # every message exactly once
 
 
 def test_registered_secrets_never_reach_the_json_log(tmp_path):
@@ -80,10 +83,16 @@ def test_a_run_logs_one_info_summary_per_chunk_with_its_run_id_and_each_call_at_
     log_file = tmp_path / "logs" / "pipeline.jsonl"
     rows = 40
     with FakeProvider(rules=[{"match": "#7", "action": 400}]) as server:  # one row fails for good
-        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", log_file=log_file,
-                                 log_level="DEBUG")
-        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(rows)), "Q: {{ text }}", provider="openai",
-                                 model="gpt-4o-mini", chunk_size=20)
+        pipeline = make_pipeline(
+            openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", log_file=log_file, log_level="DEBUG"
+        )
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", tricky_rows(rows)),
+            "Q: {{ text }}",
+            provider="openai",
+            model="gpt-4o-mini",
+            chunk_size=20,
+        )
         worker = processes.start(["worker.py", "--burst"], pipeline.env())
         assert worker.wait(timeout=60) == 0, worker.stderr.read().decode()[-2000:]
     entries = _entries(log_file)
@@ -91,13 +100,20 @@ def test_a_run_logs_one_info_summary_per_chunk_with_its_run_id_and_each_call_at_
     chunks = [e for e in ours if e["level"] == "INFO"]
     calls = [e for e in ours if e["logger"] == "pipeline.answer"]
 
-    assert sorted(e["chunk"] for e in chunks) == ["c000000", "c000001"]   # the run's only INFO lines
+    assert sorted(e["chunk"] for e in chunks) == ["c000000", "c000001"]  # the run's only INFO lines
     assert sum(e["rows"] for e in chunks) == rows
     assert (sum(e["succeeded"] for e in chunks), sum(e["failed"] for e in chunks)) == (rows - 1, 1)
-    assert all(e["cached"] == 0 and e["input_tokens"] > 0 and e["output_tokens"] > 0 and e["cost_usd"] > 0
-               and e["seconds"] >= 0 and e["logger"] == "pipeline.job" for e in chunks)
+    assert all(
+        e["cached"] == 0
+        and e["input_tokens"] > 0
+        and e["output_tokens"] > 0
+        and e["cost_usd"] > 0
+        and e["seconds"] >= 0
+        and e["logger"] == "pipeline.job"
+        for e in chunks
+    )
     assert report.run_id in chunks[0]["message"] and "succeeded" in chunks[0]["message"]
-    assert len(calls) == sum(e["attempts"] for e in chunks) == rows    # every call, each at DEBUG
+    assert len(calls) == sum(e["attempts"] for e in chunks) == rows  # every call, each at DEBUG
     assert {e["level"] for e in calls} == {"DEBUG"}
     assert sorted(e["outcome"] for e in calls) == ["200"] * (rows - 1) + ["400"]
     assert sum(e["level"] == "INFO" for e in entries) < rows  # INFO does not grow with the calls
@@ -114,9 +130,15 @@ print(type(handler).__name__, handler.maxBytes, handler.backupCount)
 
 
 def test_rotation_size_and_count_come_from_the_settings(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LOG_FILE": str(tmp_path / "p.jsonl"),
-           "LOG_MAX_BYTES": "123456", "LOG_BACKUP_COUNT": "17"}
-    done = subprocess.run([sys.executable, "-c", ROTATION], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "LOG_FILE": str(tmp_path / "p.jsonl"),
+        "LOG_MAX_BYTES": "123456",
+        "LOG_BACKUP_COUNT": "17",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", ROTATION], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ConcurrentRotatingFileHandler", "123456", "17"]

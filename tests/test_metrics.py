@@ -1,4 +1,5 @@
 """/metrics scraped over HTTP during and after a real run, checked against the SQL tables."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,14 +28,16 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def total(samples, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )
 
 
 def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
     pipeline = make_pipeline(fake_latency=0.02, worker_concurrency=8)
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(300)), "Classify: {{ text }}", id_column="id",
-                             chunk_size=50)
+    report = pipeline.submit(
+        write(tmp_path / "d.csv", tricky_rows(300)), "Classify: {{ text }}", id_column="id", chunk_size=50
+    )
     metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
     server, _ = metrics.serve(0, addr="127.0.0.1")
     port = server.server_port
@@ -46,8 +49,9 @@ def test_metrics_agree_with_sql_during_and_after_a_run(make_pipeline, tmp_path):
     collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe])
     thread = threading.Thread(target=collector.run, kwargs={"stop": stop.is_set})
     thread.start()
-    worker = subprocess.Popen([sys.executable, "worker.py", "--burst", "--processes", "2"], cwd=ROOT,
-                              env=pipeline.env())
+    worker = subprocess.Popen(
+        [sys.executable, "worker.py", "--burst", "--processes", "2"], cwd=ROOT, env=pipeline.env()
+    )
     try:
         during = None
         deadline = time.monotonic() + 60
@@ -102,8 +106,9 @@ def test_dashboard_and_alerts_use_only_metrics_the_collector_exports(pipeline, t
     Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
     assert pipeline.run_row(report.run_id)["status"] == "completed"
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    exported = {family.name + suffix for family in metrics.registry.collect()
-                for suffix in suffixes.get(family.type, [""])}   # declared, even before a first sample
+    exported = {
+        family.name + suffix for family in metrics.registry.collect() for suffix in suffixes.get(family.type, [""])
+    }  # declared, even before a first sample
     deploy = ROOT / "deploy"
     used = set()
     for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
@@ -116,8 +121,7 @@ def test_dashboard_and_alerts_use_only_metrics_the_collector_exports(pipeline, t
 def test_a_runs_counter_series_exist_at_zero_before_its_first_result(pipeline, tmp_path):
     """rate()/increase() lose a counter's first value when its series appears with it: the run event alone
     creates every provider/model series of the run (fallbacks too) at zero."""
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(4)), "Q: {{ text }}",
-                             fallbacks=["fake:backup"])
+    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(4)), "Q: {{ text }}", fallbacks=["fake:backup"])
     metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
     Collector(pipeline.settings, pipeline.redis, pipeline.engine, observers=[metrics.observe]).run(burst=True)
     assert pipeline.run_row(report.run_id)["rows_succeeded"] == 0  # the run is known, no result yet
@@ -130,14 +134,19 @@ def test_a_runs_counter_series_exist_at_zero_before_its_first_result(pipeline, t
     finally:
         server.shutdown()
     for model in ("fake", "backup"):
-        for name, labels in [("pipeline_results_total", {"status": "failed"}),
-                             ("pipeline_results_total", {"status": "succeeded"}),
-                             ("pipeline_provider_requests_total", {"code": "429"}),
-                             ("pipeline_provider_requests_total", {"code": "200"}),
-                             ("pipeline_rate_limited_total", {}), ("pipeline_cache_hits_total", {}),
-                             ("pipeline_retries_total", {}), ("pipeline_timeouts_total", {}),
-                             ("pipeline_cost_usd_total", {}), ("pipeline_tokens_total", {"direction": "in"}),
-                             ("pipeline_row_latency_seconds_count", {})]:
+        for name, labels in [
+            ("pipeline_results_total", {"status": "failed"}),
+            ("pipeline_results_total", {"status": "succeeded"}),
+            ("pipeline_provider_requests_total", {"code": "429"}),
+            ("pipeline_provider_requests_total", {"code": "200"}),
+            ("pipeline_rate_limited_total", {}),
+            ("pipeline_cache_hits_total", {}),
+            ("pipeline_retries_total", {}),
+            ("pipeline_timeouts_total", {}),
+            ("pipeline_cost_usd_total", {}),
+            ("pipeline_tokens_total", {"direction": "in"}),
+            ("pipeline_row_latency_seconds_count", {}),
+        ]:
             key = (name, tuple(sorted({"provider": "fake", "model": model, **labels}.items())))
             assert before.get(key) == 0, f"{key} missing or not zero before the first result"
     assert total(after, "pipeline_results_total", model="fake", status="succeeded") == 4

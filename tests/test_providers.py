@@ -1,4 +1,5 @@
 """Real providers through the official SDKs, pointed at our fake provider server; real RQ workers and Redis."""
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,17 @@ def server():
 @pytest.fixture
 def provider_pipeline(make_pipeline, server):
     def make(**overrides):
-        values = dict(openai_api_key="sk-test-openai", openai_base_url=f"{server.url}/v1",
-                      anthropic_api_key="sk-ant-test", anthropic_base_url=server.url,
-                      compatible_base_url=f"{server.url}/v1", max_attempts=4)
+        values = dict(
+            openai_api_key="sk-test-openai",
+            openai_base_url=f"{server.url}/v1",
+            anthropic_api_key="sk-ant-test",
+            anthropic_base_url=server.url,
+            compatible_base_url=f"{server.url}/v1",
+            max_attempts=4,
+        )
         values.update(overrides)
         return make_pipeline(**values)
+
     return make
 
 
@@ -48,8 +55,9 @@ def run_all(pipeline, tmp_path, data, **fields):
     return report.run_id, {r["row_key"]: r for r in pipeline.results(report.run_id)}
 
 
-@pytest.mark.parametrize("provider,model", [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
-                                            ("compatible", "llama-3-8b")])
+@pytest.mark.parametrize(
+    "provider,model", [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"), ("compatible", "llama-3-8b")]
+)
 def test_each_provider_answers_through_its_sdk(provider_pipeline, server, tmp_path, provider, model):
     pipeline = provider_pipeline()
     data = rows(20)
@@ -60,7 +68,7 @@ def test_each_provider_answers_through_its_sdk(provider_pipeline, server, tmp_pa
         prompt = f"Say: {row['text']}"
         assert (result["status"], result["answer"], result["provider"]) == ("succeeded", "ECHO: " + prompt, provider)
         assert result["output_tokens"] == -(-len("ECHO: " + prompt) // 4)
-        price = prices.price(model)                 # the compatible server's model has no price: cost unknown
+        price = prices.price(model)  # the compatible server's model has no price: cost unknown
         expected = price.cost_nano(result["input_tokens"], result["output_tokens"]) if price else None
         assert result["cost_nano"] == expected
     stats = server.stats()
@@ -94,32 +102,43 @@ def test_permanent_errors_fail_the_row_at_once_and_the_rest_go_on(provider_pipel
     assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 2, "completed")
 
 
-def test_server_errors_and_timeouts_are_retried_and_an_unreadable_answer_is_billed_once(provider_pipeline, server,
-                                                                                         tmp_path):
+def test_server_errors_and_timeouts_are_retried_and_an_unreadable_answer_is_billed_once(
+    provider_pipeline, server, tmp_path
+):
     """A 200 whose body cannot be read was likely billed: asking again would pay again, so the row fails at
     once and its estimated cost (prompt estimate + max tokens) is counted; 5xx and timeouts are retried."""
-    server.configure(rules=[{"match": "row 1 ", "action": 503, "times": 2},
-                            {"match": "row 2 ", "action": "malformed", "times": 1},
-                            {"match": "row 3 ", "action": "hang", "times": 1}], hang_seconds=1.5)
+    server.configure(
+        rules=[
+            {"match": "row 1 ", "action": 503, "times": 2},
+            {"match": "row 2 ", "action": "malformed", "times": 1},
+            {"match": "row 3 ", "action": "hang", "times": 1},
+        ],
+        hang_seconds=1.5,
+    )
     pipeline = provider_pipeline(request_timeout=0.5)
     run_id, results = run_all(pipeline, tmp_path, rows(5), provider="openai", model="gpt-4o-mini")
     assert [k for k, r in results.items() if r["status"] != "succeeded"] == ["0002"]
     assert results["0001"]["attempts"] == 3
     unreadable = results["0002"]
     assert unreadable["attempts"] == 1 and "body that is not JSON" in unreadable["error"]
-    assert unreadable["output_tokens"] == 256 and unreadable["cost_nano"] > 0   # the worst case, once
+    assert unreadable["output_tokens"] == 256 and unreadable["cost_nano"] > 0  # the worst case, once
     assert server.stats()["by_status"]["malformed"] == 1
     assert (results["0003"]["attempts"], results["0003"]["timeouts"]) == (2, 1)
     assert pipeline.run_row(run_id)["timeouts"] == 1
 
 
-@pytest.mark.parametrize("param", ["stream=true", "n=3", "model=\"gpt-4o\"", "messages=[]"])
+@pytest.mark.parametrize("param", ["stream=true", "n=3", 'model="gpt-4o"', "messages=[]"])
 def test_params_the_pipeline_sets_are_refused_at_submit(provider_pipeline, tmp_path, param):
     pipeline = provider_pipeline()
     key, _, value = param.partition("=")
     with pytest.raises(ConfigError, match=f"param '{key}' cannot be set"):
-        pipeline.submit(write(tmp_path / "d.csv", rows(2)), "Q: {{ text }}", provider="openai",
-                        model="gpt-4o-mini", params={key: json.loads(value)})
+        pipeline.submit(
+            write(tmp_path / "d.csv", rows(2)),
+            "Q: {{ text }}",
+            provider="openai",
+            model="gpt-4o-mini",
+            params={key: json.loads(value)},
+        )
     assert pipeline.redis.llen(f"rq:queue:{pipeline.settings.queue_name}") == 0
 
 
@@ -134,32 +153,42 @@ def test_timeouts_have_their_own_smaller_retry_budget(provider_pipeline, server,
 def test_fallback_answers_when_the_primary_is_down(provider_pipeline, server, tmp_path):
     import socket
 
-    with socket.socket() as probe:          # a port where nothing listens: the primary is down
+    with socket.socket() as probe:  # a port where nothing listens: the primary is down
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     pipeline = provider_pipeline(openai_base_url=f"http://127.0.0.1:{dead}/v1", max_attempts=2)
-    _run_id, results = run_all(pipeline, tmp_path, rows(6), provider="openai", model="gpt-4o-mini",
-                               fallbacks=["anthropic:claude-haiku-4-5"])
+    _run_id, results = run_all(
+        pipeline, tmp_path, rows(6), provider="openai", model="gpt-4o-mini", fallbacks=["anthropic:claude-haiku-4-5"]
+    )
     assert {r["provider"] for r in results.values()} == {"anthropic"}
     assert all(r["status"] == "succeeded" and r["attempts"] == 3 for r in results.values())
     assert server.stats()["by_path"] == {"/v1/messages": 6}
 
 
-def test_json_schema_answers_are_parsed_and_invalid_ones_fail_after_bounded_retries(provider_pipeline, server,
-                                                                                     tmp_path):
-    server.configure(answers=[{"match": "row 0 ", "content": '{"sentiment": "positive", "score": 0.9}'},
-                              {"match": "row 1 ", "content": '{"sentiment": "meh"}'},
-                              {"match": "row 2 ", "content": "not json at all"}])
-    schema = {"type": "object", "required": ["sentiment"],
-              "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}}}
+def test_json_schema_answers_are_parsed_and_invalid_ones_fail_after_bounded_retries(
+    provider_pipeline, server, tmp_path
+):
+    server.configure(
+        answers=[
+            {"match": "row 0 ", "content": '{"sentiment": "positive", "score": 0.9}'},
+            {"match": "row 1 ", "content": '{"sentiment": "meh"}'},
+            {"match": "row 2 ", "content": "not json at all"},
+        ]
+    )
+    schema = {
+        "type": "object",
+        "required": ["sentiment"],
+        "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}},
+    }
     pipeline = provider_pipeline()
-    _, results = run_all(pipeline, tmp_path, rows(3), provider="openai", model="gpt-4o-mini", json_schema=schema,
-                         use_cache=False)
+    _, results = run_all(
+        pipeline, tmp_path, rows(3), provider="openai", model="gpt-4o-mini", json_schema=schema, use_cache=False
+    )
     assert results["0000"]["status"] == "succeeded"
     assert results["0000"]["parsed"] == {"sentiment": "positive", "score": 0.9}
     assert results["0001"]["status"] == "failed" and "JSON schema" in results["0001"]["error"]
     assert results["0002"]["status"] == "failed" and "not JSON" in results["0002"]["error"]
-    assert results["0001"]["attempts"] == results["0002"]["attempts"] == 2   # schema_attempts
+    assert results["0001"]["attempts"] == results["0002"]["attempts"] == 2  # schema_attempts
     assert server.stats()["paid"][f"Say: {rows(3)[1]['text']}"] == 2
 
 
@@ -167,14 +196,21 @@ def test_shared_rate_limit_holds_across_two_worker_processes(provider_pipeline, 
     """The server enforces 1200 RPM as a bucket of one second; the pipeline must never provoke a 429."""
     server.configure(rpm=1200, burst_seconds=1.0, latency=0.02)
     pipeline = provider_pipeline(worker_concurrency=32)
-    report = pipeline.submit(write(tmp_path / "d.jsonl", rows(120)), TEMPLATE, id_column="id", chunk_size=20,
-                             provider="openai", model="gpt-4o-mini", rpm=1200)
+    report = pipeline.submit(
+        write(tmp_path / "d.jsonl", rows(120)),
+        TEMPLATE,
+        id_column="id",
+        chunk_size=20,
+        provider="openai",
+        model="gpt-4o-mini",
+        rpm=1200,
+    )
     workers = processes.start(["worker.py", "--burst", "--processes", "2"], pipeline.env())
     assert workers.wait(timeout=120) == 0
     pipeline.collect()
     stats = server.stats()
     assert stats["by_status"] == {"200": 120}, stats["by_status"]
-    assert stats["max_per_second"] <= 20 + 20    # refill rate + one bucket of burst
+    assert stats["max_per_second"] <= 20 + 20  # refill rate + one bucket of burst
     run = pipeline.run_row(report.run_id)
     assert (run["rows_succeeded"], run["rate_limited"]) == (120, 0)
 
@@ -186,13 +222,14 @@ def test_cancel_reaches_rows_waiting_out_a_long_retry_after(provider_pipeline, s
 
     server.configure(fail_next=[429] * 50, retry_after=600)
     pipeline = provider_pipeline(worker_concurrency=8)
-    run_id = pipeline.submit(write(tmp_path / "d.jsonl", rows(8)), TEMPLATE, id_column="id", provider="openai",
-                             model="gpt-4o-mini").run_id
+    run_id = pipeline.submit(
+        write(tmp_path / "d.jsonl", rows(8)), TEMPLATE, id_column="id", provider="openai", model="gpt-4o-mini"
+    ).run_id
     worker = processes.start(["worker.py", "--burst"], pipeline.env())
     try:
         processes.wait_for(lambda: server.stats()["by_status"].get("429", 0) >= 1, 30, "the first 429")
         runs.cancel(pipeline.redis, pipeline.settings, run_id)
-        assert worker.wait(timeout=60) == 0                  # not 600 s later
+        assert worker.wait(timeout=60) == 0  # not 600 s later
     finally:
         processes.kill_tree(worker)
     pipeline.collect()
@@ -211,9 +248,9 @@ def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_
     server.configure(rules=[])
     server.reset()
     assert runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id) == 1
-    with pytest.raises(ConfigError, match="still has 1 chunk job"):   # not twice at once: that would pay twice
+    with pytest.raises(ConfigError, match="still has 1 chunk job"):  # not twice at once: that would pay twice
         runs.retry_failed(pipeline.redis, pipeline.settings, pipeline.engine, run_id)
-    pipeline.collect()                                   # the collector hears of the retry before any answer
+    pipeline.collect()  # the collector hears of the retry before any answer
     reopened = pipeline.run_row(run_id)
     assert (reopened["status"], reopened["rows_failed"], reopened["rows_succeeded"]) == ("running", 0, 6)
     pipeline.work()
@@ -223,7 +260,7 @@ def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_
     assert (run["rows_succeeded"], run["rows_failed"], run["status"]) == (8, 0, "completed")
     retried = {r["row_key"]: r for r in pipeline.results(run_id)}["0002"]
     assert (retried["attempts"], retried["calls"]) == (3, {"openai|gpt-4o-mini|500": 2, "openai|gpt-4o-mini|200": 1})
-    assert run["attempts"] == 12                         # every call made, the failed ones before the retry too
+    assert run["attempts"] == 12  # every call made, the failed ones before the retry too
 
 
 def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server, tmp_path):
@@ -233,8 +270,9 @@ def test_a_prompt_repeated_within_a_chunk_is_paid_once(provider_pipeline, server
     data = [{"id": f"{i:04d}", "text": f"topic {i % 4}"} for i in range(24)]
     run_id, results = run_all(pipeline, tmp_path, data, provider="openai", model="gpt-4o-mini", chunk_size=24)
     assert server.stats()["paid"] == {f"Say: topic {t}": 1 for t in range(4)}
-    assert all(r["status"] == "succeeded" and r["answer"] == f"ECHO: Say: {r['input']['text']}"
-               for r in results.values())
+    assert all(
+        r["status"] == "succeeded" and r["answer"] == f"ECHO: Say: {r['input']['text']}" for r in results.values()
+    )
     assert sum(r["cached"] for r in results.values()) == 20
     run = pipeline.run_row(run_id)
     assert (run["rows_cached"], run["attempts"]) == (20, 4)
@@ -246,15 +284,21 @@ def test_a_prompt_asked_by_two_workers_at_once_is_paid_once(provider_pipeline, s
     server.configure(latency=0.3)
     pipeline = provider_pipeline(worker_concurrency=16)
     data = [{"id": f"{i:04d}", "text": f"topic {i % 4}"} for i in range(32)]
-    run_id = pipeline.submit(write(tmp_path / "d.jsonl", data), TEMPLATE, id_column="id", chunk_size=8,
-                             provider="openai", model="gpt-4o-mini").run_id
+    run_id = pipeline.submit(
+        write(tmp_path / "d.jsonl", data),
+        TEMPLATE,
+        id_column="id",
+        chunk_size=8,
+        provider="openai",
+        model="gpt-4o-mini",
+    ).run_id
     workers = processes.start(["worker.py", "--burst", "--processes", "2"], pipeline.env())
     assert workers.wait(timeout=120) == 0
     pipeline.collect()
     assert server.stats()["paid"] == {f"Say: topic {t}": 1 for t in range(4)}
     run = pipeline.run_row(run_id)
     assert (run["rows_succeeded"], run["rows_cached"], run["attempts"]) == (32, 28, 4)
-    assert not list(pipeline.redis.scan_iter("cache:*:asking"))          # every claim went with its answer
+    assert not list(pipeline.redis.scan_iter("cache:*:asking"))  # every claim went with its answer
 
 
 def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, tmp_path):
@@ -284,18 +328,29 @@ def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, 
             return None
 
     pipeline = provider_pipeline()
-    config = RunConfig(run_id="rtest", dataset="d", dataset_hash="h", template="{{ text }}", provider="flaky",
-                       model="m")
+    config = RunConfig(
+        run_id="rtest", dataset="d", dataset_hash="h", template="{{ text }}", provider="flaky", model="m"
+    )
 
     async def answer_all():
         client = async_client(pipeline.settings, pipeline.redis)
         target = Target(ModelTarget("flaky", "m"), Flaky(), SharedRateLimiter(client, "flaky:m", rpm=None, tpm=None))
         policy = RetryPolicy(max_timeout_attempts=2, backoff_base=0.01, call_deadline=0.2)
-        answerer = RowAnswerer(config, [target], policy=policy, prices=PriceTable.load(),
-                               budget=RunBudget(client, "rtest", None, hold_seconds=60), cache=None)
+        answerer = RowAnswerer(
+            config,
+            [target],
+            policy=policy,
+            prices=PriceTable.load(),
+            budget=RunBudget(client, "rtest", None, hold_seconds=60),
+            cache=None,
+        )
         try:
-            return await asyncio.gather(*(answerer.answer(Row(str(i), i, {"text": t}))
-                                          for i, t in enumerate(["fine", "boom", "fine too", "stall"])))
+            return await asyncio.gather(
+                *(
+                    answerer.answer(Row(str(i), i, {"text": t}))
+                    for i, t in enumerate(["fine", "boom", "fine too", "stall"])
+                )
+            )
         finally:
             await client.aclose()
 
@@ -318,8 +373,9 @@ def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline
     server.configure(rules=[{"match": "row 1 ", "action": 401}])
     pipeline = provider_pipeline(openai_api_key=key, log_file=log_file, log_level="INFO")
     setup_logging(pipeline.settings, "test")
-    report = pipeline.submit(write(tmp_path / "d.jsonl", rows(4)), TEMPLATE, id_column="id", provider="openai",
-                             model="gpt-4o-mini")
+    report = pipeline.submit(
+        write(tmp_path / "d.jsonl", rows(4)), TEMPLATE, id_column="id", provider="openai", model="gpt-4o-mini"
+    )
     payloads = [pipeline.redis.dump(k) or b"" for k in pipeline.redis.scan_iter("*")]
     pipeline.work()
     stream = [repr(fields) for _, fields in pipeline.redis.xrange(pipeline.settings.result_stream)]
@@ -328,11 +384,16 @@ def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline
     results = pipeline.results(report.run_id)
     failed = [r for r in results if r["status"] == "failed"]
     assert len(failed) == 1 and "Incorrect API key provided: [REDACTED]" in failed[0]["error"]
-    everything = "\n".join([
-        log_file.read_text(encoding="utf-8"), json.dumps(results, default=str), "\n".join(stream),
-        b"\n".join(payloads).decode("utf-8", "replace"), generate_latest(metrics.registry).decode(),
-        json.dumps(pipeline.run_row(report.run_id), default=str),
-    ])
+    everything = "\n".join(
+        [
+            log_file.read_text(encoding="utf-8"),
+            json.dumps(results, default=str),
+            "\n".join(stream),
+            b"\n".join(payloads).decode("utf-8", "replace"),
+            generate_latest(metrics.registry).decode(),
+            json.dumps(pipeline.run_row(report.run_id), default=str),
+        ]
+    )
     assert "sk-test-TOPSECRET" not in everything
     assert "TOPSECRET" not in everything
 
@@ -341,7 +402,7 @@ def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline
 def test_a_retry_after_that_is_not_a_finite_number_is_ignored(header):
     from pipeline.providers.base import retry_after
 
-    assert retry_after(header) is None        # ordinary backoff; `SET ... EX inf` broke the limiter's Lua
+    assert retry_after(header) is None  # ordinary backoff; `SET ... EX inf` broke the limiter's Lua
 
 
 def test_an_enormous_retry_after_is_capped(provider_pipeline, server, tmp_path):

@@ -1,4 +1,5 @@
 """The shared rate limiter's arithmetic, on a real Redis (waits are computed by its Lua script and clock)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ def run(coro_factory, redis_url):
             return await coro_factory(client)
         finally:
             await client.aclose()
+
     return asyncio.run(main())
 
 
@@ -24,9 +26,10 @@ def test_burst_then_paced(redis_url):
         limiter = SharedRateLimiter(client, "t:burst", rpm=6000, tpm=None, burst_seconds=0.1)  # 100/s, burst 10
         waits = [await limiter.acquire(1) for _ in range(12)]
         return waits
+
     waits = run(scenario, redis_url)
-    assert all(w == 0 for w in waits[:9])          # a burst of about a tenth of a second goes at once
-    assert 0 < waits[11] <= 0.03                   # then one request per 10 ms
+    assert all(w == 0 for w in waits[:9])  # a burst of about a tenth of a second goes at once
+    assert 0 < waits[11] <= 0.03  # then one request per 10 ms
 
 
 async def quoted_wait(limiter: SharedRateLimiter, limit, cost: float) -> float:
@@ -37,19 +40,21 @@ async def quoted_wait(limiter: SharedRateLimiter, limit, cost: float) -> float:
 def test_over_estimate_is_refunded(redis_url):
     async def scenario(client):
         limiter = SharedRateLimiter(client, "t:refund", rpm=None, tpm=60_000, burst_seconds=1.0)  # 1000 tok/s
-        first = await limiter.acquire(1000)                     # the whole burst
-        await limiter.settle(1000, 100)                         # it really used 100: 900 come back
+        first = await limiter.acquire(1000)  # the whole burst
+        await limiter.settle(1000, 100)  # it really used 100: 900 come back
         return first, await quoted_wait(limiter, limiter.tokens, 800)
+
     first, after_refund = run(scenario, redis_url)
     assert first == 0
-    assert after_refund == 0                        # without the refund this would wait 0.8 s
+    assert after_refund == 0  # without the refund this would wait 0.8 s
 
 
 def test_provider_remaining_header_is_believed(redis_url):
     async def scenario(client):
         limiter = SharedRateLimiter(client, "t:follow", rpm=None, tpm=60_000, burst_seconds=1.0)
-        await limiter.follow_provider(None, 0)                  # the provider says no tokens are left
+        await limiter.follow_provider(None, 0)  # the provider says no tokens are left
         return await quoted_wait(limiter, limiter.tokens, 500)
+
     assert run(scenario, redis_url) == pytest.approx(0.5, abs=0.02)  # 500 tokens must refill first
 
 
@@ -58,17 +63,20 @@ def test_429_pauses_every_caller(redis_url):
         limiter = SharedRateLimiter(client, "t:pause", rpm=6000, tpm=60_000, burst_seconds=0.5)
         await limiter.pause(0.2)
         return (await quoted_wait(limiter, limiter.requests, 0), await quoted_wait(limiter, limiter.tokens, 0))
+
     requests_wait, tokens_wait = run(scenario, redis_url)
     assert 0.18 <= requests_wait <= 0.21 and 0.18 <= tokens_wait <= 0.21
 
 
 def test_two_limiters_share_one_budget(redis_url):
     async def scenario(client):
-        a = SharedRateLimiter(client, "t:shared", rpm=600, tpm=None, burst_seconds=0.5)   # 10/s, burst 5
+        a = SharedRateLimiter(client, "t:shared", rpm=600, tpm=None, burst_seconds=0.5)  # 10/s, burst 5
         b = SharedRateLimiter(client, "t:shared", rpm=600, tpm=None, burst_seconds=0.5)
-        reservations = [await (a if i % 2 else b)._reserve(keys=[a.requests.key], args=[a.requests.rate, 0.5, 1])
-                        for i in range(10)]
+        reservations = [
+            await (a if i % 2 else b)._reserve(keys=[a.requests.key], args=[a.requests.rate, 0.5, 1]) for i in range(10)
+        ]
         return [int(r) / 1e6 for r in reservations]
+
     waits = run(scenario, redis_url)
     assert waits[:4] == [0, 0, 0, 0]
     assert waits[9] == pytest.approx(0.5, abs=0.02)  # ten requests at 10/s with 0.5 s of burst
@@ -76,9 +84,11 @@ def test_two_limiters_share_one_budget(redis_url):
 
 def test_a_reservation_never_sent_is_given_back_whole(redis_url):
     """A row cancelled (or out of budget) after its rate-limit wait must not cost other runs their budget."""
+
     async def scenario(client):
         limiter = SharedRateLimiter(client, "t:release", rpm=60, tpm=60_000, burst_seconds=1.0)  # 1 req/s
         await limiter.acquire(1000)
         await limiter.release(1000)
         return (await quoted_wait(limiter, limiter.requests, 1), await quoted_wait(limiter, limiter.tokens, 1000))
+
     assert run(scenario, redis_url) == (0, 0)

@@ -1,4 +1,5 @@
 """A lost Redis is an outage, not a loss: SQL is the record of what is done, and resume rebuilds from it."""
+
 from __future__ import annotations
 
 from pipeline import runs, store
@@ -21,14 +22,21 @@ def test_redis_flushed_mid_run_resume_rebuilds_from_sql_and_pays_no_row_twice(ma
     rows = tricky_rows(60)
     with FakeProvider(latency=0.05) as server:
         pipeline = make_pipeline(worker_concurrency=2, openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
-        report = pipeline.submit(write(tmp_path / "d.csv", rows), TEMPLATE, id_column="id", chunk_size=10,
-                                 provider="openai", model="gpt-4o-mini", use_cache=False)
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", rows),
+            TEMPLATE,
+            id_column="id",
+            chunk_size=10,
+            provider="openai",
+            model="gpt-4o-mini",
+            use_cache=False,
+        )
         worker = processes.start(["worker.py", "--burst"], pipeline.env())
         collector = processes.start(["enqueue.py", "collect"], pipeline.env())
         try:
             processes.wait_for(lambda: len(_in_sql(pipeline, report.run_id)) >= 15, 60, "results in SQL")
-            pipeline.redis.flushdb()                                     # Redis lost its data mid-run
-            assert worker.wait(timeout=60) == 0                          # its running chunks end, nothing is left
+            pipeline.redis.flushdb()  # Redis lost its data mid-run
+            assert worker.wait(timeout=60) == 0  # its running chunks end, nothing is left
         finally:
             processes.kill_tree(worker)
             processes.kill_tree(collector)
@@ -47,7 +55,9 @@ def test_redis_flushed_mid_run_resume_rebuilds_from_sql_and_pays_no_row_twice(ma
     assert (run["status"], run["rows_succeeded"]) == ("completed", 60)
     prompt = {r["id"]: f"Q: {r['text']}" for r in rows}
     assert 15 <= len(answered) < 60
-    assert [key for key in answered if paid[prompt[key]] != 1] == []      # rows in SQL were not asked again
+    assert [key for key in answered if paid[prompt[key]] != 1] == []  # rows in SQL were not asked again
     assert all(paid[prompt[r["id"]]] >= 1 for r in rows)
-    print(f"flushed with {len(answered)} of 60 rows in SQL: {sum(paid.values())} calls in all, "
-          f"{sum(paid[prompt[k]] for k in answered)} for those rows")
+    print(
+        f"flushed with {len(answered)} of 60 rows in SQL: {sum(paid.values())} calls in all, "
+        f"{sum(paid[prompt[k]] for k in answered)} for those rows"
+    )

@@ -1,4 +1,5 @@
 """cancel, resume, budget caps, the response cache and idempotency keys, on real Redis and RQ workers."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,7 +56,7 @@ def test_cancel_mid_run_keeps_paid_answers_and_resume_answers_only_the_rest(make
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert len(results) == 80 and pipeline.run_row(report.run_id)["status"] == "completed"
-    assert all(results[k]["finished_at"] == t for k, t in kept.items())   # not answered a second time
+    assert all(results[k]["finished_at"] == t for k, t in kept.items())  # not answered a second time
 
 
 def test_resume_refuses_while_chunks_are_still_queued(pipeline, tmp_path):
@@ -69,8 +70,14 @@ def test_resume_refuses_while_chunks_are_still_queued(pipeline, tmp_path):
 def test_budget_cap_stops_the_run_before_overspending_with_concurrent_workers(make_pipeline, tmp_path):
     pipeline = make_pipeline(fake_latency=0.01, worker_concurrency=16)
     cap = 0.002
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(400)), TEMPLATE, id_column="id",
-                             chunk_size=50, max_cost=cap, use_cache=False)
+    report = pipeline.submit(
+        write(tmp_path / "d.csv", tricky_rows(400)),
+        TEMPLATE,
+        id_column="id",
+        chunk_size=50,
+        max_cost=cap,
+        use_cache=False,
+    )
     worker = processes.start(["worker.py", "--burst", "--processes", "2"], pipeline.env())
     assert worker.wait(timeout=120) == 0
     pipeline.collect()
@@ -105,7 +112,7 @@ def test_resubmitting_hits_the_cache_and_any_change_misses_it(pipeline, tmp_path
 
     first = run(idempotency_key="day-1")
     assert (first["rows_cached"], first["attempts"]) == (0, 30)
-    again = run(idempotency_key="day-2")                       # a new run of the same thing: all from cache
+    again = run(idempotency_key="day-2")  # a new run of the same thing: all from cache
     assert (again["rows_succeeded"], again["rows_cached"], again["attempts"], again["cost_nano"]) == (30, 30, 0, 0)
     assert run(idempotency_key="day-3", use_cache=False)["attempts"] == 30
     assert run(idempotency_key="day-4", template="Other: {{ text }}")["rows_cached"] == 0
@@ -136,8 +143,15 @@ def test_two_submits_at_once_enqueue_each_chunk_once(pipeline, tmp_path):
     def submit() -> None:
         connection = connect(pipeline.settings)
         start.wait()
-        reports.append(runs.submit(connection, pipeline.settings, runs.RunRequest(
-            dataset=dataset, template=TEMPLATE, id_column="id", chunk_size=5, idempotency_key="nightly@1")))
+        reports.append(
+            runs.submit(
+                connection,
+                pipeline.settings,
+                runs.RunRequest(
+                    dataset=dataset, template=TEMPLATE, id_column="id", chunk_size=5, idempotency_key="nightly@1"
+                ),
+            )
+        )
 
     threads = [threading.Thread(target=submit) for _ in range(4)]
     for thread in threads:
@@ -158,7 +172,7 @@ def test_a_submit_cut_off_half_way_is_finished_by_the_next_one(pipeline, tmp_pat
     dataset = write(tmp_path / "d.csv", tricky_rows(30))
     report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10, idempotency_key="day-1")
     queue_key = f"rq:queue:{pipeline.settings.queue_name}"
-    lost = ["c000001", "c000002"]                          # as if the process died before these
+    lost = ["c000001", "c000002"]  # as if the process died before these
     for label in lost:
         pipeline.redis.lrem(queue_key, 0, job_id(report.run_id, label))
         pipeline.redis.srem(enqueued_key(report.run_id), label)
@@ -166,8 +180,7 @@ def test_a_submit_cut_off_half_way_is_finished_by_the_next_one(pipeline, tmp_pat
 
     again = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10, idempotency_key="day-1")
     assert (again.run_id, again.existing, again.jobs_enqueued) == (report.run_id, True, 2)
-    assert pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10,
-                           idempotency_key="day-1").jobs_enqueued == 0
+    assert pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=10, idempotency_key="day-1").jobs_enqueued == 0
     pipeline.work()
     pipeline.collect()
     run = pipeline.run_row(report.run_id)
@@ -179,8 +192,13 @@ def test_a_chunk_that_cannot_start_fails_its_rows_so_the_run_ends(pipeline, tmp_
     from pydantic import SecretStr
 
     pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": SecretStr("sk-ant-submitter")})
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(12)), TEMPLATE, id_column="id", chunk_size=5,
-                             fallbacks=["anthropic:claude-haiku-4-5"])
+    report = pipeline.submit(
+        write(tmp_path / "d.csv", tricky_rows(12)),
+        TEMPLATE,
+        id_column="id",
+        chunk_size=5,
+        fallbacks=["anthropic:claude-haiku-4-5"],
+    )
     pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": None})
     pipeline.work()
     pipeline.collect()
@@ -205,11 +223,18 @@ def test_a_chunk_failing_its_last_try_leaves_failed_rows_not_gaps(pipeline, tmp_
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(6)), TEMPLATE, id_column="id")
     job = Job.fetch(job_id(report.run_id, "c000000"), connection=pipeline.redis, serializer=SERIALIZER)
     assert job.failure_callback is chunk_failed and job.retries_left == pipeline.settings.job_retries
-    answered = Result(run_id=report.run_id, row_key="id-00000", row_index=0, status=SUCCEEDED,
-                      input={"text": "x"}, answer="kept", finished_at=1.0)
+    answered = Result(
+        run_id=report.run_id,
+        row_key="id-00000",
+        row_index=0,
+        status=SUCCEEDED,
+        input={"text": "x"},
+        answer="kept",
+        finished_at=1.0,
+    )
     handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, [answered])
 
-    chunk_failed(job, pipeline.redis, RuntimeError, RuntimeError("boom"), None)   # retries left: nothing yet
+    chunk_failed(job, pipeline.redis, RuntimeError, RuntimeError("boom"), None)  # retries left: nothing yet
     pipeline.collect()
     assert len(pipeline.results(report.run_id)) == 1
     job.retries_left = 0
@@ -217,8 +242,11 @@ def test_a_chunk_failing_its_last_try_leaves_failed_rows_not_gaps(pipeline, tmp_
     pipeline.collect()
     results = {r["row_key"]: r for r in pipeline.results(report.run_id)}
     assert len(results) == 6 and results["id-00000"]["answer"] == "kept"
-    assert all(r["status"] == "failed" and "failed on every try (RuntimeError: boom)" in r["error"]
-               for k, r in results.items() if k != "id-00000")
+    assert all(
+        r["status"] == "failed" and "failed on every try (RuntimeError: boom)" in r["error"]
+        for k, r in results.items()
+        if k != "id-00000"
+    )
     assert pipeline.run_row(report.run_id)["status"] == "completed"
 
 
@@ -271,10 +299,11 @@ def test_two_resumes_or_retries_at_once_enqueue_the_open_rows_once(pipeline, tmp
     if command == "resume":
         report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=5, use_cache=False)
         runs.cancel(pipeline.redis, pipeline.settings, report.run_id)
-    else:                                          # every row fails: the worker lacks the fallback's key
+    else:  # every row fails: the worker lacks the fallback's key
         pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": SecretStr("sk-ant-x")})
-        report = pipeline.submit(dataset, TEMPLATE, id_column="id", chunk_size=5, use_cache=False,
-                                 fallbacks=["anthropic:claude-haiku-4-5"])
+        report = pipeline.submit(
+            dataset, TEMPLATE, id_column="id", chunk_size=5, use_cache=False, fallbacks=["anthropic:claude-haiku-4-5"]
+        )
         pipeline.settings = pipeline.settings.model_copy(update={"anthropic_api_key": None})
         pipeline.work()
         pipeline.collect()

@@ -1,4 +1,5 @@
 """Nightly runs: a runs file, RQ's cron scheduler, and idempotent firings."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,20 +18,24 @@ def _runs_file(tmp_path, schedule: str) -> str:
     write(tmp_path / "data.csv", tricky_rows(25))
     (tmp_path / "prompt.j2").write_text("Classify: {{ text }}", encoding="utf-8")
     path = tmp_path / "runs.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [runs.nightly]
 dataset = "data.csv"
 template_file = "prompt.j2"
 id_column = "id"
 chunk_size = 10
 {schedule}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return str(path)
 
 
 def _cli(pipeline, *args):
-    return subprocess.run([sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True, text=True, timeout=60
+    )
 
 
 def _run_configs(pipeline) -> list[bytes]:
@@ -68,10 +73,16 @@ def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, 
     runs_file = _runs_file(tmp_path, "every = 86400")
     queue_key = f"rq:queue:{pipeline.settings.queue_name}"
     logs = [tmp_path / f"scheduler{i}.log" for i in range(2)]
-    schedulers = [subprocess.Popen([sys.executable, "enqueue.py", "schedule", "--runs", runs_file], cwd=ROOT,
-                                   env=pipeline.env(LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL,
-                                   stderr=log.open("w"))
-                  for log in logs]
+    schedulers = [
+        subprocess.Popen(
+            [sys.executable, "enqueue.py", "schedule", "--runs", runs_file],
+            cwd=ROOT,
+            env=pipeline.env(LOG_LEVEL="INFO"),
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
+        for log in logs
+    ]
 
     def fired() -> bool:
         return all("scheduled run nightly:" in log.read_text() for log in logs)
@@ -86,8 +97,8 @@ def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, 
             process.terminate()
             process.wait(timeout=10)
     assert len(_run_configs(pipeline)) == 1
-    assert pipeline.redis.llen(queue_key) == 3            # 25 rows in chunks of 10, enqueued by one firing
-    (tmp_path / "data.csv").unlink()                      # workers need no file: the rows are in the jobs
+    assert pipeline.redis.llen(queue_key) == 3  # 25 rows in chunks of 10, enqueued by one firing
+    (tmp_path / "data.csv").unlink()  # workers need no file: the rows are in the jobs
     pipeline.work()
     pipeline.collect()
     run_id = _run_configs(pipeline)[0].decode().split(":")[1]

@@ -1,4 +1,5 @@
 """Redis Sentinel: a real primary, a real replica and a real sentinel; the primary dies mid-run."""
+
 from __future__ import annotations
 
 import shutil
@@ -76,8 +77,11 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     def start(name: str, *args: str) -> subprocess.Popen:
         folder = tmp_path / name
         folder.mkdir()
-        process = subprocess.Popen([server, *args, "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [server, *args, "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         started.append(process)
         return process
 
@@ -85,18 +89,23 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
         primary = start("primary", "--port", str(ports[0]))
         start("replica", "--port", str(ports[1]), "--replicaof", "127.0.0.1", str(ports[0]))
         config = tmp_path / "sentinel.conf"
-        config.write_text(f"port {ports[2]}\n"
-                          f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 1\n"
-                          f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                          f"sentinel failover-timeout {MASTER} 2000\n")
+        config.write_text(
+            f"port {ports[2]}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 1\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 2000\n"
+        )
         start("sentinel", str(config), "--sentinel")
 
         def replica_synced(c) -> bool:
             return c.info("replication").get("master_link_status") == "up"
 
         processes.wait_for(lambda: _answers(ports[1], replica_synced), 20, "the replica to sync")
-        processes.wait_for(lambda: _answers(ports[2], lambda c: len(c.sentinel_slaves(MASTER)) == 1), 20,
-                           "the sentinel to see the replica")
+        processes.wait_for(
+            lambda: _answers(ports[2], lambda c: len(c.sentinel_slaves(MASTER)) == 1),
+            20,
+            "the sentinel to see the replica",
+        )
         yield SentinelSet(primary, *ports)
     finally:
         for process in started:
@@ -113,8 +122,11 @@ def planned_switchover(sentinels: SentinelSet) -> None:
     sentinel = redis.Redis(port=sentinels.sentinel_port)
     primary.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
     sentinel.execute_command("SENTINEL", "FAILOVER", MASTER)
-    processes.wait_for(lambda: sentinel.sentinel_get_master_addr_by_name(MASTER)[1] == sentinels.replica_port, 20,
-                       "the sentinel to name the new primary")
+    processes.wait_for(
+        lambda: sentinel.sentinel_get_master_addr_by_name(MASTER)[1] == sentinels.replica_port,
+        20,
+        "the sentinel to name the new primary",
+    )
     primary.execute_command("REPLICAOF", "127.0.0.1", sentinels.replica_port)
     primary.execute_command("CLIENT", "UNPAUSE")
     primary.close()
@@ -126,17 +138,30 @@ def _done(client: redis.Redis, run_id: str) -> int:
 
 
 @pytest.mark.parametrize("failure", ["primary killed", "planned switchover"])
-def test_primary_lost_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(make_pipeline, tmp_path,
-                                                                                 sentinel_set, failure):
+def test_primary_lost_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(
+    make_pipeline, tmp_path, sentinel_set, failure
+):
     """SIGKILL of the primary (its machine dies), or the planned switchover the README gives."""
     with FakeProvider(latency=0.05) as server:
-        pipeline = make_pipeline(redis_url=None, redis_sentinels=sentinel_set.sentinels,
-                                 redis_sentinel_master=MASTER, worker_concurrency=CONCURRENCY,
-                                 job_monitoring_interval=1, worker_maintenance_interval=2,
-                                 openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
+        pipeline = make_pipeline(
+            redis_url=None,
+            redis_sentinels=sentinel_set.sentinels,
+            redis_sentinel_master=MASTER,
+            worker_concurrency=CONCURRENCY,
+            job_monitoring_interval=1,
+            worker_maintenance_interval=2,
+            openai_api_key="sk-test",
+            openai_base_url=f"{server.url}/v1",
+        )
         assert pipeline.redis.connection_pool.get_master_address()[1] == sentinel_set.primary_port
-        report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(ROWS)), "Q: {{ text }}", id_column="id",
-                                 chunk_size=CHUNK, provider="openai", model="gpt-4o-mini")
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", tricky_rows(ROWS)),
+            "Q: {{ text }}",
+            id_column="id",
+            chunk_size=CHUNK,
+            provider="openai",
+            model="gpt-4o-mini",
+        )
         workers = processes.start(["worker.py", "--processes", str(PROCESSES)], pipeline.env())
         collector = processes.start(["enqueue.py", "collect"], pipeline.env())
         try:
@@ -146,8 +171,9 @@ def test_primary_lost_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(
             else:
                 planned_switchover(sentinel_set)
             answered_before = _done(pipeline.redis, report.run_id)
-            processes.wait_for(lambda: _status(pipeline, report.run_id) == "completed", 90, "the run to complete",
-                               interval=0.2)
+            processes.wait_for(
+                lambda: _status(pipeline, report.run_id) == "completed", 90, "the run to complete", interval=0.2
+            )
         finally:
             processes.kill_tree(workers)
             processes.kill_tree(collector)
@@ -164,9 +190,11 @@ def test_primary_lost_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(
     assert len(results) == ROWS and len({r["row_key"] for r in results}) == ROWS
     assert len(paid) == ROWS
     paid_twice = sum(count - 1 for count in paid.values())
-    print(f"{failure} after {answered_before} of {ROWS} answers: failed over to the replica, "
-          f"{ROWS} results, {sum(paid.values())} calls, {paid_twice} paid twice")
-    assert paid_twice <= PROCESSES * CONCURRENCY          # at most the calls in flight when the primary died
+    print(
+        f"{failure} after {answered_before} of {ROWS} answers: failed over to the replica, "
+        f"{ROWS} results, {sum(paid.values())} calls, {paid_twice} paid twice"
+    )
+    assert paid_twice <= PROCESSES * CONCURRENCY  # at most the calls in flight when the primary died
 
 
 def _status(pipeline, run_id: str) -> str | None:

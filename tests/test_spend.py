@@ -1,6 +1,7 @@
 """What was billed reaches SQL, whatever happens to the row: an answer without usage, a budget stop or a cancel
 after answers were billed, a call that timed out, a row answered twice. SQL spend equals the budget's Redis
 spend to the nano-dollar, on SQLite and PostgreSQL, with the official SDKs against the fake provider."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,15 +45,30 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
     ``pipeline_estimated_usage_answers`` counts it. (Before: cost 0 in SQL and Redis, the bucket refunded.)"""
     data = rows(2)
     with FakeProvider(usage=False) as server:
-        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1",
-                                 anthropic_api_key="sk-ant-test", anthropic_base_url=server.url,
-                                 ratelimit_burst_seconds=100_000)
+        pipeline = make_pipeline(
+            openai_api_key="sk-test",
+            openai_base_url=f"{server.url}/v1",
+            anthropic_api_key="sk-ant-test",
+            anthropic_base_url=server.url,
+            ratelimit_burst_seconds=100_000,
+        )
         metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
         dataset = write(tmp_path / "d.csv", data)
         targets = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest"}
-        reports = {provider: pipeline.submit(dataset, TEMPLATE, id_column="id", provider=provider, model=model,
-                                             max_tokens=40, max_cost=1.0, use_cache=False, tpm=6)
-                   for provider, model in targets.items()}
+        reports = {
+            provider: pipeline.submit(
+                dataset,
+                TEMPLATE,
+                id_column="id",
+                provider=provider,
+                model=model,
+                max_tokens=40,
+                max_cost=1.0,
+                use_cache=False,
+                tpm=6,
+            )
+            for provider, model in targets.items()
+        }
         started = _redis_time(pipeline)
         pipeline.work()
         elapsed = _redis_time(pipeline) - started
@@ -66,8 +82,9 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
         assert {r["row_key"]: r["cost_nano"] for r in results} == expected
         assert all(r["usage_estimated"] == 1 and r["output_tokens"] == 40 for r in results)
         assert pipeline.run_row(run_id)["cost_nano"] == redis_spend(pipeline, run_id) == sum(expected.values())
-        counted = metrics.registry.get_sample_value("pipeline_estimated_usage_answers_total",
-                                                    {"provider": provider, "model": model})
+        counted = metrics.registry.get_sample_value(
+            "pipeline_estimated_usage_answers_total", {"provider": provider, "model": model}
+        )
         assert counted == 2
         export_run(pipeline.engine, run_id, "jsonl", tmp_path / f"{provider}.jsonl")
         exported = [json.loads(line) for line in (tmp_path / f"{provider}.jsonl").read_text().splitlines()]
@@ -78,8 +95,10 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
     charged = sum(estimate_tokens(f"Q: {r['text']}") + 40 for r in data)
     tat = float(pipeline.redis.get("ratelimit:openai:gpt-4o-mini:tokens"))
     assert charged - 0.01 <= (tat - started) * rate <= charged + elapsed * rate + 0.01
-    print(f"no usage: SQL {sum(expected.values())} n$ = Redis {redis_spend(pipeline, run_id)} n$ per run "
-          f"(before: 0 and 0); bucket kept {charged} tokens")
+    print(
+        f"no usage: SQL {sum(expected.values())} n$ = Redis {redis_spend(pipeline, run_id)} n$ per run "
+        f"(before: 0 and 0); bucket kept {charged} tokens"
+    )
 
 
 def _redis_time(pipeline) -> float:
@@ -87,8 +106,7 @@ def _redis_time(pipeline) -> float:
     return seconds + micros / 1e6
 
 
-def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_only_the_rest(make_pipeline,
-                                                                                          tmp_path):
+def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_only_the_rest(make_pipeline, tmp_path):
     """Two runs of one row, each with a cap of exactly one call's worst case: (a) the primary's answer cannot be
     read (billed at its estimate) and the fallback no longer fits; (b) the answer fails the JSON schema and its
     second try no longer fits. The billed spend reaches SQL as a ``stopped`` result; ``resume`` asks the row
@@ -97,12 +115,29 @@ def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_on
     with FakeProvider() as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
         cap = worst_case("gpt-4o-mini", row["text"], 40) / 1e9
-        fallback = pipeline.submit(write(tmp_path / "a.csv", [row]), TEMPLATE, id_column="id",
-                                   provider="openai", model="gpt-4o-mini", fallbacks=["openai:gpt-4o"],
-                                   max_tokens=40, max_cost=cap, use_cache=False)
-        schema = pipeline.submit(write(tmp_path / "b.csv", [row]), TEMPLATE, id_column="id", provider="openai",
-                                 model="gpt-4o-mini", json_schema=SCHEMA, max_tokens=40, max_cost=cap,
-                                 use_cache=False, name="schema")
+        fallback = pipeline.submit(
+            write(tmp_path / "a.csv", [row]),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            fallbacks=["openai:gpt-4o"],
+            max_tokens=40,
+            max_cost=cap,
+            use_cache=False,
+        )
+        schema = pipeline.submit(
+            write(tmp_path / "b.csv", [row]),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            json_schema=SCHEMA,
+            max_tokens=40,
+            max_cost=cap,
+            use_cache=False,
+            name="schema",
+        )
         server.configure(fail_next=["malformed"])
         pipeline.work()
         pipeline.collect()
@@ -118,7 +153,7 @@ def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_on
         pipeline.collect()
         calls = server.stats()["requests"]
 
-    assert calls_at_stop == 2 and calls == 4                      # one call each, then one more each on resume
+    assert calls_at_stop == 2 and calls == 4  # one call each, then one more each on resume
     for run_id, (result,) in stopped.items():
         assert result["status"] == "stopped" and result["attempts"] == 1 and result["cost_nano"] > 0
         assert status_at_stop[run_id] == "budget_exhausted"
@@ -136,11 +171,21 @@ def test_a_cancel_after_a_billed_answer_keeps_its_spend(make_pipeline, tmp_path)
     """The answer fails the JSON schema; its second try waits for the rate limit (1 a minute) and the run is
     cancelled meanwhile: the billed answer reaches SQL as a ``stopped`` result. (Before: no result, SQL 0.)"""
     with FakeProvider() as server:
-        pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1",
-                                 ratelimit_burst_seconds=61)
-        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
-                                 model="gpt-4o-mini", json_schema=SCHEMA, max_tokens=40, max_cost=1.0, rpm=1,
-                                 use_cache=False)
+        pipeline = make_pipeline(
+            openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", ratelimit_burst_seconds=61
+        )
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", rows(1)),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            json_schema=SCHEMA,
+            max_tokens=40,
+            max_cost=1.0,
+            rpm=1,
+            use_cache=False,
+        )
 
         def cancel_after_first_answer() -> None:
             processes.wait_for(lambda: server.stats()["by_status"].get("200") == 1, 60, "the first answer")
@@ -165,8 +210,16 @@ def test_a_budget_hold_lives_as_long_as_its_call_can(make_pipeline, tmp_path):
     fixed 600 s, so a slow call's worst case left the budget and other calls could overspend the cap)."""
     with FakeProvider(latency=1.0) as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=700)
-        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
-                                 model="gpt-4o-mini", max_tokens=40, max_cost=1.0, use_cache=False)
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", rows(1)),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            max_tokens=40,
+            max_cost=1.0,
+            use_cache=False,
+        )
         seen: list[float] = []
 
         def watch_the_hold() -> None:
@@ -188,9 +241,17 @@ def test_a_cancel_ends_a_wait_for_room_in_the_budget(make_pipeline, tmp_path):
     ends that wait at once (before: the row waited until the other hold expired, here an hour)."""
     with FakeProvider() as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
-        report = pipeline.submit(write(tmp_path / "d.csv", rows(1)), TEMPLATE, id_column="id", provider="openai",
-                                 model="gpt-4o-mini", max_tokens=40, max_cost=0.001, use_cache=False,
-                                 rpm=60_000)  # its bucket's key appears as the row takes its place, just before
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", rows(1)),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            max_tokens=40,
+            max_cost=0.001,
+            use_cache=False,
+            rpm=60_000,
+        )  # its bucket's key appears as the row takes its place, just before
 
         async def hold_most_of_the_budget() -> None:
             client = aioredis.Redis.from_url(pipeline.settings.redis_url)
@@ -202,14 +263,17 @@ def test_a_cancel_ends_a_wait_for_room_in_the_budget(make_pipeline, tmp_path):
         asyncio.run(hold_most_of_the_budget())
         worker = processes.start(["worker.py", "--burst"], pipeline.env())
         try:
-            processes.wait_for(lambda: pipeline.redis.exists("ratelimit:openai:gpt-4o-mini:requests"), 60,
-                               "the row to reach the budget")
+            processes.wait_for(
+                lambda: pipeline.redis.exists("ratelimit:openai:gpt-4o-mini:requests"),
+                60,
+                "the row to reach the budget",
+            )
             runs.cancel(pipeline.redis, pipeline.settings, report.run_id)
             assert worker.wait(timeout=60) == 0
         finally:
             processes.kill_tree(worker)
         assert server.stats()["requests"] == 0
-    assert pipeline.redis.hlen(handoff.done_key(report.run_id)) == 0             # the row is left for resume
+    assert pipeline.redis.hlen(handoff.done_key(report.run_id)) == 0  # the row is left for resume
 
 
 def test_a_timed_out_call_is_spend_in_sql_too(make_pipeline, tmp_path):
@@ -218,15 +282,27 @@ def test_a_timed_out_call_is_spend_in_sql_too(make_pipeline, tmp_path):
     (row,) = rows(1)
     with FakeProvider(hang_seconds=3) as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=0.5)
-        report = pipeline.submit(write(tmp_path / "d.csv", [row]), TEMPLATE, id_column="id", provider="openai",
-                                 model="gpt-4o-mini", max_tokens=40, max_cost=1.0, use_cache=False)
+        report = pipeline.submit(
+            write(tmp_path / "d.csv", [row]),
+            TEMPLATE,
+            id_column="id",
+            provider="openai",
+            model="gpt-4o-mini",
+            max_tokens=40,
+            max_cost=1.0,
+            use_cache=False,
+        )
         server.configure(fail_next=["hang"])
         pipeline.work()
         pipeline.collect()
     (result,) = pipeline.results(report.run_id)
     timed_out = worst_case("gpt-4o-mini", row["text"], 40)
-    assert (result["status"], result["timeouts"], result["attempts"], result["usage_estimated"]) == \
-        ("succeeded", 1, 2, 1)
+    assert (result["status"], result["timeouts"], result["attempts"], result["usage_estimated"]) == (
+        "succeeded",
+        1,
+        2,
+        1,
+    )
     assert result["cost_nano"] > timed_out
     assert pipeline.run_row(report.run_id)["cost_nano"] == result["cost_nano"] == redis_spend(pipeline, report.run_id)
     print(f"timeout: SQL {result['cost_nano']} n$ = Redis (before: SQL {result['cost_nano'] - timed_out} n$)")
@@ -239,27 +315,46 @@ def test_a_second_paid_answer_to_a_row_reaches_sql_totals_once(pipeline, tmp_pat
     from pipeline.records import SUCCEEDED, Result
 
     report = pipeline.submit(write(tmp_path / "d.csv", rows(2)), TEMPLATE, id_column="id")
-    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")      # this test plays the workers
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")  # this test plays the workers
 
     def answer(i: int, cost: int, worker: str) -> Result:
-        return Result(run_id=report.run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={"text": "q"},
-                      answer=f"by {worker}", provider="openai", model="gpt-4o-mini", attempts=1, input_tokens=3,
-                      output_tokens=2, cost_nano=cost, finished_at=1000.0 + i, calls={"openai|gpt-4o-mini|200": 1})
+        return Result(
+            run_id=report.run_id,
+            row_key=f"r{i}",
+            row_index=i,
+            status=SUCCEEDED,
+            input={"text": "q"},
+            answer=f"by {worker}",
+            provider="openai",
+            model="gpt-4o-mini",
+            attempts=1,
+            input_tokens=3,
+            output_tokens=2,
+            cost_nano=cost,
+            finished_at=1000.0 + i,
+            calls={"openai|gpt-4o-mini|200": 1},
+        )
 
     first, second = [answer(i, 1000, "a") for i in range(2)], [answer(i, 700, "b") for i in range(2)]
     stream = pipeline.settings.result_stream
-    handoff.publish_results(pipeline.redis, stream, [*first, second[0]])   # r0 twice in one batch
+    handoff.publish_results(pipeline.redis, stream, [*first, second[0]])  # r0 twice in one batch
     pipeline.collect()
-    handoff.publish_results(pipeline.redis, stream, [second[1]])           # r1's second answer in a later one
+    handoff.publish_results(pipeline.redis, stream, [second[1]])  # r1's second answer in a later one
     pipeline.collect()
-    handoff.publish_results(pipeline.redis, stream, [*second, *first])     # every entry delivered again
+    handoff.publish_results(pipeline.redis, stream, [*second, *first])  # every entry delivered again
     pipeline.collect()
     results = pipeline.results(report.run_id)
-    assert [(r["answer"], r["cost_nano"], r["attempts"], r["calls"]) for r in results] == \
-        [("by a", 1700, 2, {"openai|gpt-4o-mini|200": 2})] * 2
+    assert [(r["answer"], r["cost_nano"], r["attempts"], r["calls"]) for r in results] == [
+        ("by a", 1700, 2, {"openai|gpt-4o-mini|200": 2})
+    ] * 2
     run = pipeline.run_row(report.run_id)
-    assert (run["status"], run["rows_succeeded"], run["cost_nano"], run["attempts"], run["input_tokens"]) == \
-        ("completed", 2, 3400, 4, 12)
+    assert (run["status"], run["rows_succeeded"], run["cost_nano"], run["attempts"], run["input_tokens"]) == (
+        "completed",
+        2,
+        3400,
+        4,
+        12,
+    )
 
 
 def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_the_readme_says(database_url):
@@ -282,8 +377,9 @@ def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_th
         store.make_engine(database_url)
     readme = (ROOT / "README.md").read_text()
     with engine.begin() as conn:
-        for statement in re.findall(r"^ALTER TABLE results ADD COLUMN (?:usage_estimated|generation|result_id).*;$",
-                                    readme, re.MULTILINE):
+        for statement in re.findall(
+            r"^ALTER TABLE results ADD COLUMN (?:usage_estimated|generation|result_id).*;$", readme, re.MULTILINE
+        ):
             conn.execute(text(statement))
     engine.dispose()
     store.make_engine(database_url).dispose()

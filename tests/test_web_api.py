@@ -1,6 +1,7 @@
 """The HTTP API over real HTTP (werkzeug on a loopback port), on real Redis and SQLite / PostgreSQL, with real
 burst workers and collector: a whole run, ownership, bad uploads, token revocation, limits, health, metrics,
 and Schemathesis against the app's own OpenAPI document."""
+
 from __future__ import annotations
 
 import io
@@ -22,14 +23,20 @@ from .datasets import write
 from .webserver import PASSWORD, make_web_fixture, web_fixture  # noqa: F401  (fixtures)
 
 TEMPLATE = "Classify: {{ text }}"
-ROWS = [{"id": f"r{i}", "text": text} for i, text in enumerate(
-    ["=1+2", "plain, with a comma", "café 🙂", "line one\nline two", "@SUM(A1)", "ok"])]
+ROWS = [
+    {"id": f"r{i}", "text": text}
+    for i, text in enumerate(["=1+2", "plain, with a comma", "café 🙂", "line one\nline two", "@SUM(A1)", "ok"])
+]
 
 
 def upload(web, user: str, path: Path, name: str | None = None, **fields) -> requests.Response:
     with path.open("rb") as handle:
-        return web.post(user, "/api/v1/runs", files={"file": (name or path.name, handle)},
-                        data={"template": TEMPLATE, "id_column": "id", **fields})
+        return web.post(
+            user,
+            "/api/v1/runs",
+            files={"file": (name or path.name, handle)},
+            data={"template": TEMPLATE, "id_column": "id", **fields},
+        )
 
 
 def is_problem(response: requests.Response, status: int) -> dict:
@@ -80,8 +87,13 @@ def test_login_upload_poll_download_matches_the_cli_export(web, tmp_path):
     assert b"'=1+2" in web.get("alice", f"/api/v1/runs/{run['run_id']}/results").content  # formula escaped
 
     # Bob sees nothing of Alice's run: the same 404 as a run that does not exist.
-    for method, path in (("get", ""), ("get", "/results"), ("post", "/cancel"), ("post", "/retry-failed"),
-                         ("post", "/resume")):
+    for method, path in (
+        ("get", ""),
+        ("get", "/results"),
+        ("post", "/cancel"),
+        ("post", "/retry-failed"),
+        ("post", "/resume"),
+    ):
         response = getattr(web, method)("bob", f"/api/v1/runs/{run['run_id']}{path}")
         assert is_problem(response, 404)["detail"] == f"no run {run['run_id']!r}"
     assert web.get("bob", "/api/v1/runs").json()["total"] == 0
@@ -92,8 +104,9 @@ def test_login_upload_poll_download_matches_the_cli_export(web, tmp_path):
 def test_tokens_expire_on_logout_and_refresh_works_until_revoked(web):
     web.add_user("alice")
     tokens = web.login("alice")
-    refreshed = requests.post(f"{web.url}/api/v1/auth/refresh", timeout=10,
-                              headers={"Authorization": f"Bearer {tokens['refresh_token']}"})
+    refreshed = requests.post(
+        f"{web.url}/api/v1/auth/refresh", timeout=10, headers={"Authorization": f"Bearer {tokens['refresh_token']}"}
+    )
     assert refreshed.status_code == 200
     fresh = {"Authorization": f"Bearer {refreshed.json()['access_token']}"}
     assert requests.get(f"{web.url}/api/v1/runs", headers=fresh, timeout=10).status_code == 200
@@ -101,15 +114,18 @@ def test_tokens_expire_on_logout_and_refresh_works_until_revoked(web):
     out = web.post("alice", "/api/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]})
     assert out.status_code == 204
     assert is_problem(web.get("alice", "/api/v1/runs"), 401)["detail"] == "the token has been revoked"
-    again = requests.post(f"{web.url}/api/v1/auth/refresh", timeout=10,
-                          headers={"Authorization": f"Bearer {tokens['refresh_token']}"})
+    again = requests.post(
+        f"{web.url}/api/v1/auth/refresh", timeout=10, headers={"Authorization": f"Bearer {tokens['refresh_token']}"}
+    )
     assert is_problem(again, 401)["detail"] == "the token has been revoked"
     assert requests.get(f"{web.url}/api/v1/runs", headers=fresh, timeout=10).status_code == 200  # not revoked
     assert is_problem(web.get(None, "/api/v1/runs"), 401)
-    assert is_problem(requests.get(f"{web.url}/api/v1/runs", headers={"Authorization": "Bearer nonsense"},
-                                   timeout=10), 401)
-    wrong = requests.post(f"{web.url}/api/v1/auth/login", json={"username": "alice", "password": "wrong one"},
-                          timeout=10)
+    assert is_problem(
+        requests.get(f"{web.url}/api/v1/runs", headers={"Authorization": "Bearer nonsense"}, timeout=10), 401
+    )
+    wrong = requests.post(
+        f"{web.url}/api/v1/auth/login", json={"username": "alice", "password": "wrong one"}, timeout=10
+    )
     assert is_problem(wrong, 401)["detail"] == "wrong user name or password"
     # Text PostgreSQL would refuse never reaches SQL (Schemathesis found a 500 from a NUL in a user name).
     nul = requests.post(f"{web.url}/api/v1/auth/login", json={"username": "a\u0000b", "password": "x"}, timeout=10)
@@ -123,8 +139,9 @@ def test_tokens_expire_on_logout_and_refresh_works_until_revoked(web):
 def test_bad_uploads_are_problems_naming_the_row_and_nothing_is_enqueued(web, tmp_path):
     web.add_user("alice")
     web.login("alice")
-    duplicate = write(tmp_path / "dup.csv", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"},
-                                             {"id": "a", "text": "z"}])
+    duplicate = write(
+        tmp_path / "dup.csv", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}]
+    )
     body = is_problem(upload(web, "alice", duplicate), 422)
     assert "dup.csv" in body["detail"] and "row 3" in body["detail"] and "'a'" in body["detail"], body
     assert str(web.pipeline.settings.data_dir) not in body["detail"]  # the stored path is not shown
@@ -175,8 +192,12 @@ def test_admins_see_every_run_and_users_only_their_own(web, tmp_path):
 
 
 def test_body_size_rate_limits_and_cors(make_web, tmp_path):
-    web = make_web(web_max_upload_bytes=2000, web_login_limit="3/minute", web_submit_limit="3/minute",
-                   web_cors_origins=["https://app.example"])
+    web = make_web(
+        web_max_upload_bytes=2000,
+        web_login_limit="3/minute",
+        web_submit_limit="3/minute",
+        web_cors_origins=["https://app.example"],
+    )
     web.add_user("alice")
     web.login("alice")
     big = write(tmp_path / "big.csv", [{"id": f"r{i}", "text": "x" * 100} for i in range(40)])
@@ -188,12 +209,15 @@ def test_body_size_rate_limits_and_cors(make_web, tmp_path):
     assert limited["title"] == "Too Many Requests"
     for _ in range(2):
         requests.post(f"{web.url}/api/v1/auth/login", json={"username": "alice", "password": "nope"}, timeout=10)
-    assert is_problem(requests.post(f"{web.url}/api/v1/auth/login", timeout=10,
-                                    json={"username": "alice", "password": PASSWORD}), 429)
+    assert is_problem(
+        requests.post(f"{web.url}/api/v1/auth/login", timeout=10, json={"username": "alice", "password": PASSWORD}), 429
+    )
 
     def preflight(origin: str) -> requests.Response:
-        return requests.options(f"{web.url}/api/v1/runs", timeout=10, headers={
-            "Origin": origin, "Access-Control-Request-Method": "GET"})
+        return requests.options(
+            f"{web.url}/api/v1/runs", timeout=10, headers={"Origin": origin, "Access-Control-Request-Method": "GET"}
+        )
+
     assert preflight("https://app.example").headers.get("Access-Control-Allow-Origin") == "https://app.example"
     assert "Access-Control-Allow-Origin" not in preflight("https://evil.example").headers
 
@@ -210,11 +234,20 @@ def test_health_metrics_access_log_and_create_user_command(web, tmp_path):
     try:
         runner = CliRunner()
         from enqueue import cli
-        created = runner.invoke(cli, ["create-user", "carol", "--password-stdin"], input=PASSWORD + "\n",
-                                env=web.pipeline.env(LOG_LEVEL="WARNING"))
+
+        created = runner.invoke(
+            cli,
+            ["create-user", "carol", "--password-stdin"],
+            input=PASSWORD + "\n",
+            env=web.pipeline.env(LOG_LEVEL="WARNING"),
+        )
         assert created.exit_code == 0 and "created user carol" in created.output, created.output
-        taken = runner.invoke(cli, ["create-user", "carol", "--password-stdin"], input=PASSWORD + "\n",
-                              env=web.pipeline.env(LOG_LEVEL="WARNING"))
+        taken = runner.invoke(
+            cli,
+            ["create-user", "carol", "--password-stdin"],
+            input=PASSWORD + "\n",
+            env=web.pipeline.env(LOG_LEVEL="WARNING"),
+        )
         assert taken.exit_code == 2 and "exists already" in taken.output
         web.login("carol")
         assert web.get("carol", "/api/v1/runs/rnope").status_code == 404
@@ -227,10 +260,8 @@ def test_health_metrics_access_log_and_create_user_command(web, tmp_path):
     assert entry["role"] == "web" and entry["duration_ms"] >= 0 and entry["user"] == "carol"
     assert "Bearer" not in json.dumps(lines)
     metrics = web.get(None, "/metrics").text
-    assert ('web_http_requests_total{method="GET",route="/api/v1/runs/<string:run_id>",status="404"} 1.0'
-            in metrics)
-    assert 'web_http_request_duration_seconds_count{method="POST",route="/api/v1/auth/login",status="200"}' \
-        in metrics
+    assert 'web_http_requests_total{method="GET",route="/api/v1/runs/<string:run_id>",status="404"} 1.0' in metrics
+    assert 'web_http_request_duration_seconds_count{method="POST",route="/api/v1/auth/login",status="200"}' in metrics
 
 
 def test_pages_forms_need_the_csrf_token_and_login_redirects_stay_on_site(web, tmp_path):
@@ -238,15 +269,20 @@ def test_pages_forms_need_the_csrf_token_and_login_redirects_stay_on_site(web, t
     web.login("alice")
     run_id = upload(web, "alice", write(tmp_path / "d.csv", ROWS[:2])).json()["run_id"]
     session = requests.Session()
-    page = session.post(f"{web.url}/login", data={"username": "alice", "password": PASSWORD,
-                                                  "next": "//evil.example/"}, allow_redirects=False, timeout=10)
+    page = session.post(
+        f"{web.url}/login",
+        data={"username": "alice", "password": PASSWORD, "next": "//evil.example/"},
+        allow_redirects=False,
+        timeout=10,
+    )
     assert page.status_code == 302 and page.headers["Location"] == "/"
     forged = session.post(f"{web.url}/runs/{run_id}/cancel", allow_redirects=False, timeout=10)
     assert forged.status_code in (302, 401) and "/login" in forged.headers.get("Location", "/login")
     assert web.get("alice", f"/api/v1/runs/{run_id}").json()["status"] != "cancelled"
     token = session.cookies["csrf_access_token"]
-    done = session.post(f"{web.url}/runs/{run_id}/cancel", data={"csrf_token": token}, allow_redirects=False,
-                        timeout=10)
+    done = session.post(
+        f"{web.url}/runs/{run_id}/cancel", data={"csrf_token": token}, allow_redirects=False, timeout=10
+    )
     assert done.status_code == 302 and web.get("alice", f"/api/v1/runs/{run_id}").json()["status"] == "cancelled"
 
 
@@ -286,8 +322,13 @@ def _fuzz(operation, web, known: str, calls: list[int], seen: dict[str, set[int]
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(case) -> None:
         if case.path_parameters and "run_id" in case.path_parameters and len(calls) % 2:
             case.path_parameters["run_id"] = known  # half the calls on a real run

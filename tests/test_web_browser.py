@@ -5,6 +5,7 @@ examples/sentiment.j2 and an id column; the runs page shows the run; burst worke
 it while the page reloads itself; the row reads completed with every row succeeded; the CSV download link gives
 the file `enqueue.py export` writes; log out, and the page's token no longer opens the runs page.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,18 @@ def browser(tmp_path):
     downloads.mkdir()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(argument)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     session = webdriver.Chrome(service=Service(executable_path=driver), options=options)
     session.downloads = downloads
     try:
@@ -133,15 +141,18 @@ def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web,
 
     web.finish(run_id)  # burst workers and collector; the page reloads itself every 2 s meanwhile
 
-    row = wait_for(lambda: (r := read_row(browser, run_id)) and r["status"] == "completed" and r,
-                   what="the run to show as completed")  # a final run's page no longer reloads
+    row = wait_for(
+        lambda: (r := read_row(browser, run_id)) and r["status"] == "completed" and r,
+        what="the run to show as completed",
+    )  # a final run's page no longer reloads
     assert row["succeeded"] == "300" and row["failed"] == "0" and row["pending"] == "0"
     assert float(row["cost"]) > 0 and row["eta"] == "0 s"
     assert row["resume"] and not row["cancel"] and not row["retry"]
 
     browser.find_element(By.ID, f"run-{run_id}").find_element(By.CLASS_NAME, "download-csv").click()
-    downloaded = wait_for(lambda: [p for p in browser.downloads.iterdir() if p.suffix == ".csv"],
-                          what="the CSV download")[0]
+    downloaded = wait_for(
+        lambda: [p for p in browser.downloads.iterdir() if p.suffix == ".csv"], what="the CSV download"
+    )[0]
     expected = tmp_path / "cli.csv"
     export_run(web.pipeline.engine, run_id, "csv", expected)
     wait_for(lambda: downloaded.stat().st_size == expected.stat().st_size, what="the download to complete")
@@ -153,5 +164,6 @@ def test_a_person_logs_in_uploads_watches_the_run_and_downloads_the_results(web,
     wait_for(lambda: "/login" in browser.current_url, what="the login page after logging out")
     assert web.pipeline.redis.keys("web:revoked:*")  # the page's token is on the revocation list
     import requests
+
     again = requests.get(f"{web.url}/", cookies={"access_token_cookie": token}, allow_redirects=False, timeout=10)
     assert again.status_code == 302 and "/login" in again.headers["Location"]

@@ -1,4 +1,5 @@
 """The worker runs only the pipeline's own jobs, and obeys SIGTERM: real RQ workers, real processes, real Redis."""
+
 from __future__ import annotations
 
 import signal
@@ -41,14 +42,16 @@ def test_sigterm_ends_the_pool_every_time_and_hands_running_chunks_back(make_pip
     """Ten SIGTERMs in a row, each to a pool busy with chunks: each stop is clean (exit 0, no worker left
     registered), unstarted rows go back with their chunk, and in the end every row has exactly one result."""
     pipeline = make_pipeline(fake_latency=0.3, worker_concurrency=8)
-    report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(600)), "Q: {{ text }}", id_column="id",
-                             chunk_size=20)
+    report = pipeline.submit(
+        write(tmp_path / "d.csv", tricky_rows(600)), "Q: {{ text }}", id_column="id", chunk_size=20
+    )
     for _ in range(10):
         before = _done(pipeline, report.run_id)
         pool = processes.start(["worker.py", "--processes", "2"], pipeline.env())
         try:
-            processes.wait_for(lambda before=before: _done(pipeline, report.run_id) > before + 4, 60,
-                               "answers from the pool")
+            processes.wait_for(
+                lambda before=before: _done(pipeline, report.run_id) > before + 4, 60, "answers from the pool"
+            )
             pool.send_signal(signal.SIGTERM)
             assert pool.wait(timeout=60) == 0
         finally:

@@ -1,4 +1,5 @@
 """The web app served over real HTTP (werkzeug on a loopback port, in a thread) on a test pipeline."""
+
 from __future__ import annotations
 
 import threading
@@ -18,8 +19,12 @@ from .conftest import Pipeline
 
 SECRET = "test-secret-key-of-at-least-32-characters!"
 PASSWORD = "correct horse battery"
-FAST = {"web_secret_key": SECRET, "web_cookie_secure": False, "web_submit_limit": "1000/minute",
-        "web_login_limit": "1000/minute"}
+FAST = {
+    "web_secret_key": SECRET,
+    "web_cookie_secure": False,
+    "web_submit_limit": "1000/minute",
+    "web_login_limit": "1000/minute",
+}
 
 
 @dataclass
@@ -33,8 +38,9 @@ class Web:
         users.create_user(self.pipeline.engine, name, PASSWORD, admin=admin)
 
     def login(self, name: str, password: str = PASSWORD) -> dict[str, Any]:
-        response = requests.post(f"{self.url}/api/v1/auth/login", json={"username": name, "password": password},
-                                 timeout=10)
+        response = requests.post(
+            f"{self.url}/api/v1/auth/login", json={"username": name, "password": password}, timeout=10
+        )
         assert response.status_code == 200, response.text
         self.tokens[name] = response.json()
         return self.tokens[name]

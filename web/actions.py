@@ -4,6 +4,7 @@
 A user sees only runs they own; reading, cancelling or downloading anyone else's run answers 404, exactly as
 for a run that does not exist. Admins see every run, the CLI's (owner None) included.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def not_found(run_id: str) -> HTTPError:
     return problem(404, f"no run {run_id!r}", "Not Found")
 
 
-def submit_upload(services: Services, user: dict[str, Any], upload: FileStorage,
-                  fields: dict[str, Any]) -> runs.SubmitReport:
+def submit_upload(
+    services: Services, user: dict[str, Any], upload: FileStorage, fields: dict[str, Any]
+) -> runs.SubmitReport:
     """Store the upload, then ``runs.submit`` it as the CLI does: a bad file or option is a 422 naming the row
     or column (with the client's file name in place of the stored one), and nothing is enqueued."""
     filename = display_name(upload.filename)
@@ -84,15 +86,29 @@ def build_request(path: Path, fields: dict[str, Any], owner: str) -> runs.RunReq
             raise ConfigError(f"model is required for provider {provider}")
         model = "fake"
     return runs.RunRequest(
-        dataset=path, template=fields["template"], provider=provider, model=model,
-        system_prompt=fields.get("system") or None, temperature=fields.get("temperature"),
-        max_tokens=fields.get("max_tokens", 256), params=_json_object(fields.get("params"), "params"),
+        dataset=path,
+        template=fields["template"],
+        provider=provider,
+        model=model,
+        system_prompt=fields.get("system") or None,
+        temperature=fields.get("temperature"),
+        max_tokens=fields.get("max_tokens", 256),
+        params=_json_object(fields.get("params"), "params"),
         json_schema=_json_object(fields.get("json_schema"), "json_schema") if fields.get("json_schema") else None,
-        fallbacks=list(fields.get("fallback") or []), id_column=fields.get("id_column") or None,
-        chunk_size=fields.get("chunk_size"), max_cost=fields.get("max_cost"), price_in=fields.get("price_in"),
-        price_out=fields.get("price_out"), use_cache=not fields.get("no_cache", False), rpm=fields.get("rpm"),
-        tpm=fields.get("tpm"), name=fields.get("name") or None, idempotency_key=fields.get("idempotency_key") or None,
-        mode=fields.get("mode") or "online", owner=owner)
+        fallbacks=list(fields.get("fallback") or []),
+        id_column=fields.get("id_column") or None,
+        chunk_size=fields.get("chunk_size"),
+        max_cost=fields.get("max_cost"),
+        price_in=fields.get("price_in"),
+        price_out=fields.get("price_out"),
+        use_cache=not fields.get("no_cache", False),
+        rpm=fields.get("rpm"),
+        tpm=fields.get("tpm"),
+        name=fields.get("name") or None,
+        idempotency_key=fields.get("idempotency_key") or None,
+        mode=fields.get("mode") or "online",
+        owner=owner,
+    )
 
 
 def _json_object(text: str | None, field: str) -> dict[str, Any]:
@@ -123,8 +139,11 @@ def visible_status(services: Services, user: dict[str, Any], run_id: str) -> dic
 def with_progress(info: dict[str, Any]) -> dict[str, Any]:
     done = info["rows_succeeded"] + info["rows_failed"]
     running = info["status"] not in store.FINAL_STATUSES and info["status"] != runs.CANCELLED
-    info["eta_s"] = (round(info["elapsed_s"] * info["rows_pending"] / done, 1)
-                     if running and done and info["rows_pending"] else (0.0 if not running else None))
+    info["eta_s"] = (
+        round(info["elapsed_s"] * info["rows_pending"] / done, 1)
+        if running and done and info["rows_pending"]
+        else (0.0 if not running else None)
+    )
     return info
 
 
@@ -150,8 +169,10 @@ def cancel(services: Services, user: dict[str, Any], run_id: str) -> int:
 
 def resume(services: Services, user: dict[str, Any], run_id: str, max_cost: float | None) -> int:
     visible_status(services, user, run_id)
-    return _requeue(lambda: runs.resume(services.redis, services.settings, run_id, max_cost=max_cost,
-                                        engine=services.engine), run_id)
+    return _requeue(
+        lambda: runs.resume(services.redis, services.settings, run_id, max_cost=max_cost, engine=services.engine),
+        run_id,
+    )
 
 
 def retry_failed(services: Services, user: dict[str, Any], run_id: str) -> int:

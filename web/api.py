@@ -1,5 +1,6 @@
 """The JSON API under /api/v1: submit an upload, list and read runs, download results, cancel / resume /
 retry-failed. Every view is a call into ``actions`` (and through it the CLI's functions)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,12 +16,17 @@ from . import actions
 from .auth import API_SECURITY, caller_key
 from .schemas import ActionOut, PageQuery, ResultsQuery, ResumeIn, RunDetail, RunsPage, SubmitIn, SubmitOut
 
-RESULT_CONTENT = {mimetype: {"schema": {"type": "string", "format": "binary"}}
-                  for mimetype in actions.MIMETYPES.values()}
+RESULT_CONTENT = {
+    mimetype: {"schema": {"type": "string", "format": "binary"}} for mimetype in actions.MIMETYPES.values()
+}
 # A description string gets the error body schema, a dict is the whole response object. APIFlask takes both in one
 # mapping though its ResponsesType says one or the other, hence the Any.
-RESULTS_RESPONSES: dict[int, Any] = {200: {"description": "The results file", "content": RESULT_CONTENT},
-                                     401: "Unauthorized", 404: "Not found", 409: "No results in the database yet"}
+RESULTS_RESPONSES: dict[int, Any] = {
+    200: {"description": "The results file", "content": RESULT_CONTENT},
+    401: "Unauthorized",
+    404: "Not found",
+    409: "No results in the database yet",
+}
 
 
 def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: str) -> APIBlueprint:
@@ -31,13 +37,22 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @jwt_required(locations=["headers"])
     @bp.input(SubmitIn, location="form_and_files")
     @bp.output(SubmitOut, status_code=201, description="The run was created (200: the same run existed).")
-    @bp.doc(summary="Submit a dataset", description="Multipart upload of a CSV, JSONL or Parquet file with the "
-            "run's settings, validated exactly as `enqueue.py submit` validates it: a bad row or column is a 422 "
-            "naming it, and nothing is enqueued. The same content and settings, or the same idempotency key, "
-            "give the same run.", responses={200: "The same run existed already", 401: "Unauthorized",
-                                             413: "Body too large", 415: "Not a dataset file",
-                                             422: "Invalid dataset or settings", 429: "Too many submits"},
-            security=API_SECURITY)
+    @bp.doc(
+        summary="Submit a dataset",
+        description="Multipart upload of a CSV, JSONL or Parquet file with the "
+        "run's settings, validated exactly as `enqueue.py submit` validates it: a bad row or column is a 422 "
+        "naming it, and nothing is enqueued. The same content and settings, or the same idempotency key, "
+        "give the same run.",
+        responses={
+            200: "The same run existed already",
+            401: "Unauthorized",
+            413: "Body too large",
+            415: "Not a dataset file",
+            422: "Invalid dataset or settings",
+            429: "Too many submits",
+        },
+        security=API_SECURITY,
+    )
     def submit(form_and_files_data: dict[str, Any]) -> tuple[dict[str, Any], int]:
         report = actions.submit_upload(services, current_user, form_and_files_data["file"], form_and_files_data)
         return report.__dict__, 200 if report.existing else 201
@@ -53,8 +68,12 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @bp.get("/runs/<string:run_id>")
     @jwt_required(locations=["headers"])
     @bp.output(RunDetail)
-    @bp.doc(summary="A run's status", description="Counts, tokens, cost and timings.", responses=[401, 404],
-            security=API_SECURITY)
+    @bp.doc(
+        summary="A run's status",
+        description="Counts, tokens, cost and timings.",
+        responses=[401, 404],
+        security=API_SECURITY,
+    )
     def get_run(run_id: str) -> dict[str, Any]:
         info = actions.visible_status(services, current_user, run_id)
         return {**info, "filename": users.run_filenames(services.engine, [run_id]).get(run_id)}
@@ -62,14 +81,22 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @bp.get("/runs/<string:run_id>/results")
     @jwt_required(locations=["headers"])
     @bp.input(ResultsQuery, location="query")
-    @bp.doc(summary="Download results", description="Input columns joined with the answers, as `enqueue.py "
-            "export` writes them (CSV cells that a spreadsheet would run as formulas are escaped unless raw).",
-            responses=RESULTS_RESPONSES, security=API_SECURITY)
+    @bp.doc(
+        summary="Download results",
+        description="Input columns joined with the answers, as `enqueue.py "
+        "export` writes them (CSV cells that a spreadsheet would run as formulas are escaped unless raw).",
+        responses=RESULTS_RESPONSES,
+        security=API_SECURITY,
+    )
     def results(run_id: str, query_data: dict[str, Any]) -> Response:
         fmt = query_data["format"]
         handle = actions.export_file(services, current_user, run_id, fmt, query_data["raw"])
-        return send_file(handle, mimetype=actions.MIMETYPES[fmt], as_attachment=True,
-                         download_name=actions.download_name(run_id, fmt))
+        return send_file(
+            handle,
+            mimetype=actions.MIMETYPES[fmt],
+            as_attachment=True,
+            download_name=actions.download_name(run_id, fmt),
+        )
 
     @bp.post("/runs/<string:run_id>/cancel")
     @jwt_required(locations=["headers"])
@@ -82,8 +109,12 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     @jwt_required(locations=["headers"])
     @bp.input(ResumeIn, location="json")
     @bp.output(ActionOut)
-    @bp.doc(summary="Resume a run", description="Enqueues every row without a result.",
-            responses=[401, 404, 409], security=API_SECURITY)
+    @bp.doc(
+        summary="Resume a run",
+        description="Enqueues every row without a result.",
+        responses=[401, 404, 409],
+        security=API_SECURITY,
+    )
     def resume(run_id: str, json_data: dict[str, Any]) -> dict[str, Any]:
         return {"run_id": run_id, "jobs": actions.resume(services, current_user, run_id, json_data.get("max_cost"))}
 

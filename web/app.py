@@ -3,6 +3,7 @@
 Why APIFlask (over flask-smorest): one Flask subclass gives the OpenAPI 3.1 document, the interactive docs and
 one error processor through which every error (ours, werkzeug's, validation) becomes a problem document.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -29,8 +30,9 @@ from .uploads import UploadRequest
 MIN_SECRET_KEY = 32
 
 
-def create_app(settings: Settings | None = None, *, connection: redis.Redis | None = None,
-               engine: Engine | None = None) -> APIFlask:
+def create_app(
+    settings: Settings | None = None, *, connection: redis.Redis | None = None, engine: Engine | None = None
+) -> APIFlask:
     settings = settings or load_settings()
     secret = _secret_key(settings)
     connection = connection or connect(settings)
@@ -39,8 +41,7 @@ def create_app(settings: Settings | None = None, *, connection: redis.Redis | No
     services = Services(settings, connection, engine)
     _check_upload_dir(settings, services)
 
-    app = APIFlask("web", title="Batch LLM pipeline API", version="1", spec_path="/openapi.json",
-                   docs_path="/docs")
+    app = APIFlask("web", title="Batch LLM pipeline API", version="1", spec_path="/openapi.json", docs_path="/docs")
     app.request_class = UploadRequest
     app.config.update(_flask_config(settings, secret))
     app.config["UPLOAD_DIR"] = services.upload_dir
@@ -53,23 +54,32 @@ def create_app(settings: Settings | None = None, *, connection: redis.Redis | No
     CORS(app, resources={r"/api/*": {"origins": settings.web_cors_origins}}, supports_credentials=False)
     # limits hands storage_options to the redis client, which takes a pool; Flask-Limiter types them as str | int
     storage_options = cast("dict[str, str | int]", {"connection_pool": connection.connection_pool})
-    limiter = Limiter(auth.caller_key, app=app, storage_uri="redis://", key_prefix="web-limits",
-                      storage_options=storage_options, headers_enabled=True)
+    limiter = Limiter(
+        auth.caller_key,
+        app=app,
+        storage_uri="redis://",
+        key_prefix="web-limits",
+        storage_options=storage_options,
+        headers_enabled=True,
+    )
     auth.setup_jwt(app, connection, engine)
     observe.install(app, settings)
     app.register_blueprint(health.build_blueprint(_probe_client(settings, connection), engine))
     app.register_blueprint(auth.build_blueprint(connection, engine, limiter, settings.web_login_limit))
     app.register_blueprint(api.build_blueprint(services, limiter, settings.web_submit_limit))
-    app.register_blueprint(pages.build_blueprint(services, connection, limiter, settings.web_login_limit,
-                                                 settings.web_submit_limit))
+    app.register_blueprint(
+        pages.build_blueprint(services, connection, limiter, settings.web_login_limit, settings.web_submit_limit)
+    )
     app.extensions["pipeline_services"] = services
     return app
 
 
 def _secret_key(settings: Settings) -> str:
     if settings.web_secret_key is None or len(settings.web_secret_key.get_secret_value()) < MIN_SECRET_KEY:
-        raise ConfigError(f"WEB_SECRET_KEY must be set to a random value of at least {MIN_SECRET_KEY} characters "
-                          "(it signs the API's tokens), e.g. python -c 'import secrets; print(secrets.token_hex(32))'")
+        raise ConfigError(
+            f"WEB_SECRET_KEY must be set to a random value of at least {MIN_SECRET_KEY} characters "
+            "(it signs the API's tokens), e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
+        )
     secret = settings.web_secret_key.get_secret_value()
     register_secret(secret)
     return secret
@@ -95,16 +105,19 @@ def _flask_config(settings: Settings, secret: str) -> dict[str, Any]:
         "VALIDATION_ERROR_SCHEMA": PROBLEM_SCHEMA,
         "VALIDATION_ERROR_STATUS_CODE": 422,
         "DOCS_FAVICON": None,
-        "INFO": {"description": "Upload a dataset, follow the run, download the results. Log in at "
-                 "POST /api/v1/auth/login and send the access token as `Authorization: Bearer TOKEN`."},
+        "INFO": {
+            "description": "Upload a dataset, follow the run, download the results. Log in at "
+            "POST /api/v1/auth/login and send the access token as `Authorization: Bearer TOKEN`."
+        },
     }
 
 
 def _check_upload_dir(settings: Settings, services: Services) -> None:
     allowed = settings.allowed_data_dir
     if allowed is not None and not services.upload_dir.is_relative_to(allowed.expanduser().resolve()):
-        raise ConfigError(f"uploads go to {services.upload_dir}, outside ALLOWED_DATA_DIR {allowed}: "
-                          "set DATA_DIR under it")
+        raise ConfigError(
+            f"uploads go to {services.upload_dir}, outside ALLOWED_DATA_DIR {allowed}: set DATA_DIR under it"
+        )
 
 
 def _probe_client(settings: Settings, connection: redis.Redis) -> redis.Redis:

@@ -4,6 +4,7 @@ The API takes tokens in the Authorization header only; the pages take them from 
 Flask-JWT-Extended's double-submit CSRF check on every form). A token names its user; the user is read from
 the database on every request, so a disabled user's tokens stop working at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,9 +104,12 @@ def login_address_key() -> str:
 
 def issue_tokens(user: dict[str, Any]) -> dict[str, Any]:
     settings = current_app.config["PIPELINE_SETTINGS"]
-    return {"access_token": create_access_token(identity=user["name"]),
-            "refresh_token": create_refresh_token(identity=user["name"]),
-            "token_type": "Bearer", "expires_in": settings.web_access_token_seconds}
+    return {
+        "access_token": create_access_token(identity=user["name"]),
+        "refresh_token": create_refresh_token(identity=user["name"]),
+        "token_type": "Bearer",
+        "expires_in": settings.web_access_token_seconds,
+    }
 
 
 def build_blueprint(connection: redis.Redis, engine: Engine, limiter: Limiter, login_limit: str) -> APIBlueprint:
@@ -116,8 +120,11 @@ def build_blueprint(connection: redis.Redis, engine: Engine, limiter: Limiter, l
     @limiter.limit(login_limit, key_func=login_address_key)
     @bp.input(LoginIn, location="json")
     @bp.output(TokensOut)
-    @bp.doc(summary="Log in", description="A user's (or API client's) name and secret give an access token "
-            "and a refresh token.", responses=[401, 429])
+    @bp.doc(
+        summary="Log in",
+        description="A user's (or API client's) name and secret give an access token and a refresh token.",
+        responses=[401, 429],
+    )
     def login(json_data: dict[str, Any]) -> dict[str, Any]:
         user = users.authenticate(engine, json_data["username"], json_data["password"])
         if user is None:
@@ -127,19 +134,30 @@ def build_blueprint(connection: redis.Redis, engine: Engine, limiter: Limiter, l
     @bp.post("/refresh")
     @jwt_required(refresh=True, locations=["headers"])
     @bp.output(RefreshOut)
-    @bp.doc(summary="New access token", description="Send the refresh token as the bearer token.",
-            responses=[401], security=API_SECURITY)
+    @bp.doc(
+        summary="New access token",
+        description="Send the refresh token as the bearer token.",
+        responses=[401],
+        security=API_SECURITY,
+    )
     def refresh() -> dict[str, Any]:
         settings = current_app.config["PIPELINE_SETTINGS"]
-        return {"access_token": create_access_token(identity=current_user["name"]), "token_type": "Bearer",
-                "expires_in": settings.web_access_token_seconds}
+        return {
+            "access_token": create_access_token(identity=current_user["name"]),
+            "token_type": "Bearer",
+            "expires_in": settings.web_access_token_seconds,
+        }
 
     @bp.post("/logout")
     @jwt_required(locations=["headers"])
     @bp.input(LogoutIn, location="json")
     @bp.output({}, status_code=204)
-    @bp.doc(summary="Revoke tokens", description="Revokes the access token sent, and the refresh token given "
-            "in the body if any.", responses=[401, 422], security=API_SECURITY)
+    @bp.doc(
+        summary="Revoke tokens",
+        description="Revokes the access token sent, and the refresh token given in the body if any.",
+        responses=[401, 422],
+        security=API_SECURITY,
+    )
     def logout(json_data: dict[str, Any]) -> tuple[str, int]:
         revoke(connection, get_jwt())
         if json_data.get("refresh_token"):

@@ -1,4 +1,5 @@
 """Liveness and readiness, the only endpoints answered without a token."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,8 +12,9 @@ from sqlalchemy import Engine, text
 
 from .schemas import HealthOut
 
-NOT_READY: ResponsesObjectType = {503: {"description": "Not ready",
-                                        "content": {"application/json": {"schema": HealthOut}}}}
+NOT_READY: ResponsesObjectType = {
+    503: {"description": "Not ready", "content": {"application/json": {"schema": HealthOut}}}
+}
 
 
 def build_blueprint(connection: redis.Redis, engine: Engine) -> APIBlueprint:
@@ -26,11 +28,17 @@ def build_blueprint(connection: redis.Redis, engine: Engine) -> APIBlueprint:
 
     @bp.get("/readyz")
     @bp.output(HealthOut)
-    @bp.doc(summary="Readiness", description="Redis and the database answer (503 names the one that does not).",
-            responses=NOT_READY)
+    @bp.doc(
+        summary="Readiness",
+        description="Redis and the database answer (503 names the one that does not).",
+        responses=NOT_READY,
+    )
     def readyz() -> tuple[dict[str, Any], int]:
-        failing = [name for name, check in (("redis", lambda: connection.ping()),
-                                            ("database", lambda: _select_one(engine))) if not _answers(check)]
+        failing = [
+            name
+            for name, check in (("redis", lambda: connection.ping()), ("database", lambda: _select_one(engine)))
+            if not _answers(check)
+        ]
         return {"status": "ok" if not failing else "unavailable", "checks": failing}, 503 if failing else 200
 
     return bp

@@ -4,6 +4,7 @@ The web process has its own registry and serves it on its own /metrics. Gunicorn
 (with threads; see web/gunicorn_conf.py), so that registry counts every request of the process and no
 multiprocess files are needed; more capacity means more web processes, each scraped.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -23,12 +24,19 @@ LOOPBACK = {"127.0.0.1", "::1"}
 class RequestMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("web_http_requests_total", "HTTP requests answered by the web API and pages",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("web_http_request_duration_seconds", "Time to answer a request (streamed "
-                                 "downloads: until the body starts)", ["method", "route", "status"],
-                                 registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.requests = Counter(
+            "web_http_requests_total",
+            "HTTP requests answered by the web API and pages",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "web_http_request_duration_seconds",
+            "Time to answer a request (streamed downloads: until the body starts)",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
 
 
 def route_label() -> str:
@@ -50,10 +58,22 @@ def install(app: APIFlask, settings: Settings) -> RequestMetrics:
         route, status = route_label(), str(response.status_code)
         metrics.requests.labels(request.method, route, status).inc()
         metrics.latency.labels(request.method, route, status).observe(seconds)
-        access_log.info("%s %s %s", request.method, request.path, status, extra={
-            "http_method": request.method, "path": request.path, "route": route, "status": response.status_code,
-            "duration_ms": round(seconds * 1000, 2), "remote_addr": request.remote_addr,
-            "user": g.get("user_name"), "bytes": response.content_length})
+        access_log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "http_method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": response.status_code,
+                "duration_ms": round(seconds * 1000, 2),
+                "remote_addr": request.remote_addr,
+                "user": g.get("user_name"),
+                "bytes": response.content_length,
+            },
+        )
         return response
 
     @app.get("/metrics")

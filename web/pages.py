@@ -4,6 +4,7 @@
 Server-rendered (Jinja2), no JavaScript. The session is an access JWT like the API's, in an HttpOnly cookie; every
 form carries Flask-JWT-Extended's CSRF token (double submit), checked before the view runs.
 """
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -35,8 +36,9 @@ from .schemas import EXPORT_FORMATS, PROVIDERS, SubmitIn
 REFRESH_SECONDS = 2  # the runs page reloads itself this often while a run is going
 
 
-def build_blueprint(services: actions.Services, connection: redis.Redis, limiter: Limiter, login_limit: str,
-                    submit_limit: str) -> Blueprint:
+def build_blueprint(
+    services: actions.Services, connection: redis.Redis, limiter: Limiter, login_limit: str, submit_limit: str
+) -> Blueprint:
     bp = Blueprint("pages", __name__, template_folder="templates")
 
     @bp.get("/login")
@@ -49,8 +51,9 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
     def login() -> Response | tuple[str, int]:
         user = users.authenticate(services.engine, request.form.get("username", ""), request.form.get("password", ""))
         if user is None:
-            return render_template("login.html", error="Wrong user name or password.",
-                                   next=_safe_next(request.form.get("next"))), 401
+            return render_template(
+                "login.html", error="Wrong user name or password.", next=_safe_next(request.form.get("next"))
+            ), 401
         tokens = issue_tokens(user)
         # make_response gives the same object typed as the app's Response, which the cookie setters take
         response = make_response(redirect(_safe_next(request.form.get("next")) or url_for("pages.runs_page")))
@@ -71,10 +74,18 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
         page = max(1, request.args.get("page", 1, type=int) or 1)
         listing = actions.runs_page(services, current_user, page, 20)
         going = any(r["status"] not in store.FINAL_STATUSES for r in listing["items"])
-        return render_template("runs.html", listing=listing, user=current_user, formats=EXPORT_FORMATS,
-                               providers=PROVIDERS, csrf_token=_csrf_token(),
-                               refresh=REFRESH_SECONDS if going else None, final=store.FINAL_STATUSES,
-                               when=_when, submitted=request.args.get("submitted"))
+        return render_template(
+            "runs.html",
+            listing=listing,
+            user=current_user,
+            formats=EXPORT_FORMATS,
+            providers=PROVIDERS,
+            csrf_token=_csrf_token(),
+            refresh=REFRESH_SECONDS if going else None,
+            final=store.FINAL_STATUSES,
+            when=_when,
+            submitted=request.args.get("submitted"),
+        )
 
     @bp.post("/runs")
     @limiter.limit(submit_limit, key_func=caller_key)
@@ -83,16 +94,22 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
         try:
             fields = SubmitIn().load({**_form_fields(), "file": request.files.get("file")})
         except ValidationError as exc:
-            flash("Not submitted: " + "; ".join(f"{k}: {' '.join(map(str, v))}"
-                                                for k, v in exc.normalized_messages().items()), "error")
+            flash(
+                "Not submitted: "
+                + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in exc.normalized_messages().items()),
+                "error",
+            )
             return redirect(url_for("pages.runs_page"))
         try:
             report = actions.submit_upload(services, current_user, fields["file"], fields)
         except HTTPError as exc:  # a problem is shown on the page, not as JSON
             flash(f"Not submitted: {exc.detail}", "error")
             return redirect(url_for("pages.runs_page"))
-        flash(f"{'Existing run' if report.existing else 'Run'} {report.run_id}: {report.rows} rows, "
-              f"{report.jobs_enqueued} jobs enqueued.", "info")
+        flash(
+            f"{'Existing run' if report.existing else 'Run'} {report.run_id}: {report.rows} rows, "
+            f"{report.jobs_enqueued} jobs enqueued.",
+            "info",
+        )
         return redirect(url_for("pages.runs_page", submitted=report.run_id))  # its row stays marked on reloads
 
     @bp.get("/runs/<run_id>/results")
@@ -102,8 +119,12 @@ def build_blueprint(services: actions.Services, connection: redis.Redis, limiter
         if fmt not in EXPORT_FORMATS:
             fmt = "csv"
         handle = actions.export_file(services, current_user, run_id, fmt, raw=False)
-        return send_file(handle, mimetype=actions.MIMETYPES[fmt], as_attachment=True,
-                         download_name=actions.download_name(run_id, fmt))
+        return send_file(
+            handle,
+            mimetype=actions.MIMETYPES[fmt],
+            as_attachment=True,
+            download_name=actions.download_name(run_id, fmt),
+        )
 
     @bp.post("/runs/<run_id>/<any(cancel, resume, 'retry-failed'):action>")
     @jwt_required(locations=["cookies"])
@@ -152,8 +173,9 @@ def _csrf_token() -> str:
 
 def _form_fields() -> dict[str, Any]:
     """Form fields, empty ones left out (an empty input means 'not given'), ``fallback`` as a list."""
-    fields: dict[str, Any] = {k: v for k, v in request.form.items() if v.strip() and k not in ("csrf_token",
-                                                                                                  "fallback")}
+    fields: dict[str, Any] = {
+        k: v for k, v in request.form.items() if v.strip() and k not in ("csrf_token", "fallback")
+    }
     fallbacks = [f for f in request.form.getlist("fallback") if f.strip()]
     if fallbacks:
         fields["fallback"] = fallbacks

@@ -1,4 +1,5 @@
 """Errors as RFC 9457 problem details (``application/problem+json``), for every error the API answers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
-def problem(status: int, detail: str, title: str | None = None,
-            headers: dict[str, str] | None = None) -> HTTPError:
+def problem(status: int, detail: str, title: str | None = None, headers: dict[str, str] | None = None) -> HTTPError:
     """An HTTPError that the error processor turns into a problem document."""
     return HTTPError(status, message=title, detail=detail, headers=headers)
 
@@ -48,8 +48,8 @@ def problem_response(error: HTTPError) -> Response:
 
 def _field_errors_line(detail: Any) -> str:
     parts = []
-    for location, fields in (detail.items() if isinstance(detail, dict) else []):
-        for field, messages in (fields.items() if isinstance(fields, dict) else [("", fields)]):
+    for location, fields in detail.items() if isinstance(detail, dict) else []:
+        for field, messages in fields.items() if isinstance(fields, dict) else [("", fields)]:
             text = "; ".join(map(str, messages)) if isinstance(messages, list) else str(messages)
             parts.append(f"{location} field {field!r}: {text}" if field else f"{location}: {text}")
     return ", ".join(parts) or "invalid request"

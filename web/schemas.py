@@ -1,4 +1,5 @@
 """Request and response schemas (marshmallow): what the API validates and what its OpenAPI document says."""
+
 from __future__ import annotations
 
 from apiflask import Schema
@@ -71,9 +72,14 @@ class SubmitIn(Schema):
     tpm = Integer(validate=Range(1, 1_000_000_000))
     name = String(validate=text(1, 200))
     idempotency_key = String(validate=text(1, 200))
-    mode = String(load_default="online", validate=OneOf(MODES),
-                  metadata={"description": "batch: through the provider's batch API (openai, anthropic), at its "
-                                           "batch price, answers within 24 hours."})
+    mode = String(
+        load_default="online",
+        validate=OneOf(MODES),
+        metadata={
+            "description": "batch: through the provider's batch API (openai, anthropic), at its "
+            "batch price, answers within 24 hours."
+        },
+    )
 
 
 class SubmitOut(Schema):

@@ -5,6 +5,7 @@ Werkzeug's form parser writes each file part into the stream ``UploadRequest`` g
 An accepted upload is hard-linked to ``uploads/<random hex><suffix>``; the client's file name only chooses the
 suffix, from an allow-list, so no name (``../../etc/passwd``) can place a file anywhere else.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -27,10 +28,14 @@ PARQUET_MAGIC = b"PAR1"
 
 
 class UploadRequest(Request):
-    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
-                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
-        return tempfile.NamedTemporaryFile("wb+", dir=incoming_dir(current_app.config["UPLOAD_DIR"]),
-                                           prefix="part-")
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return tempfile.NamedTemporaryFile("wb+", dir=incoming_dir(current_app.config["UPLOAD_DIR"]), prefix="part-")
 
 
 def incoming_dir(upload_dir: Path) -> Path:
@@ -51,8 +56,12 @@ def store_upload(upload: FileStorage, upload_dir: Path) -> Path:
     suffix = Path(display_name(upload.filename)).suffix.lower()
     kind = SUFFIXES.get(suffix)
     if kind is None:
-        raise problem(415, f"{display_name(upload.filename)}: unsupported file type {suffix or '(none)'!r}; "
-                      f"use one of {', '.join(sorted(SUFFIXES))}", "Unsupported Media Type")
+        raise problem(
+            415,
+            f"{display_name(upload.filename)}: unsupported file type {suffix or '(none)'!r}; "
+            f"use one of {', '.join(sorted(SUFFIXES))}",
+            "Unsupported Media Type",
+        )
     _check_content(upload.stream, kind, display_name(upload.filename))
     upload_dir.mkdir(parents=True, exist_ok=True)
     destination = upload_dir / f"{uuid.uuid4().hex}{suffix}"

@@ -1,4 +1,5 @@
 """Gunicorn's entry point (Procfile: ``gunicorn --config web/gunicorn_conf.py web.wsgi:app``)."""
+
 from __future__ import annotations
 
 from pipeline.logs import setup_logging

@@ -1,4 +1,5 @@
 """Providers by name. ``compatible`` is any OpenAI-compatible server (vLLM, Ollama) at COMPATIBLE_BASE_URL."""
+
 from __future__ import annotations
 
 from ..errors import ConfigError
@@ -7,8 +8,16 @@ from .base import Provider, ProviderRequest, ProviderResponse, RateLimitState
 
 PROVIDERS = ("fake", "openai", "anthropic", "compatible")
 
-__all__ = ["PROVIDERS", "Provider", "ProviderRequest", "ProviderResponse", "RateLimitState", "build_provider",
-           "check_provider_config", "preload"]
+__all__ = [
+    "PROVIDERS",
+    "Provider",
+    "ProviderRequest",
+    "ProviderResponse",
+    "RateLimitState",
+    "build_provider",
+    "check_provider_config",
+    "preload",
+]
 
 
 def check_provider_config(name: str, settings: Settings) -> None:
@@ -43,13 +52,18 @@ def build_provider(name: str, settings: Settings) -> Provider:
         from .anthropic import AnthropicProvider
 
         assert settings.anthropic_api_key is not None
-        return AnthropicProvider(api_key=settings.anthropic_api_key.get_secret_value(),
-                                 base_url=settings.anthropic_base_url, timeout=timeout)
+        return AnthropicProvider(
+            api_key=settings.anthropic_api_key.get_secret_value(), base_url=settings.anthropic_base_url, timeout=timeout
+        )
     from .openai import OpenAIProvider
 
     if name == "openai":
         assert settings.openai_api_key is not None
-        return OpenAIProvider(name="openai", api_key=settings.openai_api_key.get_secret_value(),
-                              base_url=settings.openai_base_url, timeout=timeout)
+        return OpenAIProvider(
+            name="openai",
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout=timeout,
+        )
     key = settings.compatible_api_key.get_secret_value() if settings.compatible_api_key else "none"
     return OpenAIProvider(name="compatible", api_key=key, base_url=settings.compatible_base_url, timeout=timeout)

@@ -1,4 +1,5 @@
 """Anthropic Messages through the official SDK."""
+
 from __future__ import annotations
 
 from typing import Any

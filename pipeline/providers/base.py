@@ -1,12 +1,13 @@
 """The provider interface: a request in, a response or a typed error out. No queues, no storage."""
+
 from __future__ import annotations
 
 import email.utils
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
 
@@ -131,11 +132,19 @@ def _number(value: str | None) -> float | None:
 def rate_limit_state(headers: Mapping[str, str], *, style: str) -> RateLimitState | None:
     """Read OpenAI (``x-ratelimit-*``) or Anthropic (``anthropic-ratelimit-*``) budget headers."""
     if style == "openai":
-        names = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
-                 "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        names = (
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-reset-tokens",
+        )
     else:
-        names = ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
-                 "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset")
+        names = (
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-requests-reset",
+            "anthropic-ratelimit-tokens-reset",
+        )
     rem_req, rem_tok, reset_req, reset_tok = (headers.get(n) for n in names)
     if rem_req is None and rem_tok is None:
         return None

@@ -5,6 +5,7 @@ Every SDK failure leaves as one of our typed errors (``sdk_errors.translate``). 
 chunk's id in its metadata, so a chunk that runs again can find it; an Anthropic batch has no metadata, so it is
 found by its creation time and size, and, once ended, by the chunk's prefix on its custom_ids.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,15 +22,21 @@ from .sdk_errors import translate
 
 # What our status, metrics and poll job call a batch's state, whatever the provider names it.
 CREATED, IN_PROGRESS, COMPLETED, EXPIRED, CANCELLED, FAILED = (
-    "created", "in_progress", "completed", "expired", "cancelled", "failed")
+    "created",
+    "in_progress",
+    "completed",
+    "expired",
+    "cancelled",
+    "failed",
+)
 OPEN_STATES = (CREATED, IN_PROGRESS)
 STATES = (CREATED, IN_PROGRESS, COMPLETED, EXPIRED, CANCELLED, FAILED)
 LIST_PAGE = 100
 # Per batch: most requests, and most bytes of its input (OpenAI's JSONL file; Anthropic's request body).
 LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024)}
-CLOCK_SKEW_SECONDS = 60.0   # a batch found by its creation time may be stamped this much before our intent
-UPLOAD_TIMEOUT_FACTOR = 4   # the batch clients' timeout, in REQUEST_TIMEOUTs
-UPLOAD_RETRIES = 2          # the SDK's retries of an upload or a read (never of a create)
+CLOCK_SKEW_SECONDS = 60.0  # a batch found by its creation time may be stamped this much before our intent
+UPLOAD_TIMEOUT_FACTOR = 4  # the batch clients' timeout, in REQUEST_TIMEOUTs
+UPLOAD_RETRIES = 2  # the SDK's retries of an upload or a read (never of a create)
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class BatchInfo:
     state: str
     created_at: float
     expires_at: float | None
-    refused: str | None = None      # the provider refused it for its enqueued-token limit: wait, then again
+    refused: str | None = None  # the provider refused it for its enqueued-token limit: wait, then again
 
 
 @dataclass(frozen=True)
@@ -55,17 +62,18 @@ class ItemOutcome:
     response: ProviderResponse | None = None
     error: str | None = None
     retryable: bool = False
-    cancelled: bool = False         # never run because the batch was cancelled: left for ``resume``
+    cancelled: bool = False  # never run because the batch was cancelled: left for ``resume``
 
 
 class BatchAPI(Protocol):
     name: str
-    base_url: str   # the server the client posts to, as in the online provider's response-cache key
+    base_url: str  # the server the client posts to, as in the online provider's response-cache key
 
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str: ...
 
-    def find(self, chunk_id: str, prefix: str, count: int, since: float, taken: Callable[[str], bool]) -> str | None:
-        ...
+    def find(
+        self, chunk_id: str, prefix: str, count: int, since: float, taken: Callable[[str], bool]
+    ) -> str | None: ...
 
     def retrieve(self, batch_id: str) -> BatchInfo: ...
 
@@ -81,20 +89,32 @@ def build_batch_api(name: str, settings: Settings) -> BatchAPI:
         import openai
 
         assert settings.openai_api_key is not None
-        return OpenAIBatches(openai.OpenAI(api_key=settings.openai_api_key.get_secret_value(),
-                                           base_url=settings.openai_base_url, timeout=timeout, max_retries=UPLOAD_RETRIES))
+        return OpenAIBatches(
+            openai.OpenAI(
+                api_key=settings.openai_api_key.get_secret_value(),
+                base_url=settings.openai_base_url,
+                timeout=timeout,
+                max_retries=UPLOAD_RETRIES,
+            )
+        )
     if name == "anthropic":
         import anthropic
 
         assert settings.anthropic_api_key is not None
-        return AnthropicBatches(anthropic.Anthropic(api_key=settings.anthropic_api_key.get_secret_value(),
-                                                    base_url=settings.anthropic_base_url, timeout=timeout,
-                                                    max_retries=UPLOAD_RETRIES))
+        return AnthropicBatches(
+            anthropic.Anthropic(
+                api_key=settings.anthropic_api_key.get_secret_value(),
+                base_url=settings.anthropic_base_url,
+                timeout=timeout,
+                max_retries=UPLOAD_RETRIES,
+            )
+        )
     raise ProviderError(f"provider {name} has no batch API")
 
 
 def _typed(sdk_name: str, provider: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn an SDK exception raised by the wrapped method into our typed error."""
+
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             import importlib
@@ -103,8 +123,10 @@ def _typed(sdk_name: str, provider: str) -> Callable[[Callable[..., Any]], Calla
                 return method(*args, **kwargs)
             except Exception as exc:
                 raise translate(exc, importlib.import_module(sdk_name), provider) from None
+
         call.__doc__ = method.__doc__
         return call
+
     return wrap
 
 
@@ -120,15 +142,26 @@ class OpenAIBatches:
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str:
         from .openai import OpenAIProvider
 
-        lines = (json.dumps({"custom_id": item.custom_id, "method": "POST", "url": self.ENDPOINT,
-                             "body": OpenAIProvider._arguments(item.request)}, ensure_ascii=False)
-                 for item in items)
+        lines = (
+            json.dumps(
+                {
+                    "custom_id": item.custom_id,
+                    "method": "POST",
+                    "url": self.ENDPOINT,
+                    "body": OpenAIProvider._arguments(item.request),
+                },
+                ensure_ascii=False,
+            )
+            for item in items
+        )
         data = ("\n".join(lines) + "\n").encode("utf-8")
-        uploaded = self.client.files.create(file=("chunk.jsonl", io.BytesIO(data), "application/jsonl"),
-                                            purpose="batch")
+        uploaded = self.client.files.create(
+            file=("chunk.jsonl", io.BytesIO(data), "application/jsonl"), purpose="batch"
+        )
         # never retried by the SDK: a create whose reply was lost may have made the batch (found again instead)
-        batch = self.client.with_options(max_retries=0).batches.create(input_file_id=uploaded.id, endpoint=self.ENDPOINT,
-                                           completion_window="24h", metadata={"chunk_id": chunk_id})
+        batch = self.client.with_options(max_retries=0).batches.create(
+            input_file_id=uploaded.id, endpoint=self.ENDPOINT, completion_window="24h", metadata={"chunk_id": chunk_id}
+        )
         return batch.id
 
     @_typed("openai", "openai")
@@ -144,15 +177,23 @@ class OpenAIBatches:
     @_typed("openai", "openai")
     def retrieve(self, batch_id: str) -> BatchInfo:
         batch = self.client.batches.retrieve(batch_id)
-        state = {"validating": CREATED, "in_progress": IN_PROGRESS, "finalizing": IN_PROGRESS,
-                 "cancelling": IN_PROGRESS, "completed": COMPLETED, "expired": EXPIRED,
-                 "cancelled": CANCELLED, "failed": FAILED}.get(batch.status, IN_PROGRESS)
+        state = {
+            "validating": CREATED,
+            "in_progress": IN_PROGRESS,
+            "finalizing": IN_PROGRESS,
+            "cancelling": IN_PROGRESS,
+            "completed": COMPLETED,
+            "expired": EXPIRED,
+            "cancelled": CANCELLED,
+            "failed": FAILED,
+        }.get(batch.status, IN_PROGRESS)
         refused = None
         errors = getattr(batch.errors, "data", None) or []
         if state == FAILED and any(e.code == "token_limit_exceeded" for e in errors):
             refused = next(e.message for e in errors if e.code == "token_limit_exceeded") or "token_limit_exceeded"
-        return BatchInfo(batch.id, state, float(batch.created_at),
-                         float(batch.expires_at) if batch.expires_at else None, refused)
+        return BatchInfo(
+            batch.id, state, float(batch.created_at), float(batch.expires_at) if batch.expires_at else None, refused
+        )
 
     @_typed("openai", "openai")
     def outcomes(self, batch_id: str) -> Iterator[ItemOutcome]:
@@ -175,18 +216,28 @@ def _openai_outcome(line: dict[str, Any]) -> ItemOutcome:
     if response and response.get("status_code") == 200:
         body = response["body"]
         usage = body.get("usage") or {}
-        return ItemOutcome(custom_id, ProviderResponse(
-            text=body["choices"][0]["message"].get("content") or "",
-            input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
-            model=body.get("model") or ""))
+        return ItemOutcome(
+            custom_id,
+            ProviderResponse(
+                text=body["choices"][0]["message"].get("content") or "",
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                model=body.get("model") or "",
+            ),
+        )
     if response:
         status = int(response.get("status_code") or 0)
         message = ((response.get("body") or {}).get("error") or {}).get("message", "")
-        return ItemOutcome(custom_id, error=f"openai batch: HTTP {status}: {message}"[:2000],
-                           retryable=status == 429 or status >= 500)
+        return ItemOutcome(
+            custom_id, error=f"openai batch: HTTP {status}: {message}"[:2000], retryable=status == 429 or status >= 500
+        )
     code = (error or {}).get("code", "unknown")
-    return ItemOutcome(custom_id, error=f"openai batch: {code}: {(error or {}).get('message', '')}"[:2000],
-                       retryable=code != "batch_cancelled", cancelled=code == "batch_cancelled")
+    return ItemOutcome(
+        custom_id,
+        error=f"openai batch: {code}: {(error or {}).get('message', '')}"[:2000],
+        retryable=code != "batch_cancelled",
+        cancelled=code == "batch_cancelled",
+    )
 
 
 class AnthropicBatches:
@@ -200,8 +251,9 @@ class AnthropicBatches:
     def create(self, chunk_id: str, items: Sequence[BatchItem]) -> str:
         from .anthropic import AnthropicProvider
 
-        requests = [{"custom_id": item.custom_id, "params": AnthropicProvider._arguments(item.request)}
-                    for item in items]
+        requests = [
+            {"custom_id": item.custom_id, "params": AnthropicProvider._arguments(item.request)} for item in items
+        ]
         # never retried by the SDK: a create whose reply was lost may have made the batch (found again instead)
         return self.client.with_options(max_retries=0).messages.batches.create(requests=requests).id
 
@@ -226,8 +278,10 @@ class AnthropicBatches:
                 continue
             candidates.append(batch.id)
         if len(candidates) > 1:
-            raise ProviderError(f"anthropic: {len(candidates)} unrecorded batches could be chunk {chunk_id}'s; "
-                                "looking again once they end")
+            raise ProviderError(
+                f"anthropic: {len(candidates)} unrecorded batches could be chunk {chunk_id}'s; "
+                "looking again once they end"
+            )
         return candidates[0] if candidates else None
 
     @_typed("anthropic", "anthropic")
@@ -242,7 +296,7 @@ class AnthropicBatches:
             state = EXPIRED
         else:
             state = COMPLETED
-        return BatchInfo(batch.id, state, _stamp(batch.created_at), _stamp(batch.expires_at))
+        return BatchInfo(batch.id, state, batch.created_at.timestamp(), _stamp(batch.expires_at))
 
     @_typed("anthropic", "anthropic")
     def outcomes(self, batch_id: str) -> Iterator[ItemOutcome]:
@@ -261,14 +315,27 @@ def _anthropic_outcome(entry: Any) -> ItemOutcome:
     result = entry.result
     if result.type == "succeeded":
         message = result.message
-        return ItemOutcome(entry.custom_id, ProviderResponse(
-            text="".join(block.text for block in message.content if block.type == "text"),
-            input_tokens=message.usage.input_tokens, output_tokens=message.usage.output_tokens, model=message.model))
+        return ItemOutcome(
+            entry.custom_id,
+            ProviderResponse(
+                text="".join(block.text for block in message.content if block.type == "text"),
+                input_tokens=message.usage.input_tokens,
+                output_tokens=message.usage.output_tokens,
+                model=message.model,
+            ),
+        )
     if result.type == "errored":
         kind = getattr(result.error.error, "type", "api_error")
         message = getattr(result.error.error, "message", "")
-        return ItemOutcome(entry.custom_id, error=f"anthropic batch: {kind}: {message}"[:2000],
-                           retryable=kind not in ("invalid_request_error", "authentication_error",
-                                                  "permission_error", "not_found_error"))
-    return ItemOutcome(entry.custom_id, error=f"anthropic batch: {result.type}", retryable=result.type == "expired",
-                       cancelled=result.type == "canceled")
+        return ItemOutcome(
+            entry.custom_id,
+            error=f"anthropic batch: {kind}: {message}"[:2000],
+            retryable=kind
+            not in ("invalid_request_error", "authentication_error", "permission_error", "not_found_error"),
+        )
+    return ItemOutcome(
+        entry.custom_id,
+        error=f"anthropic batch: {result.type}",
+        retryable=result.type == "expired",
+        cancelled=result.type == "canceled",
+    )

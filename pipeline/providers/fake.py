@@ -1,4 +1,5 @@
 """An offline provider: deterministic answers and token counts, optional latency. Lets the demo run without keys."""
+
 from __future__ import annotations
 
 import asyncio

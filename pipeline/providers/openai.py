@@ -1,4 +1,5 @@
 """OpenAI Chat Completions, and any OpenAI-compatible server (vLLM, Ollama, LM Studio) through ``base_url``."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ class OpenAIProvider:
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
             completion, headers = await self._wire.post_json("/chat/completions", self._arguments(request))
-            input_tokens, output_tokens, reported = usage_counts(completion.get("usage"), "prompt_tokens", "completion_tokens")
+            input_tokens, output_tokens, reported = usage_counts(
+                completion.get("usage"), "prompt_tokens", "completion_tokens"
+            )
             return ProviderResponse(
                 text=completion["choices"][0]["message"].get("content") or "",
                 input_tokens=input_tokens,

@@ -1,4 +1,5 @@
 """Translate the official SDKs' exceptions (openai and anthropic share one shape) into our typed errors."""
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -16,8 +17,9 @@ def translate(exc: Exception, sdk: ModuleType, provider: str) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, (KeyError, IndexError, TypeError, AttributeError)):
-        return UnreadableAnswer(f"{provider}: unreadable answer ({type(exc).__name__}: {redact(str(exc))[:200]})",
-                                status=200)
+        return UnreadableAnswer(
+            f"{provider}: unreadable answer ({type(exc).__name__}: {redact(str(exc))[:200]})", status=200
+        )
     if isinstance(exc, sdk.APITimeoutError):
         return ProviderTimeout(f"{provider}: request timed out")
     if isinstance(exc, sdk.APIConnectionError):

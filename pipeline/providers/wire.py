@@ -7,9 +7,9 @@ headers, and the error class a non-2xx answer becomes (the SDK's own ``_make_sta
 ``RateLimitError``, ``APIStatusError.response.headers`` and the rest are exactly the SDK's); only the bytes go
 through aiohttp directly, the library the SDK's aiohttp transport uses underneath.
 """
+
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 from types import ModuleType
@@ -41,20 +41,24 @@ class SdkWire:
             async with self._session.post(url, data=json.dumps(body).encode(), headers=self._headers) as response:
                 content = await response.read()
                 status, headers = response.status, response.headers
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._sdk.APITimeoutError(request=httpx2.Request("POST", url)) from None
         except aiohttp.ClientError as exc:
-            raise self._sdk.APIConnectionError(message=f"Connection error: {type(exc).__name__}",
-                                               request=httpx2.Request("POST", url)) from None
+            raise self._sdk.APIConnectionError(
+                message=f"Connection error: {type(exc).__name__}", request=httpx2.Request("POST", url)
+            ) from None
         if status >= 400:
             raise self._client._make_status_error_from_response(
-                httpx2.Response(status, headers=list(headers.items()), content=content,
-                                request=httpx2.Request("POST", url)))
+                httpx2.Response(
+                    status, headers=list(headers.items()), content=content, request=httpx2.Request("POST", url)
+                )
+            )
         try:
             answer = json.loads(content)
         except ValueError:
-            raise UnreadableAnswer(f"HTTP {status} with a body that is not JSON ({len(content)} bytes)",
-                                   status=status) from None
+            raise UnreadableAnswer(
+                f"HTTP {status} with a body that is not JSON ({len(content)} bytes)", status=status
+            ) from None
         if not isinstance(answer, dict):
             raise UnreadableAnswer(f"HTTP {status} with a JSON body that is not an object", status=status)
         return answer, headers
