@@ -171,10 +171,7 @@ def build_request(
         raise ConfigError("give exactly one of --template or --template-file")
     if template_file is not None:
         template = read_text(template_file, "template", allowed_dir)
-    if model is None:
-        if provider != "fake":
-            raise ConfigError(f"--model is required for provider {provider}")
-        model = "fake"
+    model = runs.model_for(provider, model, "--model")
     return runs.RunRequest(
         dataset=dataset,
         template=template or "",

@@ -88,6 +88,19 @@ def call_outcome(exc: ProviderError | None) -> str:
     return str(exc.status) if exc.status else "connection"
 
 
+def provider_request(config: RunConfig, prompt: str, model: str) -> ProviderRequest:
+    """One row's call as the run's settings make it (online and batch mode alike)."""
+    return ProviderRequest(
+        prompt=prompt,
+        model=model,
+        max_tokens=config.max_tokens,
+        system=config.system_prompt,
+        temperature=config.temperature,
+        params=config.params,
+        json_schema=config.json_schema,
+    )
+
+
 def estimate_tokens(text: str) -> int:
     """A cheap estimate on the high side for reservations, settled to real usage later: a third of the UTF-8
     bytes (about a token per character for CJK text, a third more than real for English)."""
@@ -190,16 +203,7 @@ class RowAnswerer:
         return prompt
 
     def _request(self, prompt: str, model: str) -> ProviderRequest:
-        c = self.config
-        return ProviderRequest(
-            prompt=prompt,
-            model=model,
-            max_tokens=c.max_tokens,
-            system=c.system_prompt,
-            temperature=c.temperature,
-            params=c.params,
-            json_schema=c.json_schema,
-        )
+        return provider_request(self.config, prompt, model)
 
     async def _answer_with(
         self, target: Target, request: ProviderRequest, tally: _Tally

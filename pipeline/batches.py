@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import batchstate as bs
 from . import handoff, store
-from .answer import estimate_tokens, output_limit
+from .answer import estimate_tokens, output_limit, provider_request
 from .budget import reserve_batch, settle_batch
 from .cache import cache_key
 from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
@@ -246,16 +246,7 @@ class BatchRunner:
         return items, ready
 
     def _request(self, prompt: str) -> ProviderRequest:
-        c = self.config
-        return ProviderRequest(
-            prompt=prompt,
-            model=c.model,
-            max_tokens=c.max_tokens,
-            system=c.system_prompt,
-            temperature=c.temperature,
-            params=c.params,
-            json_schema=c.json_schema,
-        )
+        return provider_request(self.config, prompt, self.config.model)
 
     def _worst_case(self, request: ProviderRequest) -> dict[str, int]:
         prompt_tokens, output_cap = estimate_tokens((request.system or "") + request.prompt), output_limit(request)

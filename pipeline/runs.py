@@ -68,6 +68,16 @@ RESERVED_PARAMS = frozenset(
 )
 
 
+def model_for(provider: str, model: str | None, field: str = "model") -> str:
+    """The run's model: as given, or ``fake`` for the offline fake provider; every other provider needs one
+    (``field`` names where the front end takes it)."""
+    if model is not None:
+        return model
+    if provider != "fake":
+        raise ConfigError(f"{field} is required for provider {provider}")
+    return "fake"
+
+
 @dataclass
 class RunRequest:
     """What a user asks for; ``submit`` turns it into a RunConfig after validating the dataset."""

@@ -80,11 +80,7 @@ def submit_upload(
 
 def build_request(path: Path, fields: dict[str, Any], owner: str) -> runs.RunRequest:
     provider = fields.get("provider") or "fake"
-    model = fields.get("model")
-    if model is None:
-        if provider != "fake":
-            raise ConfigError(f"model is required for provider {provider}")
-        model = "fake"
+    model = runs.model_for(provider, fields.get("model"))
     return runs.RunRequest(
         dataset=path,
         template=fields["template"],
