@@ -9,13 +9,14 @@ formula. So CSV text cells that start so are prefixed with a single quote (OWASP
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from . import store
 from .errors import ConfigError
@@ -38,6 +39,7 @@ OUTPUT_FIELDS = [
     "usage_estimated",
 ]
 FORMATS = ("csv", "jsonl", "parquet")
+STREAM_FORMATS = ("csv", "jsonl")  # Parquet is not: its footer, written last, holds the schema and offsets
 PAGE = 5000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -123,23 +125,64 @@ def output_names(input_columns: list[str]) -> list[str]:
 def export_run(engine: Engine, run_id: str, fmt: str, destination: Path, *, raw: bool = False) -> int:
     """Write every result of the run in input order. Returns the number of rows written. ``raw``: CSV cells
     are written as they are, without the formula escaping. One query streamed page by page: memory stays
-    flat whatever the run's size."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    flat whatever the run's size. CSV and JSONL are the bytes ``export_chunks`` yields."""
+    _check_format(fmt, FORMATS)
     with engine.connect() as conn:
-        if store.get_run(conn, run_id) is None:
-            raise ConfigError(f"no run {run_id!r} in the database (is the collector running?)")
-        pages = store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
-        first = next(pages, [])
-        columns: dict[str, None] = {}
-        for row in first:
-            columns.update(dict.fromkeys(json.loads(row[0])))
-        names = output_names(list(columns))
-        flat = (_flat_page(page, list(columns)) for page in chain([first], pages) if page)
-        if fmt == "csv":
-            return _write_csv(names, flat, destination, raw)
-        writer = {"jsonl": _write_jsonl, "parquet": _write_parquet}[fmt]
-        return writer(names, flat, destination)
+        _require_run(conn, run_id)
+        names, flat = _flat_pages(conn, run_id)
+        if fmt == "parquet":
+            return _write_parquet(names, flat, destination)
+        count = 0
+        with destination.open("wb") as handle:
+            for data, rows in _encoded(names, flat, fmt, raw):
+                handle.write(data)
+                count += rows
+        return count
+
+
+def export_chunks(engine: Engine, run_id: str, fmt: str, *, raw: bool = False) -> Iterator[bytes]:
+    """The CSV or JSONL export of the run as UTF-8 pages, for a response that streams it. The format and the
+    run are checked now (ConfigError), before anything is yielded; the generator holds one connection while
+    it is read and gives it back when it is exhausted or closed."""
+    _check_format(fmt, STREAM_FORMATS)
+    with engine.connect() as conn:
+        _require_run(conn, run_id)
+    return _chunks(engine, run_id, fmt, raw)
+
+
+def _chunks(engine: Engine, run_id: str, fmt: str, raw: bool) -> Iterator[bytes]:
+    with engine.connect() as conn:
+        names, flat = _flat_pages(conn, run_id)
+        for data, _ in _encoded(names, flat, fmt, raw):
+            yield data
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
+    if fmt not in allowed:
+        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(allowed)}")
+
+
+def _require_run(conn: Connection, run_id: str) -> None:
+    if store.get_run(conn, run_id) is None:
+        raise ConfigError(f"no run {run_id!r} in the database (is the collector running?)")
+
+
+def _flat_pages(conn: Connection, run_id: str) -> tuple[list[str], Iterator[Page]]:
+    """The output column names (input columns from the first page) and the run's output rows page by page."""
+    pages = store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
+    first = next(pages, [])
+    columns: dict[str, None] = {}
+    for row in first:
+        columns.update(dict.fromkeys(json.loads(row[0])))
+    flat = (_flat_page(page, list(columns)) for page in chain([first], pages) if page)
+    return output_names(list(columns)), flat
+
+
+def _encoded(names: list[str], pages: Iterator[Page], fmt: str, raw: bool) -> Iterator[tuple[bytes, int]]:
+    """Each page as UTF-8 CSV or JSONL with its row count (CSV's header first, with 0 rows)."""
+    if fmt == "csv":
+        return _csv_chunks(names, pages, raw)
+    return _jsonl_chunks(names, pages)
 
 
 def defuse_cell(value: Any) -> Any:
@@ -163,30 +206,35 @@ def _defuse_page(page: Page, positions: list[int]) -> Page:
     return page
 
 
-def _write_csv(names: list[str], pages: Iterator[Page], destination: Path, raw: bool) -> int:
-    count = 0
+def _csv_chunks(names: list[str], pages: Iterator[Page], raw: bool) -> Iterator[tuple[bytes, int]]:
     fields = len(OUTPUT_FIELDS)
     positions = [
         i
         for i in range(len(names))
         if i < len(names) - fields or OUTPUT_FIELDS[i - len(names) + fields] not in _NOT_TEXT
     ]
-    with destination.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(names if raw else [defuse_cell(name) for name in names])  # headers come from the dataset
-        for page in pages:
-            writer.writerows(page if raw else _defuse_page(page, positions))
-            count += len(page)
-    return count
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(names if raw else [defuse_cell(name) for name in names])  # headers come from the dataset
+    yield _drain(buffer), 0
+    for page in pages:
+        writer.writerows(page if raw else _defuse_page(page, positions))
+        yield _drain(buffer), len(page)
 
 
-def _write_jsonl(names: list[str], pages: Iterator[Page], destination: Path) -> int:
-    count, dumps = 0, json.dumps
-    with destination.open("w", encoding="utf-8") as handle:
-        for page in pages:
-            handle.write("".join(dumps(dict(zip(names, row)), ensure_ascii=False, default=str) + "\n" for row in page))
-            count += len(page)
-    return count
+def _drain(buffer: io.StringIO) -> bytes:
+    """What the buffer holds, UTF-8 encoded; the buffer is emptied for the next page."""
+    data = buffer.getvalue().encode("utf-8")
+    buffer.seek(0)
+    buffer.truncate()
+    return data
+
+
+def _jsonl_chunks(names: list[str], pages: Iterator[Page]) -> Iterator[tuple[bytes, int]]:
+    dumps = json.dumps
+    for page in pages:
+        text = "".join(dumps(dict(zip(names, row)), ensure_ascii=False, default=str) + "\n" for row in page)
+        yield text.encode("utf-8"), len(page)
 
 
 def _write_parquet(names: list[str], pages: Iterator[Page], destination: Path) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.export import defuse_cell
 
@@ -83,7 +84,8 @@ def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp
     import random
 
     from pipeline import store
-    from pipeline.export import PAGE, export_run
+    from pipeline.errors import ConfigError
+    from pipeline.export import PAGE, export_chunks, export_run
     from pipeline.records import Result, RunConfig
 
     rows = PAGE + 700
@@ -133,6 +135,17 @@ def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp
     assert exported["csv"][1]["text"] == "'=t1" and exported["jsonl"][1]["text"] == "=t1"
     assert exported["jsonl"][3]["parsed_json"] == '{"i": 3}' and exported["parquet"][4]["parsed_json"] is None
     assert exported["parquet"][9]["status"] == "failed" and exported["parquet"][10]["cost_usd"] == 10 / 1e9
+
+    # The web's stream: the same bytes as the file, one chunk per page (CSV: the header first).
+    for fmt, chunk_count in (("csv", 3), ("jsonl", 2)):
+        for raw in (False, True):
+            chunks = list(export_chunks(pipeline.engine, "big", fmt, raw=raw))
+            assert len(chunks) == chunk_count, fmt
+            export_run(pipeline.engine, "big", fmt, tmp_path / f"raw.{fmt}", raw=raw)
+            assert b"".join(chunks) == (tmp_path / f"raw.{fmt}").read_bytes(), (fmt, raw)
+    for run_id, fmt in (("missing", "csv"), ("big", "parquet")):  # refused at the call, before any chunk
+        with pytest.raises(ConfigError):
+            export_chunks(pipeline.engine, run_id, fmt)
 
 
 def test_a_database_made_before_the_export_index_gets_it_at_start(database_url):

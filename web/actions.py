@@ -18,12 +18,13 @@ from typing import IO, Any
 
 import redis
 from apiflask import HTTPError
+from flask import Response, send_file, stream_with_context
 from sqlalchemy import Engine
 from werkzeug.datastructures import FileStorage
 
 from pipeline import runs, store, users
 from pipeline.errors import ConfigError, PipelineError, RunNotFound
-from pipeline.export import export_run
+from pipeline.export import STREAM_FORMATS, export_chunks, export_run
 from pipeline.runstate import load_config
 from pipeline.settings import Settings
 
@@ -185,10 +186,29 @@ def _requeue(action, run_id: str) -> int:
         raise problem(409, str(exc), "Conflict") from None
 
 
-def export_file(services: Services, user: dict[str, Any], run_id: str, fmt: str, raw: bool) -> IO[bytes]:
-    """The run's results written by ``export_run`` (the CLI's export) into an unlinked temporary file, open
-    for reading: the response streams it, and its disk space goes when the response closes it."""
+def download(services: Services, user: dict[str, Any], run_id: str, fmt: str, raw: bool) -> Response:
+    """The run's results as an attachment, exactly what ``enqueue.py export`` writes. CSV and JSONL stream
+    from the database page by page; the run is checked (404 / 409) before the response starts."""
     visible_status(services, user, run_id)
+    if fmt in STREAM_FORMATS:
+        try:
+            chunks = export_chunks(services.engine, run_id, fmt, raw=raw)
+        except ConfigError as exc:  # nothing in SQL yet (the collector has not written the run)
+            raise problem(409, str(exc), "Conflict") from None
+        response = Response(stream_with_context(chunks), mimetype=MIMETYPES[fmt])
+        response.headers.set("Content-Disposition", "attachment", filename=download_name(run_id, fmt))
+        return response
+    return send_file(
+        _export_file(services, run_id, fmt, raw),
+        mimetype=MIMETYPES[fmt],
+        as_attachment=True,
+        download_name=download_name(run_id, fmt),
+    )
+
+
+def _export_file(services: Services, run_id: str, fmt: str, raw: bool) -> IO[bytes]:
+    """The run's results written by ``export_run`` into an unlinked temporary file, open for reading (Parquet:
+    its footer is written last, so it cannot stream): its disk space goes when the response closes it."""
     fd, name = tempfile.mkstemp(dir=services.export_dir, prefix=f"{run_id}-", suffix=f".{fmt}")
     os.close(fd)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import Response, send_file
+from flask import Response
 from flask_jwt_extended import current_user, jwt_required
 from flask_limiter import Limiter
 
@@ -90,13 +90,7 @@ def build_blueprint(services: actions.Services, limiter: Limiter, submit_limit: 
     )
     def results(run_id: str, query_data: dict[str, Any]) -> Response:
         fmt = query_data["format"]
-        handle = actions.export_file(services, current_user, run_id, fmt, query_data["raw"])
-        return send_file(
-            handle,
-            mimetype=actions.MIMETYPES[fmt],
-            as_attachment=True,
-            download_name=actions.download_name(run_id, fmt),
-        )
+        return actions.download(services, current_user, run_id, fmt, query_data["raw"])
 
     @bp.post("/runs/<string:run_id>/cancel")
     @jwt_required(locations=["headers"])

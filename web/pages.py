@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 from apiflask import HTTPError
-from flask import Blueprint, Response, flash, g, make_response, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, Response, flash, g, make_response, redirect, render_template, request, url_for
 from flask_jwt_extended import (
     create_access_token,
     current_user,
@@ -118,13 +118,7 @@ def build_blueprint(
         fmt = request.args.get("format", "csv")
         if fmt not in EXPORT_FORMATS:
             fmt = "csv"
-        handle = actions.export_file(services, current_user, run_id, fmt, raw=False)
-        return send_file(
-            handle,
-            mimetype=actions.MIMETYPES[fmt],
-            as_attachment=True,
-            download_name=actions.download_name(run_id, fmt),
-        )
+        return actions.download(services, current_user, run_id, fmt, raw=False)
 
     @bp.post("/runs/<run_id>/<any(cancel, resume, 'retry-failed'):action>")
     @jwt_required(locations=["cookies"])
