@@ -36,6 +36,13 @@ RECENT_RUNS = 50
 FIRST_CODES = ("200", "429", "timeout")  # call outcomes whose series exist from a model's first run on
 log = logging.getLogger("pipeline.metrics")
 
+_Tally = dict[tuple[Counter, tuple[str, ...]], float]  # (counter, label values) -> amount summed over a batch
+
+
+def _add(tally: _Tally, counter: Counter, labels: tuple[str, ...], amount: float) -> None:
+    key = (counter, labels)
+    tally[key] = tally.get(key, 0) + amount
+
 
 class PipelineMetrics:
     """Counters fed by the collector's writes, plus scrape-time views of Redis and SQL."""
@@ -97,20 +104,30 @@ class PipelineMetrics:
             "Unix time of the collector's last committed SQL write (0 = none since it started)",
             registry=self.registry,
         )
+        self._latency_children: dict[tuple[str, str], Any] = {}
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
     def observe(self, outcome: Any, applied: store.Applied) -> None:
         """Count each result that the collector's write changed (a redelivered duplicate changes nothing), and
-        the entries it parked (``outcome`` is the collector's BatchOutcome)."""
+        the entries it parked (``outcome`` is the collector's BatchOutcome).
+
+        Counts are summed per label set over the batch and each counter moves once per label set: a
+        ``labels()`` lookup per row and counter was most of the observer's cost. Latency is observed per row
+        (a histogram needs each value), through a labelled child kept per label set."""
         for config in outcome.configs:
             self.start_series(config)
         if outcome.parked:
             self.parked.inc(outcome.parked)
         self.last_write.set(time.time())
+        tally: _Tally = {}
         for result, previous in zip(applied.changed, applied.previous):
-            self._observe_one(result, previous)
+            self._observe_one(tally, result, previous)
         for result, previous in applied.extra:  # another paid answer to a row whose result stays: its spend only
-            self._observe_spend(result, previous)
+            self._observe_spend(tally, result, previous)
+        for (counter, labels), amount in tally.items():
+            if counter is self.cost:
+                amount /= NANO  # summed in nano-dollars, exact, and turned into dollars once
+            counter.labels(*labels).inc(amount)
 
     def start_series(self, config: RunConfig) -> None:
         """Create a run's provider/model label sets at zero before its first result is counted: a series that
@@ -134,17 +151,24 @@ class PipelineMetrics:
             for direction in ("in", "out"):
                 self.tokens.labels(provider, model, direction)
 
-    def _observe_one(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    def _observe_one(self, tally: _Tally, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
         """A replaced result (retry-failed) carries its predecessor's calls and spending: count only the rest."""
         provider, model = result["provider"] or "none", result["model"] or "none"
-        self.results.labels(provider, model, result["status"]).inc()
-        self._observe_spend(result, previous)
+        _add(tally, self.results, (provider, model, result["status"]), 1)
+        self._observe_spend(tally, result, previous)
         if result["cached"]:
-            self.cache_hits.labels(provider, model).inc()
+            _add(tally, self.cache_hits, (provider, model), 1)
         if result["status"] == "succeeded":
-            self.latency.labels(provider, model).observe(result["latency_ms"] / 1000.0)
+            self._latency_child(provider, model).observe(result["latency_ms"] / 1000.0)
 
-    def _observe_spend(self, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    def _latency_child(self, provider: str, model: str) -> Any:
+        key = (provider, model)
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children[key] = self.latency.labels(provider, model)
+        return child
+
+    def _observe_spend(self, tally: _Tally, result: dict[str, Any], previous: dict[str, Any] | None) -> None:
         provider, model = result["provider"] or "none", result["model"] or "none"
         earlier_calls = (previous or {}).get("calls") or {}
         for key, count in (result.get("calls") or {}).items():
@@ -152,24 +176,24 @@ class PipelineMetrics:
             if count <= 0:
                 continue
             call_provider, call_model, code = key.split("|", 2)
-            self.requests.labels(call_provider, call_model, code).inc(count)
+            _add(tally, self.requests, (call_provider, call_model, code), count)
             if code == "429":
-                self.rate_limited.labels(call_provider, call_model).inc(count)
+                _add(tally, self.rate_limited, (call_provider, call_model), count)
             elif code == "timeout":
-                self.timeouts.labels(call_provider, call_model).inc(count)
+                _add(tally, self.timeouts, (call_provider, call_model), count)
         spent = {
             c: result[c] - (previous[c] if previous else 0)
             for c in ("attempts", "input_tokens", "output_tokens", "usage_estimated")
         }
         if spent["attempts"] > 1:
-            self.retries.labels(provider, model).inc(spent["attempts"] - 1)
+            _add(tally, self.retries, (provider, model), spent["attempts"] - 1)
         if spent["usage_estimated"] > 0:
-            self.estimated_usage.labels(provider, model).inc(spent["usage_estimated"])
-        self.tokens.labels(provider, model, "in").inc(spent["input_tokens"])
-        self.tokens.labels(provider, model, "out").inc(spent["output_tokens"])
+            _add(tally, self.estimated_usage, (provider, model), spent["usage_estimated"])
+        _add(tally, self.tokens, (provider, model, "in"), spent["input_tokens"])
+        _add(tally, self.tokens, (provider, model, "out"), spent["output_tokens"])
         cost_nano = result["cost_nano"]
         if cost_nano is not None:  # unknown (a model without a price) is left out, never counted as free
-            self.cost.labels(provider, model).inc((cost_nano - ((previous or {}).get("cost_nano") or 0)) / NANO)
+            _add(tally, self.cost, (provider, model), cost_nano - ((previous or {}).get("cost_nano") or 0))
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Serve /metrics on a daemon thread; returns (server, thread) so callers can shut it down."""
