@@ -175,8 +175,9 @@ class Result:
         return result
 
     def _check(self) -> None:
-        texts = (self.run_id, self.row_key, self.status)
-        if not all(isinstance(v, str) for v in texts) or self.status not in (SUCCEEDED, FAILED, STOPPED):
+        # Plain loops and tests, no generators: this runs once per result the collector reads.
+        texts_ok = isinstance(self.run_id, str) and isinstance(self.row_key, str) and isinstance(self.status, str)
+        if not texts_ok or self.status not in (SUCCEEDED, FAILED, STOPPED):
             raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED}, {FAILED} or {STOPPED}")
         if not isinstance(self.result_id, str):
             raise ValueError("result_id must be text")
@@ -190,8 +191,9 @@ class Result:
             self.usage_estimated,
             self.generation,
         )
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
-            raise ValueError("row_index, attempts and token counts must be integers")
+        for count in counts:
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError("row_index, attempts and token counts must be integers")
         if self.cost_nano is not None and (not isinstance(self.cost_nano, int) or isinstance(self.cost_nano, bool)):
             raise ValueError("cost_nano must be an integer or null")
         if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
