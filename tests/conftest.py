@@ -170,3 +170,12 @@ def make_pipeline(tmp_path: Path, redis_url: str, database_url: str):
 @pytest.fixture
 def pipeline(make_pipeline) -> Pipeline:
     return make_pipeline()
+
+
+@pytest.fixture
+def server():
+    """The fake provider server (OpenAI, Anthropic and their batch APIs) on a loopback port."""
+    from .fakeprovider import FakeProvider
+
+    with FakeProvider() as fake:
+        yield fake

@@ -57,3 +57,19 @@ def kill_tree(process: subprocess.Popen) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
     process.wait(timeout=10)
+
+
+def redis_servers_in(directory: Path) -> list[int]:
+    """redis-server processes working in ``directory`` (redis chdirs to its data dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and "redis-server" in (proc / "cmdline").read_text()
+                and (proc / "cwd").resolve() == directory.resolve()
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

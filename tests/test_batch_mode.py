@@ -26,7 +26,6 @@ from pipeline.workers import recover_chunks_of
 
 from . import processes
 from .datasets import write
-from .fakeprovider import FakeProvider
 
 TEMPLATE = "Say: {{ text }}"
 ONE_WORKER = (
@@ -39,12 +38,6 @@ MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 def database_url(tmp_path):
     """SQLite only: these tests are about providers and queues; test_batch_store covers both databases."""
     return f"sqlite:///{tmp_path / 'results.db'}"
-
-
-@pytest.fixture
-def server():
-    with FakeProvider() as fake:
-        yield fake
 
 
 @pytest.fixture

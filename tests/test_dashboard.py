@@ -132,22 +132,6 @@ def _procfile() -> dict[str, list[str]]:
     return commands
 
 
-def _redis_servers_in(directory: Path) -> list[int]:
-    """redis-server processes working in ``directory`` (redis chdirs to its data dir)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and "redis-server" in (proc / "cmdline").read_text()
-                and (proc / "cwd").resolve() == directory.resolve()
-            ):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_comes_from_the_settings(tmp_path):
     """The Procfile's worker and dashboard started at once, as honcho does, with REDIS_URL unset: the dashboard
     answers on DASHBOARD_PORT and shows the pool's workers, so both are on the one embedded server under
@@ -181,7 +165,7 @@ def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_co
 
     try:
         processes.wait_for(lambda: len(workers_shown()) == 2, 60, "the dashboard to show the pool's 2 workers")
-        assert len(_redis_servers_in(data_dir)) == 1
+        assert len(processes.redis_servers_in(data_dir)) == 1
     finally:
         for process in started:  # the dashboard last: it holds the server's last client
             process.send_signal(signal.SIGTERM)
@@ -189,4 +173,4 @@ def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_co
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 processes.kill_tree(process)
-    processes.wait_for(lambda: _redis_servers_in(data_dir) == [], 15, "the embedded redis-server to stop")
+    processes.wait_for(lambda: processes.redis_servers_in(data_dir) == [], 15, "the embedded redis-server to stop")

@@ -14,6 +14,7 @@ from pipeline.export import export_run
 from pipeline.providers.fake import approx_tokens, fake_answer
 from pipeline.templates import PromptTemplate
 
+from . import processes
 from .conftest import ROOT
 from .datasets import tricky_rows, write
 
@@ -125,22 +126,6 @@ def test_cli_submit_worker_collect_status_export(pipeline, tmp_path):
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 40
 
 
-def _redis_servers_in(directory: Path) -> list[int]:
-    """redis-server processes working in ``directory`` (redis chdirs to its data dir)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and "redis-server" in (proc / "cmdline").read_text()
-                and (proc / "cwd").resolve() == directory.resolve()
-            ):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path):
     """The README's first command, with no REDIS_URL and no DATABASE_URL: an embedded Redis and SQLite under
     DATA_DIR. The embedded server must be gone when the command is, and come back with its data for the next."""
@@ -167,7 +152,7 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     assert demo.returncode == 0, demo.stderr
     assert "300 total: 300 succeeded, 0 failed, 0 pending" in demo.stdout
     assert "cached     76 rows; attempts 224" in demo.stdout  # each distinct prompt paid once
-    assert _redis_servers_in(data_dir) == []
+    assert processes.redis_servers_in(data_dir) == []
     run_id = demo.stdout.split()[1].rstrip(":")
     status = subprocess.run(
         [sys.executable, "enqueue.py", "status", run_id, "--json"],
@@ -179,7 +164,7 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"] == "completed"
-    assert _redis_servers_in(data_dir) == []
+    assert processes.redis_servers_in(data_dir) == []
 
 
 def _embedded_redis_servers() -> set[int]:

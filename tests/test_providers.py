@@ -11,7 +11,6 @@ from pipeline.pricing import PriceTable
 
 from . import processes
 from .datasets import write
-from .fakeprovider import FakeProvider
 
 TEMPLATE = "Say: {{ text }}"
 
@@ -19,12 +18,6 @@ TEMPLATE = "Say: {{ text }}"
 @pytest.fixture
 def database_url(tmp_path):
     return f"sqlite:///{tmp_path / 'results.db'}"
-
-
-@pytest.fixture
-def server():
-    with FakeProvider() as fake:
-        yield fake
 
 
 @pytest.fixture
