@@ -26,6 +26,7 @@ from pipeline.collector import Collector, serve_collector
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.estimate import Estimate
 from pipeline.export import FORMATS, export_run
+from pipeline.handoff import StreamReader
 from pipeline.logs import setup_logging
 from pipeline.progress import BYTES, Progress, RateWindow
 from pipeline.queue import connect
@@ -512,6 +513,15 @@ def retry_failed(ctx: Context, run_id: str) -> None:
     """Enqueue only the failed rows of a run again."""
     n = runs.retry_failed(ctx.redis, ctx.settings, ctx.engine, run_id)
     click.echo(f"run {run_id}: {n} jobs enqueued for failed rows")
+
+
+@cli.command("replay-parked")
+@click.pass_obj
+@fails_cleanly
+def replay_parked(ctx: Context) -> None:
+    """Put the entries the collector parked back on the result stream, to be written again."""
+    n = StreamReader(ctx.redis, ctx.settings.result_stream).replay_parked()
+    click.echo(f"{n} parked entries put back on {ctx.settings.result_stream}")
 
 
 @cli.command("create-user")

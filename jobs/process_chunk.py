@@ -287,8 +287,7 @@ class ChunkRunner:
     async def _hand_over(self, result: Result) -> None:
         result.generation = self.generation
         result.finished_at += self.settings.clock_offset
-        stream = self.settings.result_stream
-        await self.window.writes.run(lambda pipe: handoff.stage_result(pipe, stream, result))
+        await self.window.hand_over.put(result)
 
     async def _hand_over_billed(self, exc: RowInterrupted) -> None:
         """A row cut short after answers were billed for it: its ``stopped`` result carries that spend to SQL

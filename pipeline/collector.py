@@ -67,6 +67,9 @@ class Collector:
         self.observers = list(observers or [])
         self._parked = 0
         self._prepared = False
+        # A stream entry holds one result or many (handoff.ENTRY_RESULTS at most): the next read asks for as many
+        # entries as, at the last batch's results per entry, make about COLLECTOR_BATCH results.
+        self._entries_per_batch = max(1, settings.collector_batch // handoff.ENTRY_RESULTS)
 
     def step(self, block_ms: int | None = 1000) -> BatchOutcome:
         """Read one batch, write it in one transaction, then acknowledge it.
@@ -74,11 +77,12 @@ class Collector:
         A batch that the database rejects for its content (not for being down) is written entry by entry,
         so that one unstorable result cannot hold up the others.
         """
-        entries = self.reader.read(self.settings.collector_batch, block_ms)
+        entries = self.reader.read(self._entries_per_batch, block_ms)
         if not entries:
             return BatchOutcome(0, 0, [])
         self._parked = 0
         readable = self._readable(entries)
+        self._entries_per_batch = max(1, self.settings.collector_batch * len(entries) // max(1, len(readable)))
         try:
             with store.writing(self.engine) as conn:
                 applied, finished = self._write(conn, readable)
@@ -123,11 +127,11 @@ class Collector:
         """Entries with what they say; one that cannot be read (a newer worker's change that this version cannot
         take, a damaged entry) is parked, so that it cannot stop the others, now or after a restart."""
         readable = []
-        for entry in entries:
+        for part in (part for entry in entries for part in handoff.split(entry)):
             try:
-                readable.append((entry, handoff.decode(entry)))
+                readable.append((part, handoff.decode(part)))
             except UnreadableEntry as exc:
-                self._park(entry, str(exc))
+                self._park(part, str(exc))
         return readable
 
     def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:

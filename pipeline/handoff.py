@@ -1,25 +1,31 @@
 """The hand-over from workers to the collector: one Redis stream, read through a consumer group.
 
 Workers append each result the moment it is known (so a killed worker loses no paid answer) and mark the row
-done for its run in the same transaction. The collector acknowledges entries only after its SQL commit, so a
-collector crash means redelivery, which the idempotent upsert absorbs.
+done for its run in the same transaction. Results known in the same loop tick share one ``results`` entry (up
+to ENTRY_RESULTS): per result, an entry of its own cost the collector more to read (the reply parsed, the JSON
+decoded, the entry acknowledged and deleted) than its SQL write. The collector acknowledges entries only after
+its SQL commit, so a collector crash means redelivery, which the idempotent upsert absorbs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 
 from .records import STOPPED, Result, RunConfig
+from .redis_batch import RedisBatcher
 
 GROUP = "collector"
-RESULT = "result"
+RESULT = "result"  # one result (workers before the ``results`` entry; a parked result)
+RESULTS = "results"  # several results: {"results": [result, ...]}
+ENTRY_RESULTS = 200  # results per ``results`` entry at most (about 200 kB)
 RUN = "run"  # a run was submitted: payload is its RunConfig
 STATUS = "status"  # a run changed status (cancelled, budget exhausted, resumed)
 BATCH = "batch"  # batch mode: a chunk's batch intent, its provider batch id, its state
@@ -38,28 +44,64 @@ def is_done(status: bytes | str | None) -> bool:
     return status is not None and status != STOPPED
 
 
-def stage_result(pipe: Any, stream: str, result: Result) -> None:
-    """Queue a result's hand-over on a (transactional) pipeline: the stream entry and the row's done mark."""
-    pipe.xadd(stream, {"kind": RESULT, "data": result.to_json()})
-    if result.status == STOPPED:  # never over another worker's answer to the same row
-        pipe.hsetnx(done_key(result.run_id), result.row_key, result.status)
-    else:
-        pipe.hset(done_key(result.run_id), result.row_key, result.status)
+def stage_results(pipe: Any, stream: str, results: Sequence[Result]) -> None:
+    """Queue results' hand-over on a (transactional) pipeline: their stream entries and their rows' done marks."""
+    for start in range(0, len(results), ENTRY_RESULTS):
+        part = results[start : start + ENTRY_RESULTS]
+        pipe.xadd(stream, {"kind": RESULTS, "data": '{"results":[' + ",".join(r.to_json() for r in part) + "]}"})
+    marks: dict[str, dict[str, str]] = {}
+    for result in results:
+        if result.status == STOPPED:  # never over another worker's answer to the same row
+            pipe.hsetnx(done_key(result.run_id), result.row_key, result.status)
+        else:
+            marks.setdefault(result.run_id, {})[result.row_key] = result.status
+    for run_id, mapping in marks.items():
+        pipe.hset(done_key(run_id), mapping=mapping)
 
 
-async def publish_results_async(client: aioredis.Redis, stream: str, results: Iterable[Result]) -> None:
+async def publish_results_async(client: aioredis.Redis, stream: str, results: Sequence[Result]) -> None:
     async with client.pipeline(transaction=True) as pipe:
-        for result in results:
-            stage_result(pipe, stream, result)
+        stage_results(pipe, stream, results)
         await pipe.execute()
 
 
-def publish_results(client: redis.Redis, stream: str, results: Iterable[Result]) -> None:
+def publish_results(client: redis.Redis, stream: str, results: Sequence[Result]) -> None:
     """Hand over several results at once (from synchronous code: a failed chunk's rows)."""
-    with client.pipeline(transaction=True) as pipe:
-        for result in results:
-            stage_result(pipe, stream, result)
-        pipe.execute()
+    if results:
+        with client.pipeline(transaction=True) as pipe:
+            stage_results(pipe, stream, results)
+            pipe.execute()
+
+
+class HandOver:
+    """A worker process's hand-over: the results its rows know before the next write goes out share one entry.
+
+    Staged on the process's transactional batcher (pipeline.redis_batch) at the moment it flushes, so that
+    results arriving while a flush is in flight wait for the next one together instead of one entry each."""
+
+    def __init__(self, writes: RedisBatcher, stream: str) -> None:
+        self._writes = writes
+        self._stream = stream
+        self._waiting: list[Result] = []
+        self._sending: asyncio.Task[list[Any]] | None = None
+
+    async def put(self, result: Result) -> None:
+        """Returns once the result is on the stream with its row's done mark; raises if that failed."""
+        self._waiting.append(result)
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send())
+        await asyncio.shield(self._sending)
+
+    async def _send(self) -> list[Any]:
+        try:
+            return await self._writes.run(self._stage_waiting)
+        finally:
+            if self._sending is asyncio.current_task():  # failed before it was staged: its rows see the error
+                self._sending, self._waiting = None, []
+
+    def _stage_waiting(self, pipe: Any) -> None:
+        results, self._waiting, self._sending = self._waiting, [], None
+        stage_results(pipe, self._stream, results)
 
 
 def publish_event(client: redis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:
@@ -80,6 +122,22 @@ class Entry:
 
 class UnreadableEntry(ValueError):
     """An entry no version of the collector can write: it is parked with this reason."""
+
+
+def split(entry: Entry) -> list[Entry]:
+    """One entry a record: a ``results`` entry's results each become a ``result`` entry of the same id (parked
+    alone if it cannot be read; the id is acknowledged once all of them are written or parked)."""
+    if entry.kind != RESULTS or entry.problem:
+        return [entry]
+    results = entry.data.get("results")
+    if not isinstance(results, list):
+        return [replace(entry, problem="results is not a list")]
+    return [
+        Entry(entry.id, RESULT, item)
+        if isinstance(item, dict)
+        else Entry(entry.id, RESULT, {"raw": item}, problem="a result is not a JSON object")
+        for item in results
+    ]
 
 
 def decode(entry: Entry) -> Result | RunConfig | dict[str, Any]:
@@ -128,6 +186,9 @@ def _batch_event(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("at") is not None and not isinstance(data["at"], (int, float)):
         raise ValueError("at must be a time")
     return data
+
+
+ParkedEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 # KEYS: stream. ARGV: group, minimum idle ms, only this consumer ("" = any). Returns consumers removed.
@@ -232,6 +293,22 @@ class StreamReader:
                 pipe.xack(self.stream, GROUP, *ids)
                 pipe.xdel(self.stream, *ids)
                 pipe.execute()
+
+    def replay_parked(self, batch: int = 500) -> int:
+        """Put every parked entry back on the stream for the collectors to write again (after the fix for why it
+        was parked: an older collector parked a newer worker's ``results`` entry in a deploy done out of order,
+        a column widened). Each moves in one transaction; the upsert absorbs a result already written. An entry
+        that still cannot be written is parked again. Returns the entries moved."""
+        moved, after = 0, "-"
+        while entries := cast(ParkedEntries, self.client.xrange(self.parked_stream, after, "+", count=batch)):
+            with self.client.pipeline(transaction=True) as pipe:
+                for entry_id, fields in entries:
+                    pipe.xadd(self.stream, {"kind": fields.get(b"kind", b""), "data": fields.get(b"data", b"")})
+                    pipe.xdel(self.parked_stream, entry_id)
+                pipe.execute()
+            moved += len(entries)
+            after = "(" + entries[-1][0].decode()
+        return moved
 
     def backlog(self) -> int:
         """Entries not yet written to SQL: acknowledged entries are deleted, so this is the stream's length."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from .handoff import HandOver
 from .pricing import PriceTable
 from .providers import Provider, build_provider
 from .queue import async_client
@@ -70,6 +71,7 @@ class CallWindow:
         client = async_client(self.settings, self.connection)
         self.reads = RedisBatcher(client, transaction=False)  # cache lookups of every row of the process
         self.writes = RedisBatcher(client, transaction=True)  # hand-overs and answers stored
+        self.hand_over = HandOver(self.writes, self.settings.result_stream)
         return client
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:

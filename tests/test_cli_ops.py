@@ -172,3 +172,32 @@ def test_status_says_so_when_no_worker_consumes_the_queue(pipeline, tmp_path):
     finally:
         worker.register_death()
     assert status()["workers"] == 0 and f"no worker is consuming queue {queue}" in status()["note"]
+
+
+def test_replay_parked_lands_what_an_older_collector_parked(pipeline, tmp_path):
+    """A deploy done out of order: a newer worker's ``results`` entry reached an older collector, which parked it
+    as an unknown kind. Once the collector is upgraded, ``replay-parked`` puts it back and its rows land once."""
+    from pipeline import handoff
+    from pipeline.records import Result
+
+    dataset = write(tmp_path / "d.csv", tricky_rows(3))
+    report = pipeline.submit(dataset, "Q: {{ text }}")
+    pipeline.redis.delete(f"rq:queue:{pipeline.settings.queue_name}")
+    results = [
+        Result(run_id=report.run_id, row_key=str(i), row_index=i, input={}, finished_at=1.0, status="succeeded")
+        for i in range(3)
+    ]
+    parked = f"{pipeline.settings.result_stream}:parked"
+    data = json.dumps({"results": [json.loads(r.to_json()) for r in results]})
+    pipeline.redis.xadd(parked, {"kind": handoff.RESULTS, "data": data, "reason": "unknown entry kind 'results'"})
+    handoff.publish_results(pipeline.redis, pipeline.settings.result_stream, results[:1])  # r0 also came normally
+    pipeline.collect()
+    assert pipeline.run_row(report.run_id)["rows_succeeded"] == 1
+
+    replayed = cli(pipeline, "replay-parked")
+    assert replayed.returncode == 0 and replayed.stdout.startswith("1 parked entries put back")
+    pipeline.collect()
+    assert pipeline.redis.xlen(parked) == 0
+    assert sorted(r["row_key"] for r in pipeline.results(report.run_id)) == ["0", "1", "2"]
+    run = pipeline.run_row(report.run_id)
+    assert (run["status"], run["rows_succeeded"]) == ("completed", 3)
