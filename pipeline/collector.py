@@ -77,7 +77,7 @@ class Collector:
         A batch that the database rejects for its content (not for being down) is written entry by entry,
         so that one unstorable result cannot hold up the others.
         """
-        entries = self.reader.read(self._entries_per_batch, block_ms)
+        entries = self._read_batch(block_ms)
         if not entries:
             return BatchOutcome(0, 0, [])
         self._parked = 0
@@ -97,6 +97,17 @@ class Collector:
         for observer in self.observers:
             observer(outcome, applied)
         return outcome
+
+    def _read_batch(self, block_ms: int | None) -> list[Entry]:
+        """A batch of entries; when results trickle in, it waits COLLECTOR_LINGER_MS once for more, since a
+        transaction's own statements (run totals, the completion check, the commit) cost as much as dozens of
+        results' rows."""
+        wanted = self._entries_per_batch
+        entries = self.reader.read(wanted, block_ms)
+        if entries and len(entries) < wanted // 2 and self.settings.collector_linger_ms:
+            time.sleep(self.settings.collector_linger_ms / 1000)
+            entries += self.reader.read_new(wanted - len(entries))
+        return entries
 
     def _retain(self, entries: list[tuple[Entry, Decoded]], finished: list[str]) -> None:
         """A run that became final gets its Redis keys' expiry (RUN_RETENTION_SECONDS); one that runs again

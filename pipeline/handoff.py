@@ -44,11 +44,28 @@ def is_done(status: bytes | str | None) -> bool:
     return status is not None and status != STOPPED
 
 
+def waiting_key(stream: str) -> str:
+    """How many results and events are on the stream, not yet written: each entry says how many it holds ("n"),
+    added here as it goes on the stream and taken off when the collector acknowledges it."""
+    return f"{stream}:waiting"
+
+
+def waiting(client: redis.Redis, stream: str) -> int:
+    """Results and events on the stream not yet written to SQL (entries of workers older than the count are not
+    in it)."""
+    return max(0, int(cast(bytes | None, client.get(waiting_key(stream))) or 0))
+
+
+def stage_entry(pipe: Any, stream: str, kind: str, data: str | bytes, size: int = 1) -> None:
+    pipe.xadd(stream, {"kind": kind, "data": data, "n": size})
+    pipe.incrby(waiting_key(stream), size)
+
+
 def stage_results(pipe: Any, stream: str, results: Sequence[Result]) -> None:
     """Queue results' hand-over on a (transactional) pipeline: their stream entries and their rows' done marks."""
     for start in range(0, len(results), ENTRY_RESULTS):
         part = results[start : start + ENTRY_RESULTS]
-        pipe.xadd(stream, {"kind": RESULTS, "data": '{"results":[' + ",".join(r.to_json() for r in part) + "]}"})
+        stage_entry(pipe, stream, RESULTS, '{"results":[' + ",".join(r.to_json() for r in part) + "]}", len(part))
     marks: dict[str, dict[str, str]] = {}
     for result in results:
         if result.status == STOPPED:  # never over another worker's answer to the same row
@@ -105,11 +122,15 @@ class HandOver:
 
 
 def publish_event(client: redis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:
-    client.xadd(stream, {"kind": kind, "data": json.dumps(payload, ensure_ascii=False, default=str)})
+    with client.pipeline(transaction=True) as pipe:
+        stage_entry(pipe, stream, kind, json.dumps(payload, ensure_ascii=False, default=str))
+        pipe.execute()
 
 
 async def publish_event_async(client: aioredis.Redis, stream: str, kind: str, payload: dict[str, Any]) -> None:
-    await client.xadd(stream, {"kind": kind, "data": json.dumps(payload, ensure_ascii=False, default=str)})
+    async with client.pipeline(transaction=True) as pipe:
+        stage_entry(pipe, stream, kind, json.dumps(payload, ensure_ascii=False, default=str))
+        await pipe.execute()
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,7 @@ class Entry:
     kind: str
     data: dict[str, Any]
     problem: str | None = None  # why the entry could not be read (its data is then {"raw": the text})
+    size: int = 0  # results or events it holds, as counted in waiting_key (0: a worker older than the count)
 
 
 class UnreadableEntry(ValueError):
@@ -190,6 +212,20 @@ def _batch_event(data: dict[str, Any]) -> dict[str, Any]:
 
 ParkedEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
+# KEYS: stream, its waiting count. ARGV: group, then each entry's id and size. Acknowledges and deletes each
+# entry, and takes off the count only what this call acknowledged (another collector may have done it first).
+_ACK = """
+local acked = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    acked = acked + tonumber(ARGV[i + 1])
+  end
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+if acked > 0 then redis.call('DECRBY', KEYS[2], acked) end
+return acked
+"""
+
 
 # KEYS: stream. ARGV: group, minimum idle ms, only this consumer ("" = any). Returns consumers removed.
 _REMOVE_IDLE = """
@@ -243,6 +279,10 @@ class StreamReader:
             return entries
         return self._read_from(">", count, block_ms)
 
+    def read_new(self, count: int) -> list[Entry]:
+        """Entries no consumer has read yet, without waiting (more for a batch already read)."""
+        return self._read_from(">", count, None)
+
     def _read_from(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         reply: Any = self.client.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
         if not reply:
@@ -255,13 +295,14 @@ class StreamReader:
             return None
         kind = fields.get(b"kind", b"").decode("utf-8", "replace")
         raw = fields.get(b"data", b"").decode("utf-8", "replace")
+        size = int(n) if (n := fields.get(b"n", b"0")).isdigit() else 0
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            return Entry(entry_id, kind, {"raw": raw}, problem=f"data is not JSON ({exc})")
+            return Entry(entry_id, kind, {"raw": raw}, problem=f"data is not JSON ({exc})", size=size)
         if not isinstance(data, dict):
-            return Entry(entry_id, kind, {"raw": raw}, problem="data is not a JSON object")
-        return Entry(entry_id, kind, data)
+            return Entry(entry_id, kind, {"raw": raw}, problem="data is not a JSON object", size=size)
+        return Entry(entry_id, kind, data, size=size)
 
     @property
     def parked_stream(self) -> str:
@@ -287,12 +328,9 @@ class StreamReader:
             return 0
 
     def ack(self, entries: Iterable[Entry]) -> None:
-        ids = [e.id for e in entries]
-        if ids:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.xack(self.stream, GROUP, *ids)
-                pipe.xdel(self.stream, *ids)
-                pipe.execute()
+        args = [value for e in entries for value in (e.id, e.size)]
+        if args:
+            self.client.eval(_ACK, 2, self.stream, waiting_key(self.stream), GROUP, *args)
 
     def replay_parked(self, batch: int = 500) -> int:
         """Put every parked entry back on the stream for the collectors to write again (after the fix for why it
@@ -303,7 +341,8 @@ class StreamReader:
         while entries := cast(ParkedEntries, self.client.xrange(self.parked_stream, after, "+", count=batch)):
             with self.client.pipeline(transaction=True) as pipe:
                 for entry_id, fields in entries:
-                    pipe.xadd(self.stream, {"kind": fields.get(b"kind", b""), "data": fields.get(b"data", b"")})
+                    kind, data = fields.get(b"kind", b"").decode(), fields.get(b"data", b"")
+                    stage_entry(pipe, self.stream, kind, data, _size(kind, data))
                     pipe.xdel(self.parked_stream, entry_id)
                 pipe.execute()
             moved += len(entries)
@@ -313,3 +352,14 @@ class StreamReader:
     def backlog(self) -> int:
         """Entries not yet written to SQL: acknowledged entries are deleted, so this is the stream's length."""
         return int(self.client.xlen(self.stream))
+
+
+def _size(kind: str, data: bytes) -> int:
+    """What a parked entry holds (a parked entry has lost its size): a ``results`` entry's results, else one."""
+    if kind == RESULTS:
+        try:
+            results = json.loads(data).get("results")
+        except (ValueError, AttributeError):
+            return 1
+        return len(results) if isinstance(results, list) else 1
+    return 1

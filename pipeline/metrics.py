@@ -24,7 +24,7 @@ from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import batchstate, store
+from . import batchstate, handoff, store
 from .pricing import NANO
 from .providers.batches import STATES as BATCH_STATES
 from .queue import SERIALIZER
@@ -238,8 +238,10 @@ class _ScrapeTime(PromCollector):
         workers = GaugeMetricFamily("pipeline_workers", "Live RQ workers on the chunk queue", labels=["queue"])
         workers.add_metric([queue.name], Worker.count(queue=queue))
         yield workers
-        backlog = GaugeMetricFamily("pipeline_handoff_backlog", "Results handed over but not yet written to SQL")
-        backlog.add_metric([], self.connection.xlen(self.settings.result_stream))
+        backlog = GaugeMetricFamily(
+            "pipeline_handoff_backlog", "Results (and run events) handed over but not yet written to SQL"
+        )
+        backlog.add_metric([], handoff.waiting(self.connection, self.settings.result_stream))
         yield backlog
         yield from self._batch_metrics()
 

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     )
 
     collector_batch: int = Field(500, ge=1)
+    collector_linger_ms: int = Field(
+        100,
+        ge=0,
+        description="A read that brought less than half a batch waits this long for more before writing: "
+        "each transaction's fixed cost is then shared by more results.",
+    )
     run_retention_seconds: int = Field(
         7 * 24 * 3600,
         ge=1,

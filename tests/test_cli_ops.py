@@ -196,8 +196,9 @@ def test_replay_parked_lands_what_an_older_collector_parked(pipeline, tmp_path):
 
     replayed = cli(pipeline, "replay-parked")
     assert replayed.returncode == 0 and replayed.stdout.startswith("1 parked entries put back")
+    assert handoff.waiting(pipeline.redis, pipeline.settings.result_stream) == 3  # what the backlog metric shows
     pipeline.collect()
-    assert pipeline.redis.xlen(parked) == 0
+    assert pipeline.redis.xlen(parked) == 0 and handoff.waiting(pipeline.redis, pipeline.settings.result_stream) == 0
     assert sorted(r["row_key"] for r in pipeline.results(report.run_id)) == ["0", "1", "2"]
     run = pipeline.run_row(report.run_id)
     assert (run["status"], run["rows_succeeded"]) == ("completed", 3)

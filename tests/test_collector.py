@@ -304,6 +304,7 @@ def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline
         counts = store.count_results(conn, run_id)
     run = pipeline.run_row(run_id)
     assert counts == {"succeeded": 1000}
+    assert handoff.waiting(pipeline.redis, pipeline.settings.result_stream) == 0  # 2,000 results in, 2,000 out
     assert (run["status"], run["rows_succeeded"], run["attempts"], run["cost_nano"]) == (
         "completed",
         1000,
