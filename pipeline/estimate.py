@@ -19,7 +19,6 @@ import redis
 
 from .answer import estimate_tokens, output_limit
 from .cache import cache_key
-from .datasets import iter_chunks
 from .pricing import NANO, PriceTable
 from .providers import ProviderRequest, build_provider
 from .records import Row, RunConfig
@@ -46,6 +45,8 @@ class Estimate:
 
 def estimate(connection: redis.Redis, settings: Settings, config: RunConfig) -> Estimate:
     """Read the dataset once more and price every row; nothing is written anywhere."""
+    from .datasets import iter_chunks  # pandas and pyarrow: imported only by the commands that read a file
+
     counts = _count(
         connection,
         config,

@@ -20,9 +20,10 @@ import redis
 from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 
+# pipeline.datasets (pandas and pyarrow: about a second of CPU to import) is imported by the functions that read a
+# file, so that the commands that do not (collect, status, wait) start without it.
 from . import batchstate, handoff, store
 from .budget import spend_key
-from .datasets import check_path, file_sha256, iter_chunks, scan, serialized_chunks
 from .errors import ConfigError, DatasetError, RunNotFound
 from .estimate import Estimate, estimate
 from .pricing import NANO, PriceTable
@@ -201,6 +202,8 @@ def _finish_enqueue(
     spool: ChunkSpool | None = None,
     progress: ProgressCallback | None = None,
 ) -> SubmitReport:
+    from .datasets import serialized_chunks
+
     enqueued = 0
     report = stage_reporter(progress, ENQUEUEING, config.total_rows, ROWS)
     if not connection.exists(submitted_key(config.run_id)):
@@ -221,6 +224,8 @@ def _finish_enqueue(
 
 
 def _unchanged_dataset(config: RunConfig) -> Path | None:
+    from .datasets import file_sha256
+
     path = Path(config.dataset)
     if not path.is_file() or file_sha256(path) != config.dataset_hash:
         return None
@@ -231,6 +236,8 @@ def validate(
     settings: Settings, request: RunRequest, progress: ProgressCallback | None = None, spool: ChunkSpool | None = None
 ) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
+    from .datasets import check_path, scan
+
     _check_fields(request)
     _check_mode(request)
     _check_prices(settings, request)
@@ -464,6 +471,8 @@ def resume(
     two jobs at once. A run whose Redis state is gone (lost, or expired after the run ended) is rebuilt from
     SQL first (``engine`` needed): rows with a result there are not asked again. Returns the jobs enqueued.
     """
+    from .datasets import file_sha256
+
     with RequeueClaim(connection, run_id, "resume") as claim:
         config = known_config(connection, engine, run_id)
         path = Path(config.dataset)
@@ -485,6 +494,8 @@ def _resume_claimed(
     max_cost: float | None,
     engine: Engine | None,
 ) -> int:
+    from .datasets import iter_chunks
+
     run_id = config.run_id
     if max_cost is not None:
         if unpriced := unpriced_models(settings, config):

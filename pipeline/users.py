@@ -11,6 +11,7 @@ A run's owner is part of its configuration (``RunConfig.owner``, kept in Redis a
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any
@@ -49,12 +50,19 @@ user_runs = Table(
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_SECRET = 8
 _hasher = PasswordHasher()
-# Verifying a name that does not exist still costs one hash, so timing does not tell which names exist.
-_DUMMY_HASH = _hasher.hash("not a secret of anyone")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verifying a name that does not exist still costs one hash, so timing does not tell which names exist. Made
+    on first use: a hash costs half a second of CPU, which every command that imports this paid at start."""
+    return _hasher.hash("not a secret of anyone")
 
 
 def prepare(engine: Engine) -> None:
+    """The users table, and the dummy hash made now, so the first unknown name costs what the others do."""
     metadata.create_all(engine)
+    _dummy_hash()
 
 
 def create_user(engine: Engine, name: str, secret: str, *, admin: bool = False, client: bool = False) -> int:
@@ -86,7 +94,7 @@ def authenticate(engine: Engine, name: str, secret: str) -> dict[str, Any] | Non
     """The user if the name and secret match an enabled user, else None (same work either way)."""
     user = find_user(engine, name) if NAME.fullmatch(name) else None
     try:
-        _hasher.verify(user["secret_hash"] if user else _DUMMY_HASH, secret)
+        _hasher.verify(user["secret_hash"] if user else _dummy_hash(), secret)
     except (VerificationError, InvalidHashError):
         return None
     if user is None or user["disabled"]:
