@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
@@ -297,7 +298,7 @@ class StreamReader:
         raw = fields.get(b"data", b"").decode("utf-8", "replace")
         size = int(n) if (n := fields.get(b"n", b"0")).isdigit() else 0
         try:
-            data = json.loads(raw)
+            data = _loads(raw)
         except ValueError as exc:
             return Entry(entry_id, kind, {"raw": raw}, problem=f"data is not JSON ({exc})", size=size)
         if not isinstance(data, dict):
@@ -352,6 +353,15 @@ class StreamReader:
     def backlog(self) -> int:
         """Entries not yet written to SQL: acknowledged entries are deleted, so this is the stream's length."""
         return int(self.client.xlen(self.stream))
+
+
+def _loads(text: str) -> Any:
+    """JSON as ``json.loads`` reads it, by orjson (a third of the CPU) where it can: it refuses what Python's
+    reader takes (NaN, Infinity, integers past 64 bits), which is then read by ``json.loads``."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _size(kind: str, data: bytes) -> int:
