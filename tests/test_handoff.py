@@ -75,3 +75,12 @@ def test_a_failed_hand_over_reaches_every_row_that_waited_and_the_next_one_tries
 
     outcomes, writes = asyncio.run(scenario())
     assert len(outcomes) == 4 and all(isinstance(o, redis.ConnectionError) for o in outcomes) and writes == 2
+
+
+def test_entries_read_as_json_loads_reads_them():
+    """The fast reader refuses NaN and integers past 64 bits; such entries still read as Python's json does."""
+    text = json.dumps({"results": [{"parsed": {"score": float("nan"), "id": 2**70}}]})
+    entry = handoff.StreamReader._entry(b"1-0", {b"kind": b"results", b"data": text.encode(), b"n": b"1"})
+    assert entry is not None and entry.problem is None and entry.size == 1
+    parsed = entry.data["results"][0]["parsed"]
+    assert parsed["id"] == 2**70 and parsed["score"] != parsed["score"]  # NaN
