@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -27,6 +28,7 @@ GROUP = "collector"
 RESULT = "result"  # one result (workers before the ``results`` entry; a parked result)
 RESULTS = "results"  # several results: {"results": [result, ...]}
 ENTRY_RESULTS = 200  # results per ``results`` entry at most (about 200 kB)
+CLAIM_EVERY_SECONDS = 1.0  # how often a reader looks for entries a dead consumer left (idle past claim_idle_ms)
 RUN = "run"  # a run was submitted: payload is its RunConfig
 STATUS = "status"  # a run changed status (cancelled, budget exhausted, resumed)
 BATCH = "batch"  # batch mode: a chunk's batch intent, its provider batch id, its state
@@ -259,6 +261,10 @@ class StreamReader:
         self.consumer = consumer or f"{socket.gethostname()}-collector"
         self.claim_idle_ms = claim_idle_ms
         self.parked_max = parked_max
+        self._unacked = True  # entries read before a restart come first
+        self._from_pending = False
+        self._next_claim = float("-inf")
+        self._ack_script = client.register_script(_ACK)
         self._ensure_group()
 
     def _ensure_group(self) -> None:
@@ -270,15 +276,35 @@ class StreamReader:
 
     def read(self, count: int, block_ms: int | None) -> list[Entry]:
         """Entries this consumer or a dead one left unacknowledged, else new entries (blocking up to block_ms)."""
-        self._ensure_group()  # the group is gone if Redis restarted without persistence
-        pending = self._read_from("0", count, None)
-        if pending:
-            return pending
-        claimed = self.client.xautoclaim(self.stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count)
-        entries = [e for e in (self._entry(i, f) for i, f in claimed[1] if f) if e]
-        if entries:
-            return entries
-        return self._read_from(">", count, block_ms)
+        try:
+            return self._read(count, block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._ensure_group()  # the group is gone if Redis restarted without persistence
+            return self._read(count, block_ms)
+
+    def _read(self, count: int, block_ms: int | None) -> list[Entry]:
+        # Each look costs a round trip, so each is made only when it can find something: this consumer's own
+        # pending entries after a start or a batch it did not acknowledge (its write failed), a dead consumer's
+        # every CLAIM_EVERY_SECONDS (and again at once while that finds some).
+        if self._unacked:
+            pending = self._read_from("0", count, None)
+            if pending:
+                self._from_pending = True
+                return pending
+            self._unacked = False
+        self._from_pending = False
+        if time.monotonic() >= self._next_claim:
+            claimed = self.client.xautoclaim(self.stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count)
+            entries = [e for e in (self._entry(i, f) for i, f in claimed[1] if f) if e]
+            if entries:
+                self._unacked = True
+                return entries
+            self._next_claim = time.monotonic() + CLAIM_EVERY_SECONDS
+        entries = self._read_from(">", count, block_ms)
+        self._unacked = bool(entries)
+        return entries
 
     def read_new(self, count: int) -> list[Entry]:
         """Entries no consumer has read yet, without waiting (more for a batch already read)."""
@@ -331,7 +357,9 @@ class StreamReader:
     def ack(self, entries: Iterable[Entry]) -> None:
         args = [value for e in entries for value in (e.id, e.size)]
         if args:
-            self.client.eval(_ACK, 2, self.stream, waiting_key(self.stream), GROUP, *args)
+            self._ack_script(keys=[self.stream, waiting_key(self.stream)], args=[GROUP, *args])
+        if not self._from_pending:  # a batch of pending entries may have left more of them
+            self._unacked = False
 
     def replay_parked(self, batch: int = 500) -> int:
         """Put every parked entry back on the stream for the collectors to write again (after the fix for why it
