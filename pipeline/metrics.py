@@ -11,9 +11,12 @@ says 0, while everything Redis knows is still served (that is when the backlog m
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Iterable
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -42,6 +45,34 @@ _Tally = dict[tuple[Counter, tuple[str, ...]], float]  # (counter, label values)
 def _add(tally: _Tally, counter: Counter, labels: tuple[str, ...], amount: float) -> None:
     key = (counter, labels)
     tally[key] = tally.get(key, 0) + amount
+
+
+_status, _calls, _attempts, _usage_estimated, _input_tokens, _output_tokens, _cost_nano, _cached = (
+    itemgetter(c)
+    for c in (
+        "status",
+        "calls",
+        "attempts",
+        "usage_estimated",
+        "input_tokens",
+        "output_tokens",
+        "cost_nano",
+        "cached",
+    )
+)
+_positive = (0).__lt__
+
+
+def _by_target(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows by (provider, model), "none" for a row without one."""
+    targets = list(zip(map(itemgetter("provider"), rows), map(itemgetter("model"), rows)))
+    if len(set(targets)) == 1:  # the usual batch
+        provider, model = targets[0]
+        return {(provider or "none", model or "none"): rows} if rows else {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (provider, model), row in zip(targets, rows):
+        groups.setdefault((provider or "none", model or "none"), []).append(row)
+    return groups
 
 
 class PipelineMetrics:
@@ -120,8 +151,12 @@ class PipelineMetrics:
             self.parked.inc(outcome.parked)
         self.last_write.set(time.time())
         tally: _Tally = {}
-        for result, previous in zip(applied.changed, applied.previous):
-            self._observe_one(tally, result, previous)
+        if applied.previous.count(None) == len(applied.previous):  # only new rows: counted by label set at once
+            for (provider, model), rows in _by_target(applied.changed).items():
+                self._observe_new(tally, provider, model, rows)
+        else:
+            for result, previous in zip(applied.changed, applied.previous):
+                self._observe_one(tally, result, previous)
         for result, previous in applied.extra:  # another paid answer to a row whose result stays: its spend only
             self._observe_spend(tally, result, previous)
         for (counter, labels), amount in tally.items():
@@ -161,6 +196,42 @@ class PipelineMetrics:
         if result["status"] == "succeeded":
             self._latency_child(provider, model).observe(result["latency_ms"] / 1000.0)
 
+    def _observe_new(self, tally: _Tally, provider: str, model: str, rows: list[dict[str, Any]]) -> None:
+        """What ``_observe_one`` counts for rows that replaced nothing, summed a column at a time."""
+        target = (provider, model)
+        for status, count in collections.Counter(map(_status, rows)).items():
+            _add(tally, self.results, (provider, model, status), count)
+        paid = collections.Counter(chain.from_iterable(map(dict.items, filter(None, map(_calls, rows)))))
+        for (key, count), times in paid.items():
+            if count > 0:
+                self._count_calls(tally, key, count * times)
+        retried = [attempts for attempts in map(_attempts, rows) if attempts > 1]
+        if retried:
+            _add(tally, self.retries, target, sum(retried) - len(retried))
+        estimated = sum(filter(_positive, map(_usage_estimated, rows)))
+        if estimated:
+            _add(tally, self.estimated_usage, target, estimated)
+        _add(tally, self.tokens, (provider, model, "in"), sum(map(_input_tokens, rows)))
+        _add(tally, self.tokens, (provider, model, "out"), sum(map(_output_tokens, rows)))
+        known = [cost for cost in map(_cost_nano, rows) if cost is not None]
+        if known:
+            _add(tally, self.cost, target, sum(known))
+        cached = sum(map(bool, map(_cached, rows)))
+        if cached:
+            _add(tally, self.cache_hits, target, cached)
+        observe = self._latency_child(provider, model).observe
+        for row in rows:
+            if row["status"] == "succeeded":
+                observe(row["latency_ms"] / 1000.0)
+
+    def _count_calls(self, tally: _Tally, key: str, count: int) -> None:
+        call_provider, call_model, code = key.split("|", 2)
+        _add(tally, self.requests, (call_provider, call_model, code), count)
+        if code == "429":
+            _add(tally, self.rate_limited, (call_provider, call_model), count)
+        elif code == "timeout":
+            _add(tally, self.timeouts, (call_provider, call_model), count)
+
     def _latency_child(self, provider: str, model: str) -> Any:
         key = (provider, model)
         child = self._latency_children.get(key)
@@ -173,14 +244,8 @@ class PipelineMetrics:
         earlier_calls = (previous or {}).get("calls") or {}
         for key, count in (result.get("calls") or {}).items():
             count -= earlier_calls.get(key, 0)
-            if count <= 0:
-                continue
-            call_provider, call_model, code = key.split("|", 2)
-            _add(tally, self.requests, (call_provider, call_model, code), count)
-            if code == "429":
-                _add(tally, self.rate_limited, (call_provider, call_model), count)
-            elif code == "timeout":
-                _add(tally, self.timeouts, (call_provider, call_model), count)
+            if count > 0:
+                self._count_calls(tally, key, count)
         spent = {
             c: result[c] - (previous[c] if previous else 0)
             for c in ("attempts", "input_tokens", "output_tokens", "usage_estimated")
