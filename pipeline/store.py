@@ -540,7 +540,37 @@ def _column_arrays(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
 
 
 def _texts_per_row(rows: list[dict[str, Any]], encode: Callable[[Any], str]) -> list[list[str]]:
-    return [[encode(v) if v is not None else "null" for v in map(itemgetter(c), rows)] for c in _JSON_COLUMNS]
+    return [
+        _encoded_repeats(map(itemgetter(c), rows), encode)
+        if c in _REPEATING
+        else [encode(v) if v is not None else "null" for v in map(itemgetter(c), rows)]
+        for c in _JSON_COLUMNS
+    ]
+
+
+# JSON columns whose values repeat from row to row (the same calls; the same parsed label): each flat object
+# is encoded once a batch.
+_REPEATING = ("calls", "parsed")
+
+
+def _encoded_repeats(values: Iterable[Any], encode: Callable[[Any], str]) -> list[str]:
+    """Each value's JSON text; a flat object equal to one before it (same keys, values and value types: 1 is not
+    true) takes that one's text."""
+    texts: list[str] = []
+    known: dict[Any, str] = {}
+    for value in values:
+        if value is None:
+            texts.append("null")
+            continue
+        try:
+            key = (tuple(value.items()), tuple(map(type, value.values())))
+            text = known.get(key)
+            if text is None:
+                text = known[key] = encode(value)
+        except (AttributeError, TypeError):  # not an object, or not a flat one
+            text = encode(value)
+        texts.append(text)
+    return texts
 
 
 def _array_texts(rows: list[dict[str, Any]], encode: Callable[[Any], str]) -> list[str]:
