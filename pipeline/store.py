@@ -532,11 +532,25 @@ def _row_values(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
     return tuple(chain.from_iterable(map(add, map(_plain_values, rows), zip(*texts))))
 
 
-def _column_arrays(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """PostgreSQL: one list a plain column, and each JSON column's values as one JSON array (one C-level
-    serialization a column and batch, where one a value cost more than the insert)."""
+def _column_arrays(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """PostgreSQL: each column's values as one JSON array, taken apart in order by the server: one C-level
+    serialization a column and batch, where the driver's arrays cost a Python call a value."""
     texts = _json_texts(rows, _array_texts)  # first: it may make free-form values storable
-    return (*([row[column] for row in rows] for column in _PLAIN_COLUMNS), *texts)
+    return (*_plain_arrays(rows), *texts)
+
+
+def _plain_arrays(rows: list[dict[str, Any]]) -> list[str]:
+    columns = list(zip(*map(_plain_values, rows)))
+    try:
+        return list(map(_encode_strict, columns))
+    except ValueError:  # NaN or infinity in a number column: written as PostgreSQL spells them, as text
+        return [json.dumps([_named_if_not_finite(v) for v in values]) for values in columns]
+
+
+def _named_if_not_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _texts_per_row(rows: list[dict[str, Any]], encode: Callable[[Any], str]) -> list[list[str]]:
@@ -634,15 +648,16 @@ def _values_insert(count: int, quote: Callable[[str], str], conflict: str) -> st
 
 @lru_cache(maxsize=8)
 def _unnest_insert(dialect: Any, conflict: str) -> str:
-    """PostgreSQL: the same INSERT with one array parameter a column (``unnest``), a statement of fixed text
-    that the server parses and plans once per connection, whatever the batch size. Arrays go in binary (the
-    text format's quoting of each element cost more than the rest of the write); a JSON column comes as one
-    JSON array, taken apart in order by the server."""
+    """PostgreSQL: the same INSERT with one JSON array parameter a column, a statement of fixed text that the
+    server parses and plans once per connection, whatever the batch size. A plain column's array is taken
+    apart as text and cast to the column's type, a JSON column's as JSON (its values' text kept as written)."""
     quote = dialect.identifier_preparer.quote
-    arrays = [f"CAST(%b AS {_array_type(results.c[c].type, dialect)}[])" for c in _PLAIN_COLUMNS]
-    arrays += [
-        "ARRAY(SELECT value FROM json_array_elements(CAST(%b AS JSON)) WITH ORDINALITY AS e(value, n) ORDER BY n)"
-    ] * len(_JSON_COLUMNS)
+    elements = "ARRAY(SELECT value FROM {}(CAST(%s AS JSON)) WITH ORDINALITY AS e(value, n) ORDER BY n)"
+    arrays = [
+        f"CAST({elements.format('json_array_elements_text')} AS {_array_type(results.c[c].type, dialect)}[])"
+        for c in _PLAIN_COLUMNS
+    ]
+    arrays += [elements.format("json_array_elements")] * len(_JSON_COLUMNS)
     names = ", ".join(quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS)
     return (
         f"INSERT INTO {quote(results.name)} ({names}) SELECT {names} "
