@@ -495,11 +495,32 @@ _INSERT_ROWS = 1000
 _JSON_COLUMNS = tuple(c.name for c in results.columns if isinstance(c.type, JSON))
 _PLAIN_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in _JSON_COLUMNS)
 _plain_values = itemgetter(*_PLAIN_COLUMNS)
+_PLAIN_GETTERS = [itemgetter(c) for c in _PLAIN_COLUMNS]
 
 
 def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
     """Insert the rows that have no result yet; return the keys really inserted."""
-    return {(run_id, row_key) for run_id, row_key in _upsert(conn, rows, _INSERT_NEW)}
+    if conn.dialect.name == "postgresql":
+        return {(run_id, row_key) for run_id, row_key in _upsert(conn, rows, _INSERT_NEW)}
+    return _insert_new_sqlite(conn, rows)
+
+
+def _insert_new_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """SQLite: the INSERT without RETURNING (it cost a third of the statement), counted by its row count: when
+    every row went in, the keys are the rows'. Otherwise the rows it inserted are the table's last ``count``:
+    this transaction holds the write lock and SQLite gives a new row the largest rowid plus one."""
+    inserted: set[tuple[str, str]] = set()
+    quote = conn.dialect.identifier_preparer.quote
+    for start in range(0, len(rows), _INSERT_ROWS):
+        part = rows[start : start + _INSERT_ROWS]
+        result = conn.exec_driver_sql(_values_insert(len(part), quote, _SKIP_STORED), _row_values(part))
+        count = result.rowcount
+        result.close()
+        if count == len(part):
+            inserted.update(zip(map(_run_id, part), map(_row_key, part)))
+        elif count > 0:
+            inserted.update((run_id, row_key) for run_id, row_key in conn.exec_driver_sql(_LAST_INSERTED, (count,)))
+    return inserted
 
 
 def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iterator[tuple[Any, ...]]:
@@ -540,7 +561,7 @@ def _column_arrays(rows: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def _plain_arrays(rows: list[dict[str, Any]]) -> list[str]:
-    columns = list(zip(*map(_plain_values, rows)))
+    columns = [list(map(get, rows)) for get in _PLAIN_GETTERS]
     try:
         return list(map(_encode_strict, columns))
     except ValueError:  # NaN or infinity in a number column: written as PostgreSQL spells them, as text
@@ -629,7 +650,9 @@ def _array_type(column_type: Any, dialect: Any) -> str:
     return "TEXT" if isinstance(column_type, String) else column_type.compile(dialect=dialect)
 
 
-_INSERT_NEW = "ON CONFLICT (run_id, row_key) DO NOTHING RETURNING run_id, row_key"
+_SKIP_STORED = "ON CONFLICT (run_id, row_key) DO NOTHING"
+_INSERT_NEW = _SKIP_STORED + " RETURNING run_id, row_key"
+_LAST_INSERTED = "SELECT run_id, row_key FROM results WHERE id > (SELECT max(id) FROM results) - ?"
 # Locks and returns the stored row: an update that changes nothing (see _existing).
 _STORED_COLUMNS = ("id", *RESULT_COLUMNS)
 _READ_STORED = "ON CONFLICT (run_id, row_key) DO UPDATE SET row_index = results.row_index RETURNING " + ", ".join(
@@ -857,26 +880,30 @@ FINAL_STATUSES = {"completed", "cancelled", "budget_exhausted"}
 def finish_complete_runs(conn: Connection, run_ids: Iterable[str]) -> list[str]:
     """Mark runs whose every row has a result as completed (a cancel that came too late to stop any row
     included). Returns the ones finished now."""
+    asked = sorted(set(run_ids))
+    if not asked:
+        return []
     finished = []
-    for run_id in run_ids:
-        row = (
-            conn.execute(
-                select(
-                    runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed, runs.c.dataset_hash
-                ).where(runs.c.run_id == run_id)
-            )
-            .mappings()
-            .first()
-        )
-        if row is None or row["dataset_hash"] == UNREGISTERED:  # its size is not known yet
+    for run_id, status, total, succeeded, failed, dataset_hash in conn.execute(_PROGRESS, {"runs": asked}):
+        if dataset_hash == UNREGISTERED:  # its size is not known yet
             continue
-        complete = row["rows_succeeded"] + row["rows_failed"] >= row["rows_total"]
-        if complete and row["status"] != COMPLETED:
+        complete = succeeded + failed >= total
+        if complete and status != COMPLETED:
             set_run_status(conn, run_id, COMPLETED)
             finished.append(run_id)
-        elif not complete and row["status"] == "submitted":
+        elif not complete and status == "submitted":
             set_run_status(conn, run_id, RUNNING)
     return finished
+
+
+# Fixed text, compiled once: the runs' progress, one query for a batch's runs.
+_PROGRESS = (
+    select(
+        runs.c.run_id, runs.c.status, runs.c.rows_total, runs.c.rows_succeeded, runs.c.rows_failed, runs.c.dataset_hash
+    )
+    .where(runs.c.run_id.in_(bindparam("runs", expanding=True)))
+    .order_by(runs.c.run_id)
+)
 
 
 def get_run(conn: Connection, run_id: str) -> dict[str, Any] | None:
