@@ -533,7 +533,7 @@ def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iter
     for start in range(0, len(rows), _INSERT_ROWS):
         part = rows[start : start + _INSERT_ROWS]
         if postgres:
-            result = conn.exec_driver_sql(_unnest_insert(conn.dialect, conflict), _column_arrays(part))
+            result = conn.exec_driver_sql(_json_insert(conn.dialect, conflict), _column_arrays(part))
         else:
             result = conn.exec_driver_sql(
                 _values_insert(len(part), conn.dialect.identifier_preparer.quote, conflict), _row_values(part)
@@ -644,9 +644,9 @@ def _holds_nul(rows: list[dict[str, Any]], texts: list[Any]) -> bool:
         return True
 
 
-def _array_type(column_type: Any, dialect: Any) -> str:
-    """Text arrays for text columns: a cast to VARCHAR(n) would cut an over-long value silently, where the
-    INSERT refuses it (and the collector stores the row as failed, saying so)."""
+def _cast_type(column_type: Any, dialect: Any) -> str:
+    """TEXT for text columns: a cast to VARCHAR(n) would cut an over-long value silently, where the INSERT
+    refuses it (and the collector stores the row as failed, saying so)."""
     return "TEXT" if isinstance(column_type, String) else column_type.compile(dialect=dialect)
 
 
@@ -670,21 +670,21 @@ def _values_insert(count: int, quote: Callable[[str], str], conflict: str) -> st
 
 
 @lru_cache(maxsize=8)
-def _unnest_insert(dialect: Any, conflict: str) -> str:
+def _json_insert(dialect: Any, conflict: str) -> str:
     """PostgreSQL: the same INSERT with one JSON array parameter a column, a statement of fixed text that the
-    server parses and plans once per connection, whatever the batch size. A plain column's array is taken
-    apart as text and cast to the column's type, a JSON column's as JSON (its values' text kept as written)."""
+    server parses and plans once per connection, whatever the batch size. ``ROWS FROM`` zips the arrays'
+    elements by position; a plain column's come as text, cast to the column's type, a JSON column's as JSON
+    (their text kept as written). The server spends about 2 us a row more than on binary arrays, which cost
+    the driver a Python call a value (about 4 us a row more)."""
     quote = dialect.identifier_preparer.quote
-    elements = "ARRAY(SELECT value FROM {}(CAST(%s AS JSON)) WITH ORDINALITY AS e(value, n) ORDER BY n)"
-    arrays = [
-        f"CAST({elements.format('json_array_elements_text')} AS {_array_type(results.c[c].type, dialect)}[])"
-        for c in _PLAIN_COLUMNS
-    ]
-    arrays += [elements.format("json_array_elements")] * len(_JSON_COLUMNS)
-    names = ", ".join(quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS)
+    names = [quote(c) for c in _PLAIN_COLUMNS + _JSON_COLUMNS]
+    picked = [f"CAST({quote(c)} AS {_cast_type(results.c[c].type, dialect)})" for c in _PLAIN_COLUMNS]
+    picked += [quote(c) for c in _JSON_COLUMNS]
+    elements = ["json_array_elements_text(CAST(%s AS JSON))"] * len(_PLAIN_COLUMNS)
+    elements += ["json_array_elements(CAST(%s AS JSON))"] * len(_JSON_COLUMNS)
     return (
-        f"INSERT INTO {quote(results.name)} ({names}) SELECT {names} "
-        f"FROM unnest({', '.join(arrays)}) AS given({names}) {conflict}"
+        f"INSERT INTO {quote(results.name)} ({', '.join(names)}) SELECT {', '.join(picked)} "
+        f"FROM ROWS FROM ({', '.join(elements)}) AS given({', '.join(names)}) {conflict}"
     )
 
 
