@@ -372,7 +372,7 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     """
     ledger = _Ledger()
     incoming = _latest_per_row(batch, ledger)
-    hold_runs(conn, (run_id for run_id, _ in incoming))
+    hold_runs(conn, set(map(itemgetter(0), incoming)))
     applied = Applied()
     for _ in range(_ROUNDS):
         if not incoming:
