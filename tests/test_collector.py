@@ -485,7 +485,7 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
         if conn.dialect.name == "postgresql":
             plan = "\n".join(
                 conn.exec_driver_sql(
-                    "EXPLAIN " + store._unnest_insert(conn.dialect, store._READ_STORED), store._column_arrays(asked)
+                    "EXPLAIN " + store._json_insert(conn.dialect, store._READ_STORED), store._column_arrays(asked)
                 ).scalars()
             )
             assert "Conflict Arbiter Indexes: uq_results_run_row" in plan and "Scan on results" not in plan, plan
