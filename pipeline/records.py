@@ -185,6 +185,10 @@ class Result:
             and type(v["input"]) is dict
             and type(v["finished_at"]) in _NUMBERS
             and (v["batch_id"] is None or type(v["batch_id"]) is str)
+            and {type(v["prompt_hash"]), type(v["answer"]), type(v["error"]), type(v["provider"]), type(v["model"])}
+            <= _TEXT_OR_NULL
+            and type(v["latency_ms"]) in _NUMBERS
+            and type(v["calls"]) is dict
         )
         if not usual:
             self._check_fully()
@@ -214,6 +218,12 @@ class Result:
             raise ValueError("input must be an object and finished_at a number")
         if self.batch_id is not None and not isinstance(self.batch_id, str):
             raise ValueError("batch_id must be text or null")
+        # A value SQLite cannot bind fails the whole batch as if the database were down: refused here, it is parked.
+        texts = (self.prompt_hash, self.answer, self.error, self.provider, self.model)
+        if not all(t is None or isinstance(t, str) for t in texts):
+            raise ValueError("prompt_hash, answer, error, provider and model must be text or null")
+        if not isinstance(self.latency_ms, (int, float)) or not isinstance(self.calls, dict):
+            raise ValueError("latency_ms must be a number and calls an object")
 
 
 def _completed(data: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +246,7 @@ def _completed(data: dict[str, Any]) -> dict[str, Any]:
 
 
 _INT_ONLY = {int}
+_TEXT_OR_NULL = {str, type(None)}
 _NUMBERS = (float, int)
 _STATUSES = (SUCCEEDED, FAILED, STOPPED)
 # Read once: dataclasses.fields() costs per call.

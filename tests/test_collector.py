@@ -246,6 +246,7 @@ def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipe
         {"kind": "shiny-new-kind", "data": json.dumps({"run_id": run_id})},
         {"kind": "result", "data": json.dumps(older)},
         {"kind": "results", "data": json.dumps({"results": [entry(2), entry(7, row_key=None), "text", entry(3)]})},
+        {"kind": "result", "data": json.dumps(entry(6, answer={"text": "an object"}))},  # SQLite cannot bind it
         {"kind": "results", "data": json.dumps({"results": "not a list"})},
     ):
         pipeline.redis.xadd(stream, fields)
@@ -259,12 +260,12 @@ def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipe
     assert (run["status"], run["rows_succeeded"], run["cost_nano"]) == ("completed", 4, 7 * 3 + 2000)
     parked = pipeline.redis.xrange(f"{stream}:parked")
     reasons = [p[1][b"reason"].decode() for p in parked]
-    assert len(parked) == 7 and all(reasons)
+    assert len(parked) == 8 and all(reasons)
     assert "not JSON" in reasons[0] and "row_key" in reasons[1] and "unknown entry kind" in reasons[3]
     assert "row_key" in reasons[4] and json.loads(parked[4][1][b"data"])["row_index"] == 7
-    assert "not a JSON object" in reasons[5] and "not a list" in reasons[6]
+    assert "not a JSON object" in reasons[5] and "answer" in reasons[6] and "not a list" in reasons[7]
     assert parked[0][1][b"data"] == json.dumps({"raw": "{not json"}).encode()
-    assert metrics.registry.get_sample_value("pipeline_parked_entries_total") == 7
+    assert metrics.registry.get_sample_value("pipeline_parked_entries_total") == 8
 
 
 def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline, tmp_path):
