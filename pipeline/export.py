@@ -13,7 +13,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,7 +87,7 @@ def _page_columns(page: Sequence[Sequence[Any]], inputs: list[Any], input_column
     """Result rows (the _COLUMNS of ``results``, JSON as its text) with their decoded inputs as the output
     columns. Built a column at a time: one loop a column instead of one list and fourteen stores a row."""
     by_column = list(zip(*page))
-    columns: Columns = [[values.get(name) for values in inputs] for name in input_columns]
+    columns: Columns = [list(map(dict.get, inputs, repeat(name))) for name in input_columns]
     columns += by_column[1:4]  # row_key, status, answer
     columns.append([None if p is None or p == "null" else p if "\\u" not in p else _unescaped(p) for p in by_column[4]])
     columns += by_column[5:10]  # error, provider, model, input_tokens, output_tokens
