@@ -15,11 +15,11 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from . import store
+from . import jsonlines, store
 from .errors import ConfigError
 from .pricing import NANO
 
@@ -238,36 +238,9 @@ def _drain(buffer: io.StringIO) -> bytes:
 
 
 def _jsonl_chunks(names: list[str], pages: Iterator[Columns]) -> Iterator[tuple[bytes, int]]:
-    encode = _row_encoder()
+    encode = jsonlines.page_encoder(names)
     for columns in pages:
-        parts: list[str] = []
-        for row in zip(*columns):
-            parts += encode(dict(zip(names, row)), 0)
-            parts.append("\n")
-        yield "".join(parts).encode("utf-8"), len(columns[-1])
-
-
-def _row_encoder() -> Callable[[dict[str, Any], int], Sequence[str]]:
-    """What ``json.dumps(row, ensure_ascii=False, default=str)`` writes, as pieces of text. ``dumps`` makes a
-    JSONEncoder, a float formatter and the C encoder for every call (more than half of its time on a row of
-    twenty fields); this makes the same C encoder, with the arguments ``dumps`` gives it, once. A row holds
-    no container that holds itself, so it skips the circular-reference check, which changes nothing else."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is not None:
-        try:
-            encoder = make(None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True)
-        except TypeError:  # another Python's C encoder arguments
-            encoder = None
-        if encoder is not None and "".join(encoder(_PROBE, 0)) == _dumps(_PROBE, 0)[0]:
-            return cast(Callable[[dict[str, Any], int], Sequence[str]], encoder)
-    return _dumps
-
-
-_PROBE = {"text": 'é"\n😀', "n": -1, "x": 0.1, "big": 10**20, "nan": float("nan"), "t": True, "none": None}
-
-
-def _dumps(row: dict[str, Any], _indent: int) -> Sequence[str]:
-    return (json.dumps(row, ensure_ascii=False, default=str),)
+        yield encode(columns).encode("utf-8"), len(columns[-1])
 
 
 def _write_parquet(names: list[str], pages: Iterator[Columns], destination: Path) -> int:

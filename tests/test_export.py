@@ -98,22 +98,37 @@ def test_a_column_is_defused_cell_by_cell_whether_searched_whole_or_not():
         assert list(_defused(column)) == [defuse_cell(value) for value in column], column
 
 
-def test_jsonl_rows_are_the_text_json_dumps_writes():
-    """JSONL rows come from a C encoder made once; each line is what json.dumps(row, ensure_ascii=False,
-    default=str) writes, odd values included."""
+def test_jsonl_lines_made_by_column_are_the_text_json_dumps_writes_for_each_row():
+    """JSONL pages are encoded a column at a time (one function for a column of one type); each line must be
+    what json.dumps(row, ensure_ascii=False, default=str) writes for the row's dict, odd values included."""
     from decimal import Decimal
 
-    from pipeline.export import _row_encoder
+    from pipeline.jsonlines import page_encoder
 
-    encode = _row_encoder()
-    rows = [
-        {"text": "\u00e9\u00e8 \u2713 \U0001f600", "quote": 'a "b" \\ c', "control": "\x00\x1f\n\t"},
-        {"n": -1, "big": 10**30, "x": 0.1, "tiny": 1.234e-06, "nan": float("nan"), "inf": float("-inf")},
-        {"t": True, "f": False, "none": None, "nested": {"k": [1, "=x", None]}, "decimal": Decimal("1.50")},
-        {},
-    ]
-    for row in rows:
-        assert "".join(encode(row, 0)) == json.dumps(row, ensure_ascii=False, default=str)
+    columns = {
+        "text": ["\u00e9\u00e8 \u2713 \U0001f600", 'a "b" \\ c', "\x00\x1f\n\t", ""],
+        "text or null": [None, "x", None, "y"],
+        "null": [None, None, None, None],
+        "int": [-1, 10**30, 0, 7],
+        "int or null": [None, 3, None, -4],
+        "float": [0.1, 1.234e-06, -0.0, 1e300],
+        "float with nan": [float("nan"), 1.5, None, 2.0],
+        "float with inf": [None, float("-inf"), float("inf"), 0.0],
+        "bool": [True, False, True, False],
+        "bool or null": [None, True, None, False],
+        "mixed": [True, 1, 1.5, "1"],
+        "nested": [{"k": [1, "=x", None]}, [], {}, None],
+        "other": [Decimal("1.50"), Decimal("-2"), None, "x"],
+        'key with % and "quote"': ["%s", "%", "%%", "%d"],
+        "cl\u00e9 \u2713": [1, 2, 3, 4],
+    }
+    rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    expected = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    assert page_encoder(list(columns))(list(columns.values())) == expected
+
+    # Two equal names: the row's dict keeps one key with the last value, as json.dumps of the dict did.
+    names, values = ["a", "b", "a"], [[1, 2], ["x", "y"], [None, 3.5]]
+    assert page_encoder(names)(values) == '{"a": null, "b": "x"}\n{"a": 3.5, "b": "y"}\n'
 
 
 def test_export_reads_one_query_page_by_page_through_a_server_side_cursor_on_postgresql(database_url):
