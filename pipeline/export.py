@@ -71,8 +71,8 @@ _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once
 
 
 def _decode_inputs(texts: Sequence[str]) -> list[Any]:
-    """The stored JSON texts of a page's inputs, decoded as ``json.loads`` does (it does, for any text with
-    whitespace around the value or anything else the bare scanner would not take as a whole)."""
+    """The stored JSON texts of a page's inputs, decoded as ``json.loads`` decodes them: by its C scanner, and
+    by ``json.loads`` itself for a text the scanner does not read whole (whitespace around the value, say)."""
     scan, loads, decoded = _scan_json, json.loads, []
     for text in texts:
         try:
