@@ -78,6 +78,101 @@ def test_defuse_cell_follows_owasp():
     assert defuse_cell(-1) == -1 and defuse_cell(None) is None and defuse_cell(-0.5) == -0.5
 
 
+def test_a_column_is_defused_cell_by_cell_whether_searched_whole_or_not():
+    """CSV escaping looks at a text column whole first (joined by newlines); it must quote exactly the cells
+    defuse_cell quotes: a formula only in the middle, after a newline inside a cell, numbers, empty cells."""
+    from pipeline.export import _defused
+
+    columns = [
+        ["plain"] * 50 + ["=A1"] + ["plain"] * 50,  # one cell in the middle
+        ["a\n=b", "c\r\n+d", "x\n", ""],  # a formula character after a newline, not at the start: harmless
+        [None, "ok", None, "@SUM(A1)", "", "\tTAB", "\rCR"],
+        [None, "", None],
+        [None, "", "-first text cell", "plain"],
+        ["x", -1, "-2", 3.5, None, True],  # numbers are never touched, text beside them still is
+        [-1, -2.5, 0],
+        ["fine", "also fine", "\u00e9t\u00e9"],
+        [],
+    ]
+    for column in columns:
+        assert list(_defused(column)) == [defuse_cell(value) for value in column], column
+
+
+def test_jsonl_lines_made_by_column_are_the_text_json_dumps_writes_for_each_row():
+    """JSONL pages are encoded a column at a time (one function for a column of one type); each line must be
+    what json.dumps(row, ensure_ascii=False, default=str) writes for the row's dict, odd values included."""
+    from decimal import Decimal
+
+    from pipeline.jsonlines import page_encoder
+
+    columns = {
+        "text": ["\u00e9\u00e8 \u2713 \U0001f600", 'a "b" \\ c', "\x00\x1f\n\t", ""],
+        "text or null": [None, "x", None, "y"],
+        "null": [None, None, None, None],
+        "int": [-1, 10**30, 0, 7],
+        "int or null": [None, 3, None, -4],
+        "float": [0.1, 1.234e-06, -0.0, 1e300],
+        "float with nan": [float("nan"), 1.5, None, 2.0],
+        "float with inf": [None, float("-inf"), float("inf"), 0.0],
+        "bool": [True, False, True, False],
+        "bool or null": [None, True, None, False],
+        "mixed": [True, 1, 1.5, "1"],
+        "nested": [{"k": [1, "=x", None]}, [], {}, None],
+        "other": [Decimal("1.50"), Decimal("-2"), None, "x"],
+        'key with % and "quote"': ["%s", "%", "%%", "%d"],
+        "cl\u00e9 \u2713": [1, 2, 3, 4],
+    }
+    rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    expected = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    assert page_encoder(list(columns))(list(columns.values())) == expected
+
+    # Two equal names: the row's dict keeps one key with the last value, as json.dumps of the dict did.
+    names, values = ["a", "b", "a"], [[1, 2], ["x", "y"], [None, 3.5]]
+    assert page_encoder(names)(values) == '{"a": null, "b": "x"}\n{"a": 3.5, "b": "y"}\n'
+
+
+def test_export_reads_one_query_page_by_page_through_a_server_side_cursor_on_postgresql(database_url):
+    """Export's one query streams: every row once, in input order, a page at a time; on PostgreSQL the rows
+    wait in a named cursor on the server while a page is being written, never whole in the exporting process."""
+    from sqlalchemy import text
+
+    from pipeline import store
+    from pipeline.records import Result, RunConfig
+
+    engine = store.make_engine(database_url)
+    with store.writing(engine) as conn:
+        store.save_run(
+            conn,
+            RunConfig(
+                run_id="paged",
+                dataset="d.csv",
+                dataset_hash="h",
+                template="{{ text }}",
+                provider="fake",
+                model="fake",
+                total_rows=25,
+            ),
+            "completed",
+        )
+        store.apply_results(
+            conn,
+            [
+                Result(run_id="paged", row_key=f"k{i}", row_index=i, status="succeeded", input={"text": "t"})
+                for i in (24 - i for i in range(25))
+            ],
+        )
+    with engine.connect() as conn:
+        pages = store.result_pages(conn, "paged", ["row_key", "cached"], 10)
+        first = next(pages)
+        if conn.dialect.name == "postgresql":
+            assert conn.execute(text("SELECT count(*) FROM pg_cursors")).scalar() == 1
+        rows = [*first, *(row for page in pages for row in page)]
+    assert [len(first), len(rows)] == [10, 25]
+    assert [key for key, _ in rows] == [f"k{i}" for i in range(25)]
+    assert {bool(cached) for _, cached in rows} == {False}
+    engine.dispose()
+
+
 def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp_path):
     """Results stored out of order, more of them than one page (5,000): every format has every row once, in
     input order, with the input columns of the first page."""
