@@ -244,7 +244,10 @@ def _jsonl_chunks(names: list[str], pages: Iterator[Columns]) -> Iterator[tuple[
 
 
 def _write_parquet(names: list[str], pages: Iterator[Columns], destination: Path) -> int:
-    """Column types are those pyarrow infers from the first page (text where a column is all empty there)."""
+    """Column types are those pyarrow infers from the first page; a column all empty there, or mixing types
+    (an object in one row, text in another), is text, each value that is not text as its JSON. A later value
+    that fits neither its column's type nor text stops the export with ConfigError naming the column, and the
+    partial file is removed: nothing half-written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -252,14 +255,45 @@ def _write_parquet(names: list[str], pages: Iterator[Columns], destination: Path
     try:
         for columns in pages:
             if writer is None:
-                arrays = [pa.array(column) for column in columns]
-                arrays = [a.cast(pa.string()) if pa.types.is_null(a.type) else a for a in arrays]
+                arrays = [_first_array(pa, column) for column in columns]
                 writer = pq.ParquetWriter(destination, pa.schema(list(zip(names, (a.type for a in arrays)))))
             else:
-                arrays = [pa.array(column, type=field.type) for column, field in zip(columns, writer.schema)]
+                arrays = [
+                    _page_array(pa, column, field, count) for column, field in zip(columns, writer.schema, strict=True)
+                ]
             writer.write_table(pa.Table.from_arrays(arrays, schema=writer.schema))
             count += len(columns[-1])
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            writer = None
+        destination.unlink(missing_ok=True)
+        raise
     finally:
         if writer is not None:
             writer.close()
     return count
+
+
+def _first_array(pa: Any, column: Sequence[Any]) -> Any:
+    try:
+        array = pa.array(column)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array(_as_text(column), type=pa.string())
+    return array.cast(pa.string()) if pa.types.is_null(array.type) else array
+
+
+def _page_array(pa: Any, column: Sequence[Any], field: Any, written: int) -> Any:
+    try:
+        return pa.array(column, type=field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        if pa.types.is_string(field.type):
+            return pa.array(_as_text(column), type=pa.string())
+    raise ConfigError(
+        f"Parquet export: column {field.name!r} is {field.type} in the first rows, but a row after row {written} "
+        "holds a value of another type; export this run as JSONL or CSV"
+    )
+
+
+def _as_text(column: Sequence[Any]) -> list[str | None]:
+    return [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str) for v in column]

@@ -257,3 +257,45 @@ def test_a_database_made_before_the_export_index_gets_it_at_start(database_url):
     store.prepare(engine)
     assert "ix_results_run_index" in {i["name"] for i in inspect(engine).get_indexes("results")}
     engine.dispose()
+
+
+def _stored_run(pipeline, run_id: str, inputs: list[dict]) -> None:
+    from pipeline import store
+    from pipeline.records import Result, RunConfig
+
+    config = RunConfig(
+        run_id=run_id,
+        dataset="d.jsonl",
+        dataset_hash="h",
+        template="{{ v }}",
+        provider="fake",
+        model="fake",
+        total_rows=len(inputs),
+    )
+    with store.writing(pipeline.engine) as conn:
+        store.save_run(conn, config, "completed")
+        store.apply_results(
+            conn,
+            [
+                Result(run_id=run_id, row_key=f"k{i}", row_index=i, status="succeeded", input=v, finished_at=1.0)
+                for i, v in enumerate(inputs)
+            ],
+        )
+
+
+def test_parquet_takes_a_column_of_mixed_types_and_refuses_one_that_changes_type_whole(pipeline, tmp_path):
+    """JSONL rows whose field is an object in one row and text in another: the column is text, the object its
+    JSON (was: ArrowInvalid). A column that is whole numbers for a page, then text: a one-line error naming it,
+    and no file left half-written."""
+    from pipeline.errors import ConfigError
+    from pipeline.export import PAGE, export_run
+
+    _stored_run(pipeline, "mixed", [{"v": {"a": 1}}, {"v": "plain"}, {"v": None}, {"v": 7}])
+    assert export_run(pipeline.engine, "mixed", "parquet", tmp_path / "mixed.parquet") == 4
+    values = [row["v"] for row in pq.read_table(tmp_path / "mixed.parquet").to_pylist()]
+    assert values == ['{"a": 1}', "plain", None, "7"]
+
+    _stored_run(pipeline, "turns", [{"v": i} for i in range(PAGE)] + [{"v": "text"}])
+    with pytest.raises(ConfigError, match=r"column 'v' is int64 in the first rows, but a row after row 5000"):
+        export_run(pipeline.engine, "turns", "parquet", tmp_path / "turns.parquet")
+    assert not (tmp_path / "turns.parquet").exists()
