@@ -285,7 +285,7 @@ class RowAnswerer:
                     raise InvalidAnswer(f"{target.spec}: {exc} (after {tries} answers)") from None
                 continue
             if self.cache is not None:
-                await self.cache.put(key, response)
+                self.cache.store(key, response)  # goes out with the row's hand-over
             return response, parsed
         raise AssertionError("unreachable")
 
