@@ -250,6 +250,7 @@ class RowAnswerer:
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
         answer: ProviderResponse | None = None
+        stored: asyncio.Future[Any] | None = None
         try:
             delay = CLAIM_POLL_SECONDS
             while True:
@@ -258,7 +259,8 @@ class RowAnswerer:
                     return answer, self._validate(answer.text), True
                 if verdict in (ASK, ALONE):  # ALONE: a call for it just failed, so ask without a claim
                     async with cache.holding(key) if verdict == ASK else contextlib.nullcontext():
-                        answer, parsed = await self._fresh_answer(target, request, tally, key)
+                        answer, parsed = await self._fresh_answer(target, request, tally, key, store=False)
+                    stored = cache.store(key, answer)
                     return answer, parsed, False
                 await asyncio.sleep(delay)  # another worker is asking it: its answer lands in the cache
                 delay = min(delay * 2, CLAIM_POLL_MAX_SECONDS)
@@ -268,13 +270,21 @@ class RowAnswerer:
                 if answer is None:
                     await cache.failed(key)  # (only if this chunk held the claim) before waiters wake
             finally:
-                del self._in_flight[key]
                 shared.set_result(answer)
+                if stored is None or stored.done():
+                    del self._in_flight[key]
+                else:  # until the answer is in Redis, the process's rows that repeat the prompt take it from here
+                    stored.add_done_callback(lambda _: self._forget(key, shared))
+
+    def _forget(self, key: str, shared: asyncio.Future[ProviderResponse | None]) -> None:
+        if self._in_flight.get(key) is shared:
+            del self._in_flight[key]
 
     async def _fresh_answer(
-        self, target: Target, request: ProviderRequest, tally: _Tally, key: str
+        self, target: Target, request: ProviderRequest, tally: _Tally, key: str, *, store: bool = True
     ) -> tuple[ProviderResponse, Any]:
-        """Call the provider (again, while the answer fails the JSON schema); cache the valid answer."""
+        """Call the provider (again, while the answer fails the JSON schema); cache the valid answer (unless the
+        caller stores it itself)."""
         tries = self.config.schema_attempts if self.config.json_schema else 1
         for attempt in range(1, tries + 1):
             response = await self._call(target, request, tally)
@@ -284,7 +294,7 @@ class RowAnswerer:
                 if attempt == tries:
                     raise InvalidAnswer(f"{target.spec}: {exc} (after {tries} answers)") from None
                 continue
-            if self.cache is not None:
+            if store and self.cache is not None:
                 self.cache.store(key, response)  # goes out with the row's hand-over
             return response, parsed
         raise AssertionError("unreachable")

@@ -150,12 +150,13 @@ class ResponseCache:
         """Store the answer (and drop the claim on it), and wait until it is stored."""
         await self._writes.run(functools.partial(self._stage_put, key, _encode(response)))
 
-    def store(self, key: str, response: ProviderResponse) -> None:
+    def store(self, key: str, response: ProviderResponse) -> asyncio.Future[list[Any]]:
         """Store the answer without waiting: it goes with the process's next batch of writes, which is the one
-        that carries the row's hand-over when the row hands over next, in the same loop tick. A failure is logged:
-        the answer then is not cached, and the claim on it lapses."""
+        that carries the row's hand-over when the row hands over next, in the same loop tick. Done when the answer is
+        in Redis; a failure is logged: the answer then is not cached, and the claim on it lapses."""
         future = self._writes.stage(functools.partial(self._stage_put, key, _encode(response)))
         future.add_done_callback(_log_failed_store)
+        return future
 
     def _stage_put(self, key: str, text: str, pipe: Any) -> None:
         pipe.set(key, text, ex=self._ttl)
