@@ -2,7 +2,9 @@
 
 With hundreds of rows in flight, a pipeline per row spent more CPU in the client (a pooled connection, packing,
 MULTI/EXEC, parsing) than the provider call did. Rows ``await batcher.run(stage)``; the first one in a tick
-starts a flush, which sends everything staged by then in one pipeline and hands each row its own replies.
+starts a flush, which sends everything staged by then in one round trip and hands each row its own replies.
+``stage(pipe)`` calls redis-py's command methods on a pipeline that only records them; the replies are raw (bytes,
+ints, lists: no redis-py response callbacks, so SET gives b"OK", not True).
 """
 
 from __future__ import annotations
