@@ -105,10 +105,13 @@ class CallWindow:
         return self.in_flight + self.backlog < self.capacity
 
     def _move(self, *, in_flight: int = 0, backlog: int = 0) -> None:
+        """Change the counts; wake the worker waiting for room only when there is room now and was none before (a
+        waiter checks first, so nobody waits while there is room): not on every row that ends."""
         with self._room:
+            had_room = self._has_room()
             self.in_flight += in_flight
             self.backlog += backlog
-            if self._has_room():
+            if not had_room and self._has_room():
                 self._room.notify_all()
 
     def close(self) -> None:
