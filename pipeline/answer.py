@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from .errors import (
     TemplateError,
     UnreadableAnswer,
 )
-from .pricing import PriceTable
+from .pricing import Price, PriceTable
 from .providers.base import Provider, ProviderRequest, ProviderResponse
 from .ratelimit import SharedRateLimiter
 from .records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
@@ -52,6 +53,26 @@ class Target:
     spec: ModelTarget
     provider: Provider
     limiter: SharedRateLimiter
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One logical call's request and what each of its attempts holds: the token estimate, the worst-case cost."""
+
+    target: Target
+    request: ProviderRequest
+    input_estimate: int
+    output_cap: int
+    price: Price | None
+    worst_case: int
+
+    @property
+    def estimated_tokens(self) -> int:
+        return self.input_estimate + self.output_cap
+
+    def estimate(self) -> ProviderResponse:
+        """What an attempt billed without saying how much is counted as: the estimate, at most the output cap."""
+        return ProviderResponse("", self.input_estimate, self.output_cap, self.request.model)
 
 
 @dataclass
@@ -229,6 +250,7 @@ class RowAnswerer:
         shared: asyncio.Future[ProviderResponse | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = shared
         answer: ProviderResponse | None = None
+        stored: asyncio.Future[Any] | None = None
         try:
             delay = CLAIM_POLL_SECONDS
             while True:
@@ -237,7 +259,8 @@ class RowAnswerer:
                     return answer, self._validate(answer.text), True
                 if verdict in (ASK, ALONE):  # ALONE: a call for it just failed, so ask without a claim
                     async with cache.holding(key) if verdict == ASK else contextlib.nullcontext():
-                        answer, parsed = await self._fresh_answer(target, request, tally, key)
+                        answer, parsed = await self._fresh_answer(target, request, tally, key, store=False)
+                    stored = cache.store(key, answer)
                     return answer, parsed, False
                 await asyncio.sleep(delay)  # another worker is asking it: its answer lands in the cache
                 delay = min(delay * 2, CLAIM_POLL_MAX_SECONDS)
@@ -247,13 +270,21 @@ class RowAnswerer:
                 if answer is None:
                     await cache.failed(key)  # (only if this chunk held the claim) before waiters wake
             finally:
-                del self._in_flight[key]
                 shared.set_result(answer)
+                if stored is None or stored.done():
+                    del self._in_flight[key]
+                else:  # until the answer is in Redis, the process's rows that repeat the prompt take it from here
+                    stored.add_done_callback(lambda _: self._forget(key, shared))
+
+    def _forget(self, key: str, shared: asyncio.Future[ProviderResponse | None]) -> None:
+        if self._in_flight.get(key) is shared:
+            del self._in_flight[key]
 
     async def _fresh_answer(
-        self, target: Target, request: ProviderRequest, tally: _Tally, key: str
+        self, target: Target, request: ProviderRequest, tally: _Tally, key: str, *, store: bool = True
     ) -> tuple[ProviderResponse, Any]:
-        """Call the provider (again, while the answer fails the JSON schema); cache the valid answer."""
+        """Call the provider (again, while the answer fails the JSON schema); cache the valid answer (unless the
+        caller stores it itself)."""
         tries = self.config.schema_attempts if self.config.json_schema else 1
         for attempt in range(1, tries + 1):
             response = await self._call(target, request, tally)
@@ -263,70 +294,59 @@ class RowAnswerer:
                 if attempt == tries:
                     raise InvalidAnswer(f"{target.spec}: {exc} (after {tries} answers)") from None
                 continue
-            if self.cache is not None:
-                await self.cache.put(key, response)
+            if store and self.cache is not None:
+                self.cache.store(key, response)  # goes out with the row's hand-over
             return response, parsed
         raise AssertionError("unreachable")
 
     async def _call(self, target: Target, request: ProviderRequest, tally: _Tally) -> ProviderResponse:
         """One logical call, retried by the policy; every attempt holds budget and rate limit first."""
         input_estimate, output_cap = estimate_tokens((request.system or "") + request.prompt), output_limit(request)
-        estimated_tokens = input_estimate + output_cap
         price = self.prices.price(request.model)  # None: the run has no cap (submit refuses a cap without a price)
         worst_case = price.cost_nano(input_estimate, output_cap) if price else 0
-        async for attempt in self.policy.retrying(sleep=self._sleep_unless_cancelled):
-            with attempt:
-                await self._unless_cancelled()
-                try:
-                    await target.limiter.acquire(estimated_tokens, sleep=self._sleep_unless_cancelled)
-                    # after the wait: the hold cannot expire in it; a cancel ends a wait for room in the budget
-                    held = await self.budget.reserve(worst_case, sleep=self._sleep_unless_cancelled)
-                except (RunCancelled, BudgetExceeded):
-                    await target.limiter.release(estimated_tokens)  # the limit is shared with other runs
-                    raise
-                tally.attempts += 1
-                called = time.monotonic()
-                try:
-                    response = await self._complete(target, request)
-                except UnreadableAnswer:  # likely billed: its estimate is counted once, and it is not asked again
-                    self._log_call(target, "unreadable", called)
-                    tally.call(target, "200")
-                    tally.billed(
-                        ProviderResponse("", input_estimate, output_cap, request.model),
-                        worst_case if price else None,
-                        estimated=True,
-                    )
-                    await self.budget.settle(held, worst_case)
-                    raise
-                except ProviderError as exc:
-                    self._log_call(target, call_outcome(exc), called)
-                    tally.call(target, call_outcome(exc))
-                    await self._after_failure(
-                        exc,
-                        held,
-                        worst_case,
-                        target,
-                        tally,
-                        ProviderResponse("", input_estimate, output_cap, request.model),
-                        priced=price is not None,
-                    )
-                    raise
-                self._log_call(target, "200", called)
-                tally.call(target, "200")
-                if not response.usage_reported:  # billed, but by how much nobody said: the reserved worst case
-                    response = dataclasses.replace(response, input_tokens=input_estimate, output_tokens=output_cap)
-                cost = price.cost_nano(response.input_tokens, response.output_tokens) if price else None
-                tally.billed(response, cost, estimated=not response.usage_reported)
-                await self.budget.settle(held, cost or 0)
-                # a provider's TPM limit counts the max output tokens when it admits a call (OpenAI), not the
-                # tokens the answer used: refunding those makes the bucket run ahead of the provider's (429s)
-                await target.limiter.settle(estimated_tokens, response.input_tokens + output_cap)
-                if response.rate_limit is not None:
-                    await target.limiter.follow_provider(
-                        response.rate_limit.remaining_requests, response.rate_limit.remaining_tokens
-                    )
-                return response
-        raise AssertionError("unreachable")
+        call = _Call(target, request, input_estimate, output_cap, price, worst_case)
+        return await self.policy.call(functools.partial(self._attempt, call, tally), self._sleep_unless_cancelled)
+
+    async def _attempt(self, call: _Call, tally: _Tally) -> ProviderResponse:
+        target, request = call.target, call.request
+        await self._unless_cancelled()
+        try:
+            await target.limiter.acquire(call.estimated_tokens, sleep=self._sleep_unless_cancelled)
+            # after the wait: the hold cannot expire in it; a cancel ends a wait for room in the budget
+            held = await self.budget.reserve(call.worst_case, sleep=self._sleep_unless_cancelled)
+        except (RunCancelled, BudgetExceeded):
+            await target.limiter.release(call.estimated_tokens)  # the limit is shared with other runs
+            raise
+        tally.attempts += 1
+        called = time.monotonic()
+        try:
+            response = await self._complete(target, request)
+        except UnreadableAnswer:  # likely billed: its estimate is counted once, and it is not asked again
+            self._log_call(target, "unreadable", called)
+            tally.call(target, "200")
+            tally.billed(call.estimate(), call.worst_case if call.price else None, estimated=True)
+            await self.budget.settle(held, call.worst_case)
+            raise
+        except ProviderError as exc:
+            self._log_call(target, call_outcome(exc), called)
+            tally.call(target, call_outcome(exc))
+            await self._after_failure(exc, held, call, tally)
+            raise
+        self._log_call(target, "200", called)
+        tally.call(target, "200")
+        if not response.usage_reported:  # billed, but by how much nobody said: the reserved worst case
+            response = dataclasses.replace(response, input_tokens=call.input_estimate, output_tokens=call.output_cap)
+        cost = call.price.cost_nano(response.input_tokens, response.output_tokens) if call.price else None
+        tally.billed(response, cost, estimated=not response.usage_reported)
+        await self.budget.settle(held, cost or 0)
+        # a provider's TPM limit counts the max output tokens when it admits a call (OpenAI), not the
+        # tokens the answer used: refunding those makes the bucket run ahead of the provider's (429s)
+        await target.limiter.settle(call.estimated_tokens, response.input_tokens + call.output_cap)
+        if response.rate_limit is not None:
+            await target.limiter.follow_provider(
+                response.rate_limit.remaining_requests, response.rate_limit.remaining_tokens
+            )
+        return response
 
     def _log_call(self, target: Target, outcome: str, called: float) -> None:
         """One DEBUG line per provider call; the chunk's INFO summary (jobs.process_chunk) adds them up."""
@@ -364,28 +384,18 @@ class RowAnswerer:
         if self.should_stop is not None and await self.should_stop():
             raise RunCancelled(f"run {self.config.run_id} was cancelled")
 
-    async def _after_failure(
-        self,
-        exc: ProviderError,
-        held: str,
-        worst_case: int,
-        target: Target,
-        tally: _Tally,
-        estimate: ProviderResponse,
-        *,
-        priced: bool,
-    ) -> None:
+    async def _after_failure(self, exc: ProviderError, held: str, call: _Call, tally: _Tally) -> None:
         """Settle the budget hold and tell the limiter. A timed-out call may still be billed: its worst case is
         spent, in Redis and on the row's result alike."""
         if isinstance(exc, ProviderTimeout):
             tally.timeouts += 1
-            tally.billed(estimate, worst_case if priced else None, estimated=True)
-            await self.budget.settle(held, worst_case)
+            tally.billed(call.estimate(), call.worst_case if call.price else None, estimated=True)
+            await self.budget.settle(held, call.worst_case)
             return
         await self.budget.settle(held, 0)
         if isinstance(exc, RateLimited):
             tally.rate_limited += 1
-            await target.limiter.pause(self.policy.provider_wait(exc.retry_after) or self.policy.backoff_base)
+            await call.target.limiter.pause(self.policy.provider_wait(exc.retry_after) or self.policy.backoff_base)
 
     def _validate(self, text: str) -> Any:
         if self.config.json_schema is None:

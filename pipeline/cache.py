@@ -10,10 +10,10 @@ short "failed" mark, so the others then ask for themselves, at once and side by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ from .providers.base import ProviderRequest, ProviderResponse
 from .records import stable_hash
 from .redis_batch import RedisBatcher, stage_script
 
+log = logging.getLogger("pipeline.cache")
 HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for it just failed, ask unclaimed
 FAILED_MARK = "!failed"
 
@@ -94,6 +95,9 @@ class ResponseCache:
         self._claimant = claimant or uuid.uuid4().hex
         self._lookup = client.register_script(_LOOKUP)
         self._if_owner = client.register_script(_IF_OWNER)
+        self._held: dict[str, int] = {}  # claims this claimant holds while their calls run -> how many calls
+        self._renewal: asyncio.TimerHandle | None = None
+        self._renewing: set[asyncio.Future[None]] = set()
 
     async def get_or_claim(self, key: str) -> tuple[int, ProviderResponse | None]:
         """(HIT, answer); (ASK, None): the prompt is now claimed by you; (WAIT, None): someone else is asking;
@@ -104,41 +108,91 @@ class ResponseCache:
         verdict = int(verdict)
         return verdict, (_decode(raw) if verdict == HIT else None)
 
-    @contextlib.asynccontextmanager
-    async def holding(self, key: str) -> AsyncIterator[None]:
-        """Keep renewing this claimant's claim on ``key`` while the call for it runs."""
+    def holding(self, key: str) -> _Holding:
+        """``async with``: keep renewing this claimant's claim on ``key`` while the call for it runs."""
+        return _Holding(self, key)
 
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self._claim_ms / 3000)
-                await self._if_owner(keys=[_claim_key(key)], args=[self._claimant, "", self._claim_ms])
+    def _hold(self, key: str) -> None:
+        self._held[key] = self._held.get(key, 0) + 1
+        if self._renewal is None:
+            self._renewal = asyncio.get_running_loop().call_later(self._claim_ms / 3000, self._renew_held)
 
-        renewing = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+    def _release(self, key: str) -> None:
+        left = self._held.pop(key) - 1
+        if left:
+            self._held[key] = left
+        elif not self._held and self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
 
-    async def put(self, key: str, response: ProviderResponse) -> None:
-        data = {
-            "text": response.text,
-            "input_tokens": response.input_tokens,
-            "output_tokens": response.output_tokens,
-            "model": response.model,
-        }
-        text = json.dumps(data, ensure_ascii=False)
+    def _renew_held(self) -> None:
+        """Every third of a claim's life while any is held: renew them all in one round trip. One timer for the
+        whole chunk rather than a task per call, which cost more CPU than the cache lookup itself."""
+        keys = list(self._held)
+        task = asyncio.ensure_future(self._renew(keys))
+        self._renewing.add(task)
+        task.add_done_callback(self._renewed)
+        self._renewal = asyncio.get_running_loop().call_later(self._claim_ms / 3000, self._renew_held)
 
+    async def _renew(self, keys: list[str]) -> None:
         def stage(pipe: Any) -> None:
-            pipe.set(key, text, ex=self._ttl)
-            pipe.delete(_claim_key(key))  # whoever claimed it: the answer is there now
+            for key in keys:
+                stage_script(pipe, self._if_owner, [_claim_key(key)], [self._claimant, "", self._claim_ms])
 
         await self._writes.run(stage)
+
+    def _renewed(self, task: asyncio.Future[None]) -> None:
+        self._renewing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the claims may lapse: others may ask too
+            log.warning("renewing %s's cache claims failed: %s", self._claimant, task.exception())
+
+    async def put(self, key: str, response: ProviderResponse) -> None:
+        """Store the answer (and drop the claim on it), and wait until it is stored."""
+        await self._writes.run(functools.partial(self._stage_put, key, _encode(response)))
+
+    def store(self, key: str, response: ProviderResponse) -> asyncio.Future[list[Any]]:
+        """Store the answer without waiting: it goes with the process's next batch of writes, which is the one
+        that carries the row's hand-over when the row hands over next, in the same loop tick. Done when the answer is
+        in Redis; a failure is logged: the answer then is not cached, and the claim on it lapses."""
+        future = self._writes.stage(functools.partial(self._stage_put, key, _encode(response)))
+        future.add_done_callback(_log_failed_store)
+        return future
+
+    def _stage_put(self, key: str, text: str, pipe: Any) -> None:
+        pipe.set(key, text, ex=self._ttl)
+        pipe.delete(_claim_key(key))  # whoever claimed it: the answer is there now
 
     async def failed(self, key: str) -> None:
         """This claimant's call failed: mark the prompt so that those waiting ask for themselves."""
         await self._if_owner(keys=[_claim_key(key)], args=[self._claimant, FAILED_MARK, self._failed_ms])
+
+
+class _Holding:
+    __slots__ = ("_cache", "_key")
+
+    def __init__(self, cache: ResponseCache, key: str) -> None:
+        self._cache, self._key = cache, key
+
+    async def __aenter__(self) -> None:
+        self._cache._hold(self._key)
+
+    async def __aexit__(self, *_: object) -> None:
+        self._cache._release(self._key)
+
+
+def _log_failed_store(future: asyncio.Future[list[Any]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("an answer was not cached: %s", future.exception())
+
+
+def _encode(response: ProviderResponse) -> str:
+    data = {
+        "text": response.text,
+        "input_tokens": response.input_tokens,
+        "output_tokens": response.output_tokens,
+        "model": response.model,
+    }
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _decode(raw: bytes | str) -> ProviderResponse:

@@ -2,26 +2,33 @@
 
 With hundreds of rows in flight, a pipeline per row spent more CPU in the client (a pooled connection, packing,
 MULTI/EXEC, parsing) than the provider call did. Rows ``await batcher.run(stage)``; the first one in a tick
-starts a flush, which sends everything staged by then in one pipeline and hands each row its own replies.
+starts a flush, which sends everything staged by then in one round trip and hands each row its own replies.
+``stage(pipe)`` calls redis-py's command methods on a pipeline that only records them; the replies are raw (bytes,
+ints, lists: no redis-py response callbacks, so SET gives b"OK", not True).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+import hiredis
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 
 Stage = Callable[[Pipeline], Any]
 
 
 def stage_script(pipe: Pipeline, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
-    """Queue a registered Lua script on a pipeline (the pipeline loads it first if the server lacks it)."""
-    pipe.scripts.add(script)  # type: ignore[arg-type]  # the asyncio pipeline holds AsyncScripts
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    """Queue a registered Lua script on a pipeline, by its text: EVALSHA would make redis-py ask the server
+    whether it has the script (SCRIPT EXISTS) before every batch, one more round trip per flush; EVAL of the same
+    text is compiled once by the server and found again by its hash."""
+    pipe.eval(cast(str, script.script), len(keys), *keys, *args)  # registered from our str constants
 
 
 class RedisBatcher:
@@ -36,11 +43,16 @@ class RedisBatcher:
 
     async def run(self, stage: Stage) -> list[Any]:
         """Stage commands with ``stage(pipe)`` and wait for their replies, in order; a failed command raises."""
+        return await self.stage(stage)
+
+    def stage(self, stage: Stage) -> asyncio.Future[list[Any]]:
+        """Stage commands for the next flush without waiting: the future gets their replies (or the error).
+        What is staged next in the same loop tick goes in the same flush (in a transaction: applied together)."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._staged.append((stage, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:
@@ -51,14 +63,14 @@ class RedisBatcher:
             self._flushing = None
 
     async def _send(self, batch: list[tuple[Stage, asyncio.Future[list[Any]]]]) -> None:
+        pipe = self._client.pipeline(transaction=self._transaction)  # records the commands; sent by _exchange
         sizes = []
         try:
-            async with self._client.pipeline(transaction=self._transaction) as pipe:
-                for stage, _ in batch:
-                    before = len(pipe)
-                    stage(pipe)
-                    sizes.append(len(pipe) - before)
-                replies = await pipe.execute(raise_on_error=False)
+            for stage, _ in batch:
+                before = len(pipe)
+                stage(pipe)
+                sizes.append(len(pipe) - before)
+            replies = await self._execute([args for args, _ in pipe.command_stack])
         except Exception as exc:  # the connection failed: every row of the batch sees it
             for _, future in batch:
                 if not future.done():
@@ -74,3 +86,50 @@ class RedisBatcher:
                 future.set_exception(error)
             else:
                 future.set_result(mine)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One round trip on a pooled connection, retried on a lost connection as redis-py's own commands are
+        (its ``retry``: reconnects, and behind sentinels asks them for the primary again)."""
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            return await connection.retry.call_with_retry(
+                lambda: self._exchange(connection, commands), lambda _error: connection.disconnect()
+            )
+        finally:
+            await pool.release(connection)
+
+    async def _exchange(self, connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands (in MULTI/EXEC for a transaction) and read their raw replies: packed by hiredis,
+        read under one timeout for the whole batch. redis-py's pipeline packed in Python, read each reply under a
+        timeout of its own and ran its response callbacks: per command, more CPU than the row's own work."""
+        wrapped = [("MULTI",), *commands, ("EXEC",)] if self._transaction else commands
+        await connection.send_packed_command([_pack(args) for args in wrapped], check_health=False)
+        try:
+            async with asyncio.timeout(connection.socket_timeout):
+                replies = [await _reply(connection) for _ in wrapped]
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError("Timeout reading a batch of replies") from None
+        if not self._transaction:
+            return replies
+        executed = replies[-1]
+        if isinstance(executed, Exception):  # EXECABORT: a command was refused when queued, none was applied
+            raise next((reply for reply in replies[1:-1] if isinstance(reply, Exception)), executed)
+        if not isinstance(executed, list) or len(executed) != len(commands):
+            await connection.disconnect()
+            raise redis.exceptions.ResponseError("Wrong number of replies from a transaction")
+        return executed
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    if isinstance(args[0], str) and " " in args[0]:  # a two-word command (CLIENT SETNAME): sent as two words
+        args = (*args[0].split(), *args[1:])
+    return cast(bytes, hiredis.pack_command(args))
+
+
+async def _reply(connection: Connection) -> Any:
+    """One raw reply; an error reply is returned, not raised (the connection stays usable)."""
+    try:
+        return await connection.read_response(timeout=math.inf)
+    except redis.exceptions.ResponseError as exc:
+        return exc

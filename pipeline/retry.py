@@ -1,8 +1,11 @@
-"""The retry policy for provider calls, built on tenacity: which errors, how long to wait, when to stop.
+"""The retry policy for provider calls: which errors, how long to wait, when to stop.
 
 Transient errors (429, 5xx, connection failures, timeouts) are retried with exponential backoff and full
 jitter, or exactly the provider's ``Retry-After`` when it sent one. Timeouts have their own, smaller budget
 because a call that timed out may still have been billed.
+
+A plain loop rather than tenacity: its controller (a retry state, action chains, coroutine checks of every
+callback) cost about 16 us of CPU per call even when the first attempt succeeds.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from typing import TypeVar
 
 from .errors import ProviderTimeout, RetryableError
+
+T = TypeVar("T")
 
 log = logging.getLogger("pipeline.retry")
 DEFAULT_CALL_SECONDS = 600.0  # a call without a deadline of its own (the SDK's default timeout)
@@ -54,31 +58,20 @@ class RetryPolicy:
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
 
-    def retrying(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
-        """A fresh tenacity controller for one row's call (it counts that row's attempts and timeouts).
+    async def call(
+        self, attempt: Callable[[], Awaitable[T]], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> T:
+        """Run ``attempt`` until it returns, retrying a RetryableError after ``backoff``; after ``max_attempts`` in
+        all, or ``max_timeout_attempts`` timeouts, the last error is raised. Any other error is raised at once.
         ``sleep`` waits out the backoff; the caller's may stop early (a cancelled run) by raising."""
-        return AsyncRetrying(
-            retry=retry_if_exception_type(RetryableError),
-            stop=_Stop(self),
-            wait=self._wait,
-            sleep=sleep,
-            reraise=True,
-        )
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hint = exc.retry_after if isinstance(exc, RetryableError) else None
-        return self.backoff(state.attempt_number, hint)
-
-
-class _Stop:
-    """Stop after ``max_attempts`` in all, or after ``max_timeout_attempts`` calls that timed out."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self._policy = policy
-        self._timeouts = 0
-
-    def __call__(self, state: RetryCallState) -> bool:
-        if state.outcome is not None and isinstance(state.outcome.exception(), ProviderTimeout):
-            self._timeouts += 1
-        return state.attempt_number >= self._policy.max_attempts or self._timeouts >= self._policy.max_timeout_attempts
+        timeouts = 0
+        number = 1
+        while True:
+            try:
+                return await attempt()
+            except RetryableError as exc:
+                timeouts += isinstance(exc, ProviderTimeout)
+                if number >= self.max_attempts or timeouts >= self.max_timeout_attempts:
+                    raise
+                await sleep(self.backoff(number, exc.retry_after))
+            number += 1

@@ -90,6 +90,7 @@ class PromptTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template syntax error on line {exc.lineno}: {exc.message}") from None
         self.source = source
+        self._pieces = self._plain_pieces()
 
     def plain_variables(self) -> tuple[list[str], bool] | None:
         """For a template made only of text and plain ``{{ name }}`` outputs (no filter, attribute, test or block):
@@ -112,6 +113,22 @@ class PromptTemplate:
                     return None
         return list(dict.fromkeys(names)), blank_text
 
+    def _plain_pieces(self) -> list[tuple[str, bool]] | None:
+        """A plain template (see ``plain_variables``) as (text, is a variable name) pieces, rendered without Jinja:
+        its sandboxed render cost about 11 us a row, ten times the joining of the same pieces."""
+        if self.plain_variables() is None:
+            return None
+        pieces: list[tuple[str, bool]] = []
+        for statement in self._ast.body:
+            assert isinstance(statement, nodes.Output)
+            for node in statement.nodes:
+                if isinstance(node, nodes.TemplateData):
+                    pieces.append((node.data, False))
+                else:
+                    assert isinstance(node, nodes.Name)  # plain_variables let nothing else through
+                    pieces.append((node.name, True))
+        return pieces
+
     @property
     def variables(self) -> set[str]:
         return set(meta.find_undeclared_variables(self._ast))
@@ -131,12 +148,26 @@ class PromptTemplate:
         """Render piece by piece, stopping as soon as the prompt passes the limit (a loop of pieces under the
         limit each could otherwise build gigabytes)."""
         parts, size = [], 0
-        for part in self._template.generate(**values):
+        for part in self._template.generate(**values) if self._pieces is None else self._plain_parts(values):
             size += len(part)
             if size > MAX_TEMPLATE_SIZE:
                 raise SecurityError(f"the rendered prompt is over the limit of {MAX_TEMPLATE_SIZE:,} characters")
             parts.append(part)
         return "".join(parts)
+
+    def _plain_parts(self, values: Mapping[str, Any]) -> list[str]:
+        """What Jinja renders for a plain template: each variable as ``str`` of its value, a missing one an error
+        worded as Jinja's."""
+        assert self._pieces is not None
+        parts = []
+        for text, is_name in self._pieces:
+            if not is_name:
+                parts.append(text)
+            elif text in values:
+                parts.append(str(values[text]))
+            else:
+                raise jinja2.UndefinedError(f"{text!r} is undefined")
+        return parts
 
     def check_columns(self, columns: list[str], where: str) -> None:
         """Fail before enqueue when the template names a variable that no column provides."""

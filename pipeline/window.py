@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import redis
@@ -39,9 +39,12 @@ class Ticket:
         self.unstarted = rows
 
     def started(self, rows: int = 1) -> None:
+        self._window._move(backlog=-self._take(rows))
+
+    def _take(self, rows: int) -> int:
         rows = min(rows, self.unstarted)
         self.unstarted -= rows
-        self._window._move(backlog=-rows)
+        return rows
 
     def close(self) -> None:
         self.started(self.unstarted)
@@ -88,16 +91,9 @@ class CallWindow:
         self._move(backlog=rows)
         return Ticket(self, rows)
 
-    @contextlib.asynccontextmanager
-    async def place(self, ticket: Ticket) -> AsyncIterator[None]:
-        """Hold one of the window's places for a row's calls (waits while the window is full)."""
-        async with self._slots:
-            ticket.started()
-            self._move(in_flight=1)
-            try:
-                yield
-            finally:
-                self._move(in_flight=-1)
+    def place(self, ticket: Ticket) -> _Place:
+        """``async with``: hold one of the window's places for a row's calls (waits while the window is full)."""
+        return _Place(self, ticket)
 
     def drain(self) -> None:
         self.draining = True
@@ -111,10 +107,13 @@ class CallWindow:
         return self.in_flight + self.backlog < self.capacity
 
     def _move(self, *, in_flight: int = 0, backlog: int = 0) -> None:
+        """Change the counts; wake the worker waiting for room only when there is room now and was none before (a
+        waiter checks first, so nobody waits while there is room): not on every row that ends."""
         with self._room:
+            had_room = self._has_room()
             self.in_flight += in_flight
             self.backlog += backlog
-            if self._has_room():
+            if not had_room and self._has_room():
                 self._room.notify_all()
 
     def close(self) -> None:
@@ -129,6 +128,23 @@ class CallWindow:
         for provider in self._providers.values():
             await provider.aclose()
         await self.client.aclose()
+
+
+class _Place:
+    """A row's place in the window (a class, not a generator context manager: one per row, it is on the hot path)."""
+
+    __slots__ = ("_ticket", "_window")
+
+    def __init__(self, window: CallWindow, ticket: Ticket) -> None:
+        self._window, self._ticket = window, ticket
+
+    async def __aenter__(self) -> None:
+        await self._window._slots.acquire()
+        self._window._move(in_flight=1, backlog=-self._ticket._take(1))  # one lock for both counts
+
+    async def __aexit__(self, *_: object) -> None:
+        self._window._move(in_flight=-1)
+        self._window._slots.release()
 
 
 _window: CallWindow | None = None

@@ -285,4 +285,6 @@ class PipelineWorkerPool(WorkerPool):
 
 def run_pool(settings: Settings, processes: int, *, burst: bool = False) -> None:
     preload(settings)  # once, before the pool forks its workers
+    import jobs.process_chunk  # noqa: F401  # and the chunk job's modules (jinja2, jsonschema...): not once per worker
+
     PipelineWorkerPool(settings, processes).start(burst=burst, logging_level=settings.log_level.upper())

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import datasets
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, TemplateError
 from pipeline.queue import JOB_FUNCTION, chunk_data, chunk_payload
 from pipeline.records import Row
 from pipeline.templates import PromptTemplate
@@ -129,3 +129,19 @@ def test_duplicate_id_found_in_a_later_batch(tmp_path, monkeypatch):
     rows = [{"id": f"i{n % 30}", "text": "t"} for n in range(35)]
     path = write(tmp_path / "d.parquet", rows)
     assert _scan_error(path, "{{ text }}", id_column="id") == f"{path}: row 31: duplicate id 'i0' in column 'id'"
+
+
+def _render_error(template: PromptTemplate, values: dict) -> str:
+    with pytest.raises(TemplateError) as caught:
+        template.render(values)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("source", ["Echo: {{ text }}", "{{ a }}{{ b }} and {{a}}\n", "  {{ text }}  \n\n"])
+def test_a_plain_template_renders_as_jinja_does_without_jinja(source):
+    plain = PromptTemplate(source)
+    jinja = PromptTemplate("{{ '' }}" + source)  # a constant output: not plain, so rendered by Jinja
+    assert plain._pieces is not None and jinja._pieces is None
+    for values in ({"text": "x", "a": None, "b": 1.5}, {"text": [1, "é"], "a": True, "b": {"k": b"v"}}):
+        assert plain.render(values) == jinja.render(values)
+    assert _render_error(plain, {}) == _render_error(jinja, {})
