@@ -97,27 +97,23 @@ class HandOver:
     """A worker process's hand-over: the results its rows know before the next write goes out share one entry.
 
     Staged on the process's transactional batcher (pipeline.redis_batch) at the moment it flushes, so that
-    results arriving while a flush is in flight wait for the next one together instead of one entry each."""
+    results arriving while a flush is in flight wait for the next one together instead of one entry each, and go
+    in the same transaction as the answers the response cache stores in that tick."""
 
     def __init__(self, writes: RedisBatcher, stream: str) -> None:
         self._writes = writes
         self._stream = stream
         self._waiting: list[Result] = []
-        self._sending: asyncio.Task[list[Any]] | None = None
+        self._sending: asyncio.Future[list[Any]] | None = None
 
     async def put(self, result: Result) -> None:
         """Returns once the result is on the stream with its row's done mark; raises if that failed."""
+        if self._sending is not None and self._sending.done():  # failed before it was staged: its rows saw why
+            self._sending, self._waiting = None, []
         self._waiting.append(result)
         if self._sending is None:
-            self._sending = asyncio.create_task(self._send())
+            self._sending = self._writes.stage(self._stage_waiting)
         await asyncio.shield(self._sending)
-
-    async def _send(self) -> list[Any]:
-        try:
-            return await self._writes.run(self._stage_waiting)
-        finally:
-            if self._sending is asyncio.current_task():  # failed before it was staged: its rows see the error
-                self._sending, self._waiting = None, []
 
     def _stage_waiting(self, pipe: Any) -> None:
         results, self._waiting, self._sending = self._waiting, [], None
