@@ -179,3 +179,19 @@ def server():
 
     with FakeProvider() as fake:
         yield fake
+
+
+def with_async_redis(scenario: Any, redis_url: str, **options: Any) -> Any:
+    """Run ``await scenario(client)`` on an asyncio Redis client of its own, closed afterwards."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    async def main() -> Any:
+        client = aioredis.Redis.from_url(redis_url, **options)
+        try:
+            return await scenario(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-import redis.asyncio as aioredis
 
 from pipeline.ratelimit import SharedRateLimiter
 
+from .conftest import with_async_redis
 
-def run(coro_factory, redis_url):
-    async def main():
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            return await coro_factory(client)
-        finally:
-            await client.aclose()
 
-    return asyncio.run(main())
+def run(scenario, redis_url):
+    return with_async_redis(scenario, redis_url)
 
 
 def test_burst_then_paced(redis_url):

@@ -12,16 +12,11 @@ from redis.backoff import NoBackoff
 
 from pipeline.redis_batch import RedisBatcher
 
+from .conftest import with_async_redis
+
 
 def run(scenario, redis_url):
-    async def main():
-        client = aioredis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 3))  # the workers' client retries too
-        try:
-            return await scenario(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return with_async_redis(scenario, redis_url, retry=Retry(NoBackoff(), 3))  # the workers' client retries too
 
 
 def test_a_transaction_gives_each_row_its_replies_and_a_failed_command_fails_only_its_row(redis_url):
