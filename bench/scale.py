@@ -185,23 +185,12 @@ def fill_results(url: str, rows: int) -> None:
     from sqlalchemy import insert, text
 
     from pipeline import store
-    from pipeline.records import RunConfig
 
     engine = store.make_engine(url)
     with engine.begin() as conn:
         conn.execute(store.results.delete())
         conn.execute(store.runs.delete())
-        config = RunConfig(
-            run_id=RUN_ID,
-            dataset="bench.csv",
-            dataset_hash="0" * 64,
-            template=TEMPLATE,
-            provider="fake",
-            model="fake",
-            total_rows=rows,
-            total_chunks=rows // 1000,
-        )
-        store.save_run(conn, config, "completed")
+        store.save_run(conn, bench_config(rows, RUN_ID), "completed")
     now = clock.time()
     for start in range(0, rows, 50_000):
         batch = [
@@ -400,11 +389,12 @@ def bench_result(i: int, now: float):
     )
 
 
-def bench_config(rows: int):
+def bench_config(rows: int, run_id: str = COLLECT_RUN_ID):
+    """The benchmarks' run: ``rows`` rows of the fake provider in chunks of 100."""
     from pipeline.records import RunConfig
 
     return RunConfig(
-        run_id=COLLECT_RUN_ID,
+        run_id=run_id,
         dataset="bench.csv",
         dataset_hash="0" * 64,
         template=TEMPLATE,

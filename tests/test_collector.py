@@ -106,6 +106,11 @@ def _publish(pipeline, run_id: str, keys: list[str], **fields) -> None:
     )
 
 
+def succeeded(run_id: str, i: int, **fields) -> Result:
+    """Row ``r{i}``'s succeeded result, as a worker hands it over."""
+    return Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, **fields)
+
+
 def _played_run(pipeline, tmp_path, rows: int = 3):
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(rows)))
@@ -162,11 +167,9 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
     rows = [
-        Result(
-            run_id=run_id,
-            row_key=f"r{i}",
-            row_index=i,
-            status=SUCCEEDED,
+        succeeded(
+            run_id,
+            i,
             input={},
             attempts=2,
             cost_nano=500_000_000,
@@ -221,11 +224,9 @@ def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipe
 
     def entry(i: int, **changes) -> dict:
         data = json.loads(
-            Result(
-                run_id=run_id,
-                row_key=f"r{i}",
-                row_index=i,
-                status=SUCCEEDED,
+            succeeded(
+                run_id,
+                i,
                 input={"text": "t"},
                 answer="a",
                 attempts=1,
@@ -279,11 +280,9 @@ def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline
     pipeline = make_pipeline(collector_batch=20)
     run_id = _played_run(pipeline, tmp_path, rows=1000)
     rows = [
-        Result(
-            run_id=run_id,
-            row_key=f"r{i}",
-            row_index=i,
-            status=SUCCEEDED,
+        succeeded(
+            run_id,
+            i,
             input={},
             attempts=1,
             cost_nano=1_000_000,
@@ -326,10 +325,7 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
     other = make_pipeline()
-    rows = [
-        Result(run_id=run_id, row_key=f"r{i}", row_index=i, status=SUCCEEDED, input={}, cost_nano=5, finished_at=1.0)
-        for i in range(3)
-    ]
+    rows = [succeeded(run_id, i, input={}, cost_nano=5, finished_at=1.0) for i in range(3)]
 
     def write_run_row() -> None:
         with store.writing(other.engine) as conn:
@@ -369,11 +365,9 @@ def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, t
 
     run_id = _played_run(pipeline, tmp_path)
     sent = [
-        Result(
-            run_id=run_id,
-            row_key=f"r{i}",
-            row_index=i,
-            status=SUCCEEDED,
+        succeeded(
+            run_id,
+            i,
             input={"text": f"t{i}"},
             answer=f"answer {i}",
             provider="openai",

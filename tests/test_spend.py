@@ -30,6 +30,20 @@ def rows(n: int) -> list[dict[str, str]]:
     return [{"id": f"r{i}", "text": f"plain question number {i}"} for i in range(n)]
 
 
+def submit_openai(pipeline, dataset, **options):
+    """A run of the spend tests: one OpenAI model on the fake server, 40 output tokens at most, no cache."""
+    return pipeline.submit(
+        dataset,
+        TEMPLATE,
+        id_column="id",
+        provider="openai",
+        model="gpt-4o-mini",
+        max_tokens=40,
+        use_cache=False,
+        **options,
+    )
+
+
 def worst_case(model: str, text: str, max_tokens: int) -> int:
     """The hold the pipeline reserves for one call: the prompt estimate and every output token, at the price."""
     return PriceTable.load().price(model).cost_nano(estimate_tokens(f"Q: {text}"), max_tokens)
@@ -115,27 +129,17 @@ def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_on
     with FakeProvider() as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
         cap = worst_case("gpt-4o-mini", row["text"], 40) / 1e9
-        fallback = pipeline.submit(
+        fallback = submit_openai(
+            pipeline,
             write(tmp_path / "a.csv", [row]),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
             fallbacks=["openai:gpt-4o"],
-            max_tokens=40,
             max_cost=cap,
-            use_cache=False,
         )
-        schema = pipeline.submit(
+        schema = submit_openai(
+            pipeline,
             write(tmp_path / "b.csv", [row]),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
             json_schema=SCHEMA,
-            max_tokens=40,
             max_cost=cap,
-            use_cache=False,
             name="schema",
         )
         server.configure(fail_next=["malformed"])
@@ -174,17 +178,12 @@ def test_a_cancel_after_a_billed_answer_keeps_its_spend(make_pipeline, tmp_path)
         pipeline = make_pipeline(
             openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", ratelimit_burst_seconds=61
         )
-        report = pipeline.submit(
+        report = submit_openai(
+            pipeline,
             write(tmp_path / "d.csv", rows(1)),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
             json_schema=SCHEMA,
-            max_tokens=40,
             max_cost=1.0,
             rpm=1,
-            use_cache=False,
         )
 
         def cancel_after_first_answer() -> None:
@@ -210,15 +209,10 @@ def test_a_budget_hold_lives_as_long_as_its_call_can(make_pipeline, tmp_path):
     fixed 600 s, so a slow call's worst case left the budget and other calls could overspend the cap)."""
     with FakeProvider(latency=1.0) as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=700)
-        report = pipeline.submit(
+        report = submit_openai(
+            pipeline,
             write(tmp_path / "d.csv", rows(1)),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
-            max_tokens=40,
             max_cost=1.0,
-            use_cache=False,
         )
         seen: list[float] = []
 
@@ -241,15 +235,10 @@ def test_a_cancel_ends_a_wait_for_room_in_the_budget(make_pipeline, tmp_path):
     ends that wait at once (before: the row waited until the other hold expired, here an hour)."""
     with FakeProvider() as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1")
-        report = pipeline.submit(
+        report = submit_openai(
+            pipeline,
             write(tmp_path / "d.csv", rows(1)),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
-            max_tokens=40,
             max_cost=0.001,
-            use_cache=False,
             rpm=60_000,
         )  # its bucket's key appears as the row takes its place, just before
 
@@ -282,15 +271,10 @@ def test_a_timed_out_call_is_spend_in_sql_too(make_pipeline, tmp_path):
     (row,) = rows(1)
     with FakeProvider(hang_seconds=3) as server:
         pipeline = make_pipeline(openai_api_key="sk-test", openai_base_url=f"{server.url}/v1", request_timeout=0.5)
-        report = pipeline.submit(
+        report = submit_openai(
+            pipeline,
             write(tmp_path / "d.csv", [row]),
-            TEMPLATE,
-            id_column="id",
-            provider="openai",
-            model="gpt-4o-mini",
-            max_tokens=40,
             max_cost=1.0,
-            use_cache=False,
         )
         server.configure(fail_next=["hang"])
         pipeline.work()
