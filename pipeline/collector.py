@@ -138,11 +138,12 @@ class Collector:
         """Entries with what they say; one that cannot be read (a newer worker's change that this version cannot
         take, a damaged entry) is parked, so that it cannot stop the others, now or after a restart."""
         readable = []
-        for part in (part for entry in entries for part in handoff.split(entry)):
-            try:
-                readable.append((part, handoff.decode(part)))
-            except UnreadableEntry as exc:
-                self._park(part, str(exc))
+        for entry in entries:
+            for part in handoff.split(entry):
+                try:
+                    readable.append((part, handoff.decode(part)))
+                except UnreadableEntry as exc:
+                    self._park(part, str(exc))
         return readable
 
     def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
