@@ -21,20 +21,22 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
-from pipeline import runs, store, users
-from pipeline.collector import Collector, serve_collector
+from pipeline import users
+from pipeline.calls.workers import run_worker
+from pipeline.collect import store
+from pipeline.collect.collector import Collector, serve_collector
+from pipeline.control import runs
+from pipeline.control.schedules import build_scheduler, firing_key, load_runs_file
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.estimate import Estimate
-from pipeline.export import FORMATS, export_run
 from pipeline.handoff import StreamReader
+from pipeline.intake.estimate import Estimate
+from pipeline.intake.progress import BYTES, Progress, RateWindow
+from pipeline.intake.userfiles import read_text
 from pipeline.logs import setup_logging
-from pipeline.progress import BYTES, Progress, RateWindow
+from pipeline.output.export import FORMATS, export_run
 from pipeline.queue import connect
 from pipeline.redaction import redact
-from pipeline.schedules import build_scheduler, firing_key, load_runs_file
 from pipeline.settings import Settings, load_settings
-from pipeline.userfiles import read_text
-from pipeline.workers import run_worker
 
 log = logging.getLogger("pipeline.cli")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from pipeline.calls.workers import run_pool
 from pipeline.logs import setup_logging
 from pipeline.settings import load_settings
-from pipeline.workers import run_pool
 
 
 @click.command()

@@ -25,12 +25,14 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import BENCH_REDIS_URL, fake_provider_stats, reset_fake_provider, start_fake_provider, write_dataset  # noqa: E402
-from pipeline import batchstate, runs, store  # noqa: E402
-from pipeline.collector import Collector  # noqa: E402
+from pipeline.calls import batchstate  # noqa: E402
+from pipeline.calls.workers import run_worker  # noqa: E402
+from pipeline.collect import store  # noqa: E402
+from pipeline.collect.collector import Collector  # noqa: E402
+from pipeline.control import runs  # noqa: E402
 from pipeline.pricing import NANO  # noqa: E402
 from pipeline.queue import SERIALIZER, chunk_queue, connect  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.workers import run_worker  # noqa: E402
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 

@@ -103,10 +103,11 @@ def pipeline_stages(
     answer: bool,
     breakdown: dict[str, dict[str, int]],
 ) -> dict[str, int]:
-    from pipeline import runs, store
-    from pipeline.collector import Collector
+    from pipeline.calls.workers import run_worker
+    from pipeline.collect import store
+    from pipeline.collect.collector import Collector
+    from pipeline.control import runs
     from pipeline.settings import Settings
-    from pipeline.workers import run_worker
 
     client.flushall()
     port = client.connection_pool.connection_kwargs["port"]

@@ -86,7 +86,8 @@ def raw_read(path: Path) -> dict[str, Any]:
 
 def pipeline_submit(path: Path, chunk_size: int) -> dict[str, Any]:
     """``runs.submit`` as the CLI calls it (validating pass, then every chunk enqueued), timed in-process."""
-    from pipeline import datasets, runs  # datasets: pandas and pyarrow, imported before the clock as the reference's
+    from pipeline.control import runs  # datasets: pandas and pyarrow, imported before the clock as the reference's
+    from pipeline.intake import datasets  # datasets: pandas and pyarrow, imported before the clock as the reference's
     from pipeline.queue import connect
     from pipeline.settings import Settings
 
@@ -184,7 +185,7 @@ def fill_results(url: str, rows: int) -> None:
 
     from sqlalchemy import insert, text
 
-    from pipeline import store
+    from pipeline.collect import store
 
     engine = store.make_engine(url)
     with engine.begin() as conn:
@@ -289,8 +290,8 @@ def export_child(command: str, url: str, fmt: str, out: str) -> dict[str, Any]:
     if command == "_export_raw":
         rows = raw_export(url, fmt, Path(out))
     else:
-        from pipeline import store
-        from pipeline.export import export_run
+        from pipeline.collect import store
+        from pipeline.output.export import export_run
 
         engine = store.make_engine(url)
         rows = export_run(engine, RUN_ID, fmt, Path(out))
@@ -409,7 +410,7 @@ def fresh_tables(url: str):
     """The pipeline's tables, new; on PostgreSQL with autovacuum off, so that they stay never analysed."""
     from sqlalchemy import text
 
-    from pipeline import store
+    from pipeline.collect import store
 
     engine = store.make_engine(url)
     if engine.dialect.name == "postgresql":
@@ -423,7 +424,7 @@ def raw_upsert(url: str, rows: int) -> dict[str, Any]:
     """The reference: the same rows as dicts (made before the clock starts), SQLAlchemy Core's batched upsert."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    from pipeline import store
+    from pipeline.collect import store
     from pipeline.settings import Settings
 
     engine = fresh_tables(url)
@@ -448,9 +449,9 @@ def pipeline_collect(url: str, rows: int) -> dict[str, Any]:
     """A burst collector with the metrics observer, as ``enqueue.py collect`` runs it, draining the stream."""
     from sqlalchemy import func, select
 
-    from pipeline import store
-    from pipeline.collector import Collector
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.collect import store
+    from pipeline.collect.collector import Collector
+    from pipeline.collect.metrics import PipelineMetrics
     from pipeline.queue import connect
     from pipeline.settings import Settings
 

@@ -10,7 +10,7 @@ Each scenario starts the fake provider (tests/fakeprovider.py) as its own proces
   Settings().worker_concurrency), parses the JSON, applies the same timeout (REQUEST_TIMEOUT) and retries 5xx,
   timeouts and 429s (Retry-After honoured, the pipeline's backoff otherwise) until every row is answered; no
   queue, no SQL. For the rate-limited scenarios the reference is the limit itself;
-- the pipeline: the dataset submitted in this process (pipeline.runs.submit: openai, gpt-4o-mini, max_tokens 16,
+- the pipeline: the dataset submitted in this process (pipeline.control.runs.submit: openai, gpt-4o-mini, max_tokens 16,
   the response cache on as by default: every prompt is distinct, so each row looks up, claims and stores),
   then ``python enqueue.py collect`` and ``python worker.py --burst --processes N`` (N = 2 unless said) as
   subprocesses, at the pipeline's DEFAULT settings: every pipeline setting variable this script does
@@ -87,9 +87,10 @@ from bench.common import (
     start_fake_provider,
     write_dataset,
 )
-from pipeline import runs, store
+from pipeline.calls.retry import RetryPolicy
+from pipeline.collect import store
+from pipeline.control import runs
 from pipeline.queue import connect
-from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings
 from tests.fakeprovider import _tokens as fake_provider_tokens
 

@@ -1,7 +1,7 @@
 """The RQ entry points of batch mode: a chunk becomes a provider batch, and a poll job follows it to its end.
 
 The poll job re-schedules itself (it returns RQ's ``Retry`` with the wait as its interval) until its batch has
-ended and been collected, so no worker ever waits for a batch. See ``pipeline.batches``.
+ended and been collected, so no worker ever waits for a batch. See ``pipeline.calls.batches``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import redis
 from rq import Retry, get_current_job
 from sqlalchemy import Engine
 
-from pipeline import runstate, store
-from pipeline.batches import BatchRunner
+from pipeline.calls.batches import BatchRunner
+from pipeline.collect import store
+from pipeline.control import runstate
 from pipeline.errors import RunNotFound
 from pipeline.queue import connect
 from pipeline.records import RunConfig

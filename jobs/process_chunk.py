@@ -14,19 +14,20 @@ import redis.asyncio as aioredis
 from rq import Retry, get_current_job
 from rq.job import Job
 
-from pipeline import handoff, runstate
-from pipeline.answer import RowAnswerer, Target
-from pipeline.budget import RunBudget
-from pipeline.cache import ResponseCache
+from pipeline import handoff
+from pipeline.calls.answer import RowAnswerer, Target
+from pipeline.calls.budget import RunBudget
+from pipeline.calls.cache import ResponseCache
+from pipeline.calls.ratelimit import SharedRateLimiter
+from pipeline.calls.retry import RetryPolicy
+from pipeline.calls.window import CallWindow, Ticket, process_window
+from pipeline.control import runstate
 from pipeline.errors import BudgetExceeded, ConfigError, RowInterrupted, RunCancelled, RunNotFound
 from pipeline.pricing import NANO
 from pipeline.queue import chunk_generation, connect
-from pipeline.ratelimit import SharedRateLimiter
 from pipeline.records import SUCCEEDED, Result, Row, RunConfig
 from pipeline.redaction import redact
-from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, load_settings
-from pipeline.window import CallWindow, Ticket, process_window
 
 log = logging.getLogger("pipeline.job")
 CANCEL_CHECK_SECONDS = 0.25
@@ -35,7 +36,7 @@ HAND_BACKS = 1000  # how often a chunk may be handed back by stopping workers be
 
 
 _settings: Settings | None = None
-# The worker reserves a chunk's rows in the window before the job's thread starts (see pipeline.workers).
+# The worker reserves a chunk's rows in the window before the job's thread starts (see pipeline.calls.workers).
 current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("current_ticket", default=None)
 
 

@@ -1,8 +1,9 @@
 """Batch LLM pipeline: dataset -> chunks -> RQ jobs -> provider calls -> results -> SQL + metrics.
 
-Modules follow the data flow: ``datasets`` reads files, ``templates`` renders prompts, ``runs`` creates and
-enqueues runs through ``queue``, ``jobs.process_chunk`` calls ``providers`` under ``ratelimit`` and ``retry``,
-hands ``records`` to the ``handoff`` stream, and ``collector`` writes them to ``store`` and ``metrics``.
+Subpackages follow the data flow: ``intake`` reads datasets and renders prompts, ``control`` creates and
+enqueues runs through ``queue``, ``jobs.process_chunk`` runs ``calls`` (the window of provider calls under
+rate limit, budget, cache and retries) against ``providers``, hands ``records`` to the ``handoff`` stream, and
+``collect`` writes them to SQL and metrics; ``output`` exports a run's results.
 """
 
 import os

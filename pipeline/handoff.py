@@ -21,8 +21,8 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from .records import STOPPED, Result, RunConfig
-from .redis_batch import RedisBatcher
+from pipeline.calls.redis_batch import RedisBatcher
+from pipeline.records import STOPPED, Result, RunConfig
 
 GROUP = "collector"
 RESULT = "result"  # one result (workers before the ``results`` entry; a parked result)
@@ -96,7 +96,7 @@ def publish_results(client: redis.Redis, stream: str, results: Sequence[Result])
 class HandOver:
     """A worker process's hand-over: the results its rows know before the next write goes out share one entry.
 
-    Staged on the process's transactional batcher (pipeline.redis_batch) at the moment it flushes, so that
+    Staged on the process's transactional batcher (pipeline.calls.redis_batch) at the moment it flushes, so that
     results arriving while a flush is in flight wait for the next one together instead of one entry each, and go
     in the same transaction as the answers the response cache stores in that tick."""
 

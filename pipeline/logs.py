@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any
 
-from .redaction import redact, register_secrets
-from .settings import Settings
+from pipeline.redaction import redact, register_secrets
+from pipeline.settings import Settings
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 NANO = 1_000_000_000
 _NANO_PER_TOKEN = Decimal(1000)  # one USD per million tokens is 1000 nano-dollars a token

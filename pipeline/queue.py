@@ -18,9 +18,9 @@ from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job
 
-from .errors import ConfigError
-from .records import Row, RowsJSON
-from .settings import Settings
+from pipeline.errors import ConfigError
+from pipeline.records import Row, RowsJSON
+from pipeline.settings import Settings
 
 JOB_FUNCTION = "jobs.process_chunk.process_chunk"
 JOB_FAILED_CALLBACK = "jobs.process_chunk.chunk_failed"

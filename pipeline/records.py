@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .pricing import NANO
+from pipeline.pricing import NANO
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"
@@ -86,7 +86,7 @@ class RunConfig:
     idempotency_key: str | None = None
     created_at: float = 0.0
     owner: str | None = None  # the web user who submitted it; None: the CLI, a runs file or the scheduler
-    mode: str = "online"  # "batch": the provider's batch API, at its batch price (pipeline.batches)
+    mode: str = "online"  # "batch": the provider's batch API, at its batch price (pipeline.calls.batches)
 
     @property
     def targets(self) -> list[ModelTarget]:

@@ -21,8 +21,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Boolean, Column, Engine, Float, Integer, MetaData, String, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from . import store
-from .errors import ConfigError
+from pipeline.collect import store
+from pipeline.errors import ConfigError
 
 metadata = MetaData()
 

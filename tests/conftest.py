@@ -15,11 +15,12 @@ import pytest
 import redis
 from sqlalchemy import Engine, create_engine, text
 
-from pipeline import runs, store
-from pipeline.collector import Collector
+from pipeline.calls.workers import run_worker
+from pipeline.collect import store
+from pipeline.collect.collector import Collector
+from pipeline.control import runs
 from pipeline.queue import connect
 from pipeline.settings import Settings
-from pipeline.workers import run_worker
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -16,20 +16,23 @@ import pytest
 from rq import Worker
 from rq.job import Job
 
-from pipeline import batchstate, runs, store
-from pipeline.batches import BatchRunner
+from pipeline.calls import batchstate
+from pipeline.calls.batches import BatchRunner
+from pipeline.calls.workers import recover_chunks_of
+from pipeline.collect import store
+from pipeline.collect.metrics import PipelineMetrics
+from pipeline.control import runs
 from pipeline.errors import ConfigError
-from pipeline.metrics import PipelineMetrics
 from pipeline.pricing import PriceTable
 from pipeline.queue import SERIALIZER, chunk_queue
-from pipeline.workers import recover_chunks_of
 
 from . import processes
 from .datasets import write
 
 TEMPLATE = "Say: {{ text }}"
 ONE_WORKER = (
-    "from pipeline.settings import load_settings; from pipeline.workers import run_worker; run_worker(load_settings())"
+    "from pipeline.settings import load_settings; from pipeline.calls.workers import run_worker; "
+    "run_worker(load_settings())"
 )
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 

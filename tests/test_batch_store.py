@@ -8,7 +8,8 @@ import re
 import pytest
 from sqlalchemy import create_engine, text
 
-from pipeline import handoff, store
+from pipeline import handoff
+from pipeline.collect import store
 from pipeline.errors import ConfigError
 from pipeline.records import Result, Row
 

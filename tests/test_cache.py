@@ -7,7 +7,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from pipeline.cache import ALONE, ASK, HIT, WAIT, ResponseCache
+from pipeline.calls.cache import ALONE, ASK, HIT, WAIT, ResponseCache
 from pipeline.providers.base import ProviderResponse
 
 KEY = "cache:{claim-test}"

@@ -3,7 +3,7 @@ never get each other's answers, while the same server still gets its own."""
 
 from __future__ import annotations
 
-from pipeline.cache import cache_key
+from pipeline.calls.cache import cache_key
 from pipeline.providers.base import ProviderRequest
 
 from .datasets import tricky_rows, write

@@ -114,8 +114,8 @@ def test_submit_progress_has_a_total_per_stage_and_reaches_it(pipeline, tmp_path
     import io
 
     from enqueue import StageBars
-    from pipeline import runs
-    from pipeline.progress import Progress
+    from pipeline.control import runs
+    from pipeline.intake.progress import Progress
 
     rows = 3000
     dataset = write(tmp_path / f"d{suffix}", tricky_rows(rows))
@@ -138,7 +138,7 @@ def test_submit_progress_has_a_total_per_stage_and_reaches_it(pipeline, tmp_path
 
 
 def test_watch_rate_is_measured_over_its_own_window():
-    from pipeline.progress import RateWindow
+    from pipeline.intake.progress import RateWindow
 
     window = RateWindow(seconds=30)
     assert window.add(100.0, 5000) is None  # 5000 rows done before the watch began are not a rate
@@ -153,7 +153,7 @@ def test_watch_rate_is_measured_over_its_own_window():
 def test_status_says_so_when_no_worker_consumes_the_queue(pipeline, tmp_path):
     from rq import Worker
 
-    from pipeline import runs
+    from pipeline.control import runs
     from pipeline.queue import SERIALIZER, chunk_queue
 
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(5)), "Q: {{ text }}")

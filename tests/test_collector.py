@@ -124,7 +124,7 @@ def test_a_database_that_refuses_every_write_is_an_outage_not_bad_content(pipeli
     results wait in Redis until the table is back."""
     from sqlalchemy import text
 
-    from pipeline.collector import Collector
+    from pipeline.collect.collector import Collector
 
     run_id = _played_run(pipeline, tmp_path)
     collector = Collector(pipeline.settings, pipeline.redis, pipeline.engine)
@@ -161,8 +161,8 @@ def test_an_entry_refused_even_as_a_failure_is_parked_not_lost(pipeline, tmp_pat
 
 def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_path):
     """With two collectors, one may write a run's results before the other writes the run's row."""
-    from pipeline import store
-    from pipeline.runstate import load_config
+    from pipeline.collect import store
+    from pipeline.control.runstate import load_config
 
     run_id = _played_run(pipeline, tmp_path)
     config = load_config(pipeline.redis, run_id)
@@ -193,7 +193,7 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
 def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_path):
     """retry-failed's event and the retried row's (failed again) result, delivered twice: the row stays failed
     with its newer result and the run ends."""
-    from pipeline import store
+    from pipeline.collect import store
 
     run_id = _played_run(pipeline, tmp_path, rows=1)
     _publish(pipeline, run_id, ["r0"], status="failed", finished_at=100.0)
@@ -216,8 +216,8 @@ def test_entries_a_collector_cannot_read_are_parked_and_the_rest_is_written(pipe
     Then entries no version can read: not JSON, a result without its row key, an unknown kind, and in a
     ``results`` entry one result that cannot be read (parked alone: the others are written), or no list at all.
     (Before: TypeError on every restart.)"""
-    from pipeline.collector import Collector
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.collect.collector import Collector
+    from pipeline.collect.metrics import PipelineMetrics
 
     run_id = _played_run(pipeline, tmp_path, rows=4)
     stream = pipeline.settings.result_stream
@@ -274,8 +274,8 @@ def test_two_collectors_draining_one_stream_count_each_result_once(make_pipeline
     stream at once. (Before, on SQLite: 1000 results, the run said 1376 succeeded and $1.376 for $1.00.)"""
     import threading
 
-    from pipeline import store
-    from pipeline.collector import Collector
+    from pipeline.collect import store
+    from pipeline.collect.collector import Collector
 
     pipeline = make_pipeline(collector_batch=20)
     run_id = _played_run(pipeline, tmp_path, rows=1000)
@@ -318,8 +318,8 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
     3 results, the run said 0 succeeded and stayed running.)"""
     import threading
 
-    from pipeline import store
-    from pipeline.runstate import load_config
+    from pipeline.collect import store
+    from pipeline.control.runstate import load_config
 
     pipeline = make_pipeline()
     run_id = _played_run(pipeline, tmp_path)
@@ -344,7 +344,7 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
 
 def test_a_status_event_before_its_run_row_is_kept(pipeline, tmp_path):
     """A cancel written by one collector before another writes the run's row. (Before: lost, run 'submitted'.)"""
-    from pipeline.runstate import load_config
+    from pipeline.control.runstate import load_config
 
     run_id = _played_run(pipeline, tmp_path)
     stream = pipeline.settings.result_stream
@@ -360,7 +360,7 @@ def test_a_status_event_before_its_run_row_is_kept(pipeline, tmp_path):
 def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, tmp_path):
     """The database refuses a result for one field (a NULL prompt hash on both databases, an over-long model name
     on PostgreSQL): the failed result it gets instead keeps its input, so retry-failed renders the row again."""
-    from pipeline import runs
+    from pipeline.control import runs
     from pipeline.queue import enqueued_key
 
     run_id = _played_run(pipeline, tmp_path)
@@ -398,7 +398,7 @@ def test_a_refused_result_keeps_its_input_so_retry_failed_repairs_it(pipeline, t
 def test_a_batch_of_new_repeated_and_retried_rows_moves_totals_by_what_it_changed(pipeline, tmp_path):
     """One batch mixing rows never seen, duplicates of successes and newer outcomes of failures: the new rows are
     inserted in one statement, the others looked up by (run_id, row_key); totals equal the sum of the results."""
-    from pipeline import store
+    from pipeline.collect import store
 
     run_id = _played_run(pipeline, tmp_path, rows=6)
 
@@ -455,7 +455,7 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
     CONFLICT on the unique index (no plan can choose another), without changing or adding anything."""
     from sqlalchemy import func, select
 
-    from pipeline import store
+    from pipeline.collect import store
 
     run_id = _played_run(pipeline, tmp_path, rows=1)
     rows = [

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import datasets
 from pipeline.errors import DatasetError, TemplateError
+from pipeline.intake import datasets
+from pipeline.intake.templates import PromptTemplate
 from pipeline.queue import JOB_FUNCTION, chunk_data, chunk_payload
 from pipeline.records import Row
-from pipeline.templates import PromptTemplate
 
 from .datasets import tricky_rows, write
 

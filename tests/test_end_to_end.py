@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.export import export_run
+from pipeline.intake.templates import PromptTemplate
+from pipeline.output.export import export_run
 from pipeline.providers.fake import approx_tokens, fake_answer
-from pipeline.templates import PromptTemplate
 
 from . import processes
 from .conftest import ROOT

@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import SecretStr
 
-from pipeline import runs
+from pipeline.control import runs
 from pipeline.pricing import NANO
 
 from .datasets import tricky_rows, write

@@ -10,8 +10,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import store
-from pipeline.export import defuse_cell
+from pipeline.collect import store
+from pipeline.output.export import defuse_cell
 from pipeline.records import Result, RunConfig
 
 from .conftest import ROOT
@@ -99,7 +99,7 @@ def test_defuse_cell_follows_owasp():
 def test_a_column_is_defused_cell_by_cell_whether_searched_whole_or_not():
     """CSV escaping looks at a text column whole first (joined by newlines); it must quote exactly the cells
     defuse_cell quotes: a formula only in the middle, after a newline inside a cell, numbers, empty cells."""
-    from pipeline.export import _defused
+    from pipeline.output.export import _defused
 
     columns = [
         ["plain"] * 50 + ["=A1"] + ["plain"] * 50,  # one cell in the middle
@@ -121,7 +121,7 @@ def test_jsonl_lines_made_by_column_are_the_text_json_dumps_writes_for_each_row(
     what json.dumps(row, ensure_ascii=False, default=str) writes for the row's dict, odd values included."""
     from decimal import Decimal
 
-    from pipeline.jsonlines import page_encoder
+    from pipeline.output.jsonlines import page_encoder
 
     columns = {
         "text": ["\u00e9\u00e8 \u2713 \U0001f600", 'a "b" \\ c', "\x00\x1f\n\t", ""],
@@ -181,7 +181,7 @@ def test_a_run_larger_than_a_page_is_exported_whole_in_input_order(pipeline, tmp
     import random
 
     from pipeline.errors import ConfigError
-    from pipeline.export import PAGE, export_chunks, export_run
+    from pipeline.output.export import PAGE, export_chunks, export_run
 
     rows = PAGE + 700
     order = list(range(rows))
@@ -235,7 +235,7 @@ def test_a_database_made_before_the_export_index_gets_it_at_start(database_url):
     retry-failed read by is added to an existing results table when a process starts."""
     from sqlalchemy import inspect, text
 
-    from pipeline import store
+    from pipeline.collect import store
 
     engine = store.make_engine(database_url)
     with engine.begin() as conn:
@@ -262,7 +262,7 @@ def test_parquet_takes_a_column_of_mixed_types_and_refuses_one_that_changes_type
     JSON (was: ArrowInvalid). A column that is whole numbers for a page, then text: a one-line error naming it,
     and no file left half-written."""
     from pipeline.errors import ConfigError
-    from pipeline.export import PAGE, export_run
+    from pipeline.output.export import PAGE, export_run
 
     _run_of_inputs(pipeline, "mixed", [{"v": {"a": 1}}, {"v": "plain"}, {"v": None}, {"v": 7}])
     assert export_run(pipeline.engine, "mixed", "parquet", tmp_path / "mixed.parquet") == 4

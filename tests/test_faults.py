@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from pipeline import handoff
-from pipeline.collector import Collector
+from pipeline.collect.collector import Collector
 from pipeline.handoff import StreamReader
 from pipeline.records import Result
 

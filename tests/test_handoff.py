@@ -11,8 +11,8 @@ import redis
 import redis.asyncio as aioredis
 
 from pipeline import handoff
+from pipeline.calls.redis_batch import RedisBatcher
 from pipeline.records import STOPPED, SUCCEEDED, Result
-from pipeline.redis_batch import RedisBatcher
 
 STREAM = "test:handoff"
 

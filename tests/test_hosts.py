@@ -25,7 +25,8 @@ from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 from sqlalchemy import text
 
-from pipeline import handoff, store
+from pipeline import handoff
+from pipeline.collect import store
 from pipeline.queue import connect
 
 from . import hosts

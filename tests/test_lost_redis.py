@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 
-from pipeline import runs, store
+from pipeline.collect import store
+from pipeline.control import runs
 
 from . import processes
 from .conftest import ROOT

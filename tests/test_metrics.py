@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.collector import Collector
-from pipeline.metrics import PipelineMetrics
+from pipeline.collect.collector import Collector
+from pipeline.collect.metrics import PipelineMetrics
 
 from .conftest import ROOT
 from .datasets import tricky_rows, write

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline import runs
-from pipeline.budget import spend_key
+from pipeline.calls.budget import spend_key
+from pipeline.control import runs
 from pipeline.pricing import Price, PriceTable
 
 from .conftest import ROOT
@@ -137,7 +137,7 @@ def test_tables_from_the_float_version_are_refused_with_one_line(database_url):
     """create_all never changes an existing table: a float ``cost`` table must not take nano-dollars silently."""
     from sqlalchemy import create_engine, text
 
-    from pipeline import store
+    from pipeline.collect import store
     from pipeline.errors import ConfigError
 
     engine = create_engine(database_url)

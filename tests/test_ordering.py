@@ -3,7 +3,7 @@ Redis), never by the clocks of different machines. On SQLite and PostgreSQL, wit
 
 from __future__ import annotations
 
-from pipeline import runs
+from pipeline.control import runs
 
 from .datasets import write
 from .fakeprovider import FakeProvider

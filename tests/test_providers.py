@@ -211,7 +211,7 @@ def test_shared_rate_limit_holds_across_two_worker_processes(provider_pipeline, 
 def test_cancel_reaches_rows_waiting_out_a_long_retry_after(provider_pipeline, server, tmp_path):
     """The provider says "retry after 10 minutes": the rows sit in backoff and rate-limit waits. A cancel must
     end them all promptly (the burst worker exits), leaving them without a result for resume."""
-    from pipeline import runs
+    from pipeline.control import runs
 
     server.configure(fail_next=[429] * 50, retry_after=600)
     pipeline = provider_pipeline(worker_concurrency=8)
@@ -231,7 +231,7 @@ def test_cancel_reaches_rows_waiting_out_a_long_retry_after(provider_pipeline, s
 
 
 def test_retry_failed_sends_only_the_failed_rows(provider_pipeline, server, tmp_path):
-    from pipeline import runs
+    from pipeline.control import runs
 
     server.configure(rules=[{"match": "row 2 ", "action": 500}, {"match": "row 5 ", "action": 500}])
     pipeline = provider_pipeline(max_attempts=2)
@@ -299,13 +299,13 @@ def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, 
     a call that never completes (a server trickling bytes defeats the SDK's read timeout, not the deadline)."""
     import asyncio
 
-    from pipeline.answer import RowAnswerer, Target
-    from pipeline.budget import RunBudget
+    from pipeline.calls.answer import RowAnswerer, Target
+    from pipeline.calls.budget import RunBudget
+    from pipeline.calls.ratelimit import SharedRateLimiter
+    from pipeline.calls.retry import RetryPolicy
     from pipeline.providers.base import ProviderResponse
     from pipeline.queue import async_client
-    from pipeline.ratelimit import SharedRateLimiter
     from pipeline.records import ModelTarget, Row, RunConfig
-    from pipeline.retry import RetryPolicy
 
     class Flaky:
         name = "flaky"
@@ -357,9 +357,9 @@ def test_a_bug_or_a_stalled_call_costs_one_row_not_its_chunk(provider_pipeline, 
 def test_api_keys_never_reach_logs_results_payloads_or_metrics(provider_pipeline, server, tmp_path):
     from prometheus_client import generate_latest
 
-    from pipeline.collector import Collector
+    from pipeline.collect.collector import Collector
+    from pipeline.collect.metrics import PipelineMetrics
     from pipeline.logs import setup_logging
-    from pipeline.metrics import PipelineMetrics
 
     key = "sk-test-TOPSECRET-0123456789abcdef"
     log_file = tmp_path / "logs" / "pipeline.jsonl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ratelimit import SharedRateLimiter
+from pipeline.calls.ratelimit import SharedRateLimiter
 
 from .conftest import with_async_redis
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline import runs, store
+from pipeline.collect import store
+from pipeline.control import runs
 
 from . import processes
 from .datasets import tricky_rows, write

@@ -1,5 +1,5 @@
-"""The process's shared Redis batches (pipeline.redis_batch) on a real server: rows staged in one loop tick share a
-round trip, each row gets its own replies or its own error, and a lost connection is retried."""
+"""The process's shared Redis batches (pipeline.calls.redis_batch) on a real server: rows staged in one loop tick
+share a round trip, each row gets its own replies or its own error, and a lost connection is retried."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from pipeline.redis_batch import RedisBatcher
+from pipeline.calls.redis_batch import RedisBatcher
 
 from .conftest import with_async_redis
 

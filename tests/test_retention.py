@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline import runs
-from pipeline.collector import Collector
+from pipeline.collect.collector import Collector
+from pipeline.control import runs
 from pipeline.handoff import GROUP, Entry, StreamReader
 
 from . import processes

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import runs
-from pipeline.budget import spend_key
+from pipeline.calls.budget import spend_key
+from pipeline.control import runs
 from pipeline.pricing import PriceTable
 
 from . import processes
@@ -252,7 +252,7 @@ def test_a_chunk_failing_its_last_try_leaves_failed_rows_not_gaps(pipeline, tmp_
 
 def test_a_cap_given_at_resume_counts_what_the_run_already_spent(pipeline, tmp_path):
     """Without a cap, spend is not tracked in Redis; a cap added by resume must start from the SQL total."""
-    from pipeline.budget import NANO
+    from pipeline.calls.budget import NANO
 
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(20)), TEMPLATE, id_column="id")
     pipeline.work()

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.schedules import firing_key, load_runs_file
+from pipeline.control.schedules import firing_key, load_runs_file
 
 from .conftest import ROOT
 from .datasets import tricky_rows, write
@@ -107,7 +107,7 @@ def test_rq_cron_scheduler_fires_and_a_double_scheduler_makes_one_run(pipeline, 
 
 
 def test_a_firing_that_cannot_submit_logs_one_line_and_the_scheduler_goes_on(pipeline, tmp_path, caplog):
-    from pipeline.schedules import fire
+    from pipeline.control.schedules import fire
 
     runs_file = Path(_runs_file(tmp_path, "every = 60"))
     (tmp_path / "data.csv").unlink()

@@ -198,7 +198,7 @@ def test_primary_lost_mid_run_fails_over_and_the_run_finishes_with_nothing_lost(
 
 
 def _status(pipeline, run_id: str) -> str | None:
-    from pipeline import store
+    from pipeline.collect import store
 
     with pipeline.engine.connect() as conn:
         row = store.get_run(conn, run_id)

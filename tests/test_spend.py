@@ -10,12 +10,13 @@ import threading
 
 import redis.asyncio as aioredis
 
-from pipeline import handoff, runs
-from pipeline.answer import estimate_tokens
-from pipeline.budget import RunBudget, holds_key, spend_key
-from pipeline.collector import Collector
-from pipeline.export import export_run
-from pipeline.metrics import PipelineMetrics
+from pipeline import handoff
+from pipeline.calls.answer import estimate_tokens
+from pipeline.calls.budget import RunBudget, holds_key, spend_key
+from pipeline.collect.collector import Collector
+from pipeline.collect.metrics import PipelineMetrics
+from pipeline.control import runs
+from pipeline.output.export import export_run
 from pipeline.pricing import PriceTable
 
 from . import processes
@@ -347,7 +348,7 @@ def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_th
     import pytest
     from sqlalchemy import create_engine, text
 
-    from pipeline import store
+    from pipeline.collect import store
     from pipeline.errors import ConfigError
 
     from .conftest import ROOT

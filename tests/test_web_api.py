@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import requests
 from click.testing import CliRunner
 
-from pipeline.export import export_run
+from pipeline.control.runstate import load_config
 from pipeline.logs import json_file_handler
-from pipeline.runstate import load_config
+from pipeline.output.export import export_run
 
 from .datasets import write
 from .webserver import PASSWORD, make_web_fixture, web_fixture  # noqa: F401  (fixtures)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipeline.export import export_run
+from pipeline.output.export import export_run
 
 from .conftest import ROOT
 from .webserver import make_web_fixture, web_fixture  # noqa: F401  (fixtures)

@@ -66,7 +66,7 @@ class Web:
         raise AssertionError(f"run {run_id} did not finish")
 
     def _in_sql(self, run_id: str) -> bool:
-        from pipeline import store
+        from pipeline.collect import store
 
         with self.pipeline.engine.connect() as conn:
             return store.get_run(conn, run_id) is not None

@@ -1,5 +1,5 @@
-"""What a web request does with runs, shared by the API and the pages: each is a call to ``pipeline.runs`` /
-``pipeline.export`` (the CLI's own functions) with the caller's ownership checked first.
+"""What a web request does with runs, shared by the API and the pages: each is a call to ``pipeline.control.runs`` /
+``pipeline.output.export`` (the CLI's own functions) with the caller's ownership checked first.
 
 A user sees only runs they own; reading, cancelling or downloading anyone else's run answers 404, exactly as
 for a run that does not exist. Admins see every run, the CLI's (owner None) included.
@@ -22,10 +22,12 @@ from flask import Response, send_file, stream_with_context
 from sqlalchemy import Engine
 from werkzeug.datastructures import FileStorage
 
-from pipeline import runs, store, users
+from pipeline import users
+from pipeline.collect import store
+from pipeline.control import runs
+from pipeline.control.runstate import load_config
 from pipeline.errors import ConfigError, PipelineError, RunNotFound
-from pipeline.export import STREAM_FORMATS, export_chunks, export_run
-from pipeline.runstate import load_config
+from pipeline.output.export import STREAM_FORMATS, export_chunks, export_run
 from pipeline.settings import Settings
 
 from .problems import problem

@@ -16,7 +16,8 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 from sqlalchemy import Engine
 
-from pipeline import store, users
+from pipeline import users
+from pipeline.collect import store
 from pipeline.errors import ConfigError
 from pipeline.queue import connect
 from pipeline.redaction import register_secret

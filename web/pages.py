@@ -27,7 +27,8 @@ from flask_limiter import Limiter
 from marshmallow import ValidationError
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from pipeline import store, users
+from pipeline import users
+from pipeline.collect import store
 
 from . import actions
 from .auth import caller_key, issue_tokens, login_address_key, login_key, revoke

@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from . import jsonlines, store
-from .errors import ConfigError
-from .pricing import NANO
+from pipeline.collect import store
+from pipeline.errors import ConfigError
+from pipeline.output import jsonlines
+from pipeline.pricing import NANO
 
 OUTPUT_FIELDS = [
     "row_key",

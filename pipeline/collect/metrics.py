@@ -30,12 +30,14 @@ from rq import Queue, Worker
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import batchstate, handoff, store
-from .pricing import NANO
-from .providers.batches import STATES as BATCH_STATES
-from .queue import SERIALIZER
-from .records import RunConfig
-from .settings import Settings
+from pipeline import handoff
+from pipeline.calls import batchstate
+from pipeline.collect import store
+from pipeline.pricing import NANO
+from pipeline.providers.batches import STATES as BATCH_STATES
+from pipeline.queue import SERIALIZER
+from pipeline.records import RunConfig
+from pipeline.settings import Settings
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RECENT_RUNS = 50

@@ -10,7 +10,7 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
-from .errors import TemplateError
+from pipeline.errors import TemplateError
 
 # The most characters (or items) anything a template builds may hold, the rendered prompt included. Templates come
 # from users: ``{{ "x" * 400000000 }}`` would otherwise take 1.5 GB at submit and again on every worker.

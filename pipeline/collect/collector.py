@@ -1,6 +1,6 @@
 """The collector: the only writer to SQL. Reads the hand-over stream, upserts in batches, acknowledges after commit.
 
-Run it as ``python -m pipeline.collector`` (``--burst`` to drain and exit) or through ``enqueue.py collect``.
+Run it as ``python -m pipeline.collect.collector`` (``--burst`` to drain and exit) or through ``enqueue.py collect``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from . import handoff, runstate, store
-from .handoff import Entry, StreamReader, UnreadableEntry
-from .records import FAILED, Result, RunConfig
-from .redaction import redact
-from .settings import Settings
+from pipeline import handoff
+from pipeline.collect import store
+from pipeline.control import runstate
+from pipeline.handoff import Entry, StreamReader, UnreadableEntry
+from pipeline.records import FAILED, Result, RunConfig
+from pipeline.redaction import redact
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.collector")
 CONSUMER_SWEEP_SECONDS = 600  # how often a running collector looks for idle consumers of the group
@@ -258,8 +260,8 @@ def is_outage(exc: DBAPIError) -> bool:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from .logs import setup_logging
-    from .settings import load_settings
+    from pipeline.logs import setup_logging
+    from pipeline.settings import load_settings
 
     parser = argparse.ArgumentParser(description="Write worker results to SQL and serve /metrics.")
     parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
@@ -272,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
 def serve_collector(settings: Settings, *, burst: bool = False, metrics_port: int | None = None) -> int:
     """The collector process: /metrics on METRICS_HOST:METRICS_PORT (port 0 = none) and the write loop. It starts
     whether or not the database answers: /metrics is served from the start, the tables are made once it does."""
-    from .metrics import PipelineMetrics
-    from .queue import connect
+    from pipeline.collect.metrics import PipelineMetrics
+    from pipeline.queue import connect
 
     connection = connect(settings)
     engine = store.open_engine(settings.resolved_database_url)

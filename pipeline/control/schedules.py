@@ -29,11 +29,12 @@ from croniter import croniter
 from redis import Redis
 from rq.cron import CronJob, CronScheduler
 
-from . import runs, store
-from .errors import ConfigError, PipelineError
-from .runs import RunRequest, SubmitReport
-from .settings import Settings
-from .userfiles import read_text
+from pipeline.collect import store
+from pipeline.control import runs
+from pipeline.control.runs import RunRequest, SubmitReport
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.intake.userfiles import read_text
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.schedule")
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import redis
 
-from .answer import estimate_tokens, output_limit
-from .cache import cache_key
-from .pricing import NANO, PriceTable
-from .providers import ProviderRequest, build_provider
-from .records import Row, RunConfig
-from .settings import Settings
-from .templates import PromptTemplate
+from pipeline.calls.answer import estimate_tokens, output_limit
+from pipeline.calls.cache import cache_key
+from pipeline.intake.templates import PromptTemplate
+from pipeline.pricing import NANO, PriceTable
+from pipeline.providers import ProviderRequest, build_provider
+from pipeline.records import Row, RunConfig
+from pipeline.settings import Settings
 
 
 @dataclass
@@ -45,7 +45,9 @@ class Estimate:
 
 def estimate(connection: redis.Redis, settings: Settings, config: RunConfig) -> Estimate:
     """Read the dataset once more and price every row; nothing is written anywhere."""
-    from .datasets import iter_chunks  # pandas and pyarrow: imported only by the commands that read a file
+    from pipeline.intake.datasets import (
+        iter_chunks,  # pandas and pyarrow: imported only by the commands that read a file
+    )
 
     counts = _count(
         connection,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 def read_text(path: Path, what: str, allowed_dir: Path | None = None) -> str:

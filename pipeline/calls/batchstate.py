@@ -4,7 +4,7 @@
 A slot is ``RUN:CHUNK:rROUND``: round 1 holds the chunk's rows that the cache did not answer, round n+1 only the
 items of round n that errored or expired. Its record is written (the *intent*) before the provider's batch is
 created, and the batch id right after, so a job that runs the slot again finds the batch instead of paying for a
-second one (see ``pipeline.batches``).
+second one (see ``pipeline.calls.batches``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from .queue import decoded
+from pipeline.queue import decoded
 
 OPEN = "batches:open"  # zset: slot -> created_at, for batches created and not ended
 EXPIRY = "batches:expiry"  # zset: slot -> provider's expires_at, same members

@@ -30,10 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from .errors import DatasetError, TemplateError
-from .progress import BYTES, HASHING, READING, ProgressCallback, stage_reporter
-from .records import Row, RowsJSON
-from .templates import PromptTemplate
+from pipeline.errors import DatasetError, TemplateError
+from pipeline.intake.progress import BYTES, HASHING, READING, ProgressCallback, stage_reporter
+from pipeline.intake.templates import PromptTemplate
+from pipeline.records import Row, RowsJSON
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 READ_BATCH = 10_000

@@ -16,11 +16,12 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import handoff, store
-from .budget import spend_key
-from .errors import RunNotFound
-from .records import FAILED, SUCCEEDED, RunConfig
-from .runstate import config_key, idempotency_key, load_config, submitted_key
+from pipeline import handoff
+from pipeline.calls.budget import spend_key
+from pipeline.collect import store
+from pipeline.control.runstate import config_key, idempotency_key, load_config, submitted_key
+from pipeline.errors import RunNotFound
+from pipeline.records import FAILED, SUCCEEDED, RunConfig
 
 DONE_BATCH = 1000  # row keys per HSET
 

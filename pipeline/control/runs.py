@@ -20,29 +20,13 @@ import redis
 from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 
-# pipeline.datasets (pandas and pyarrow: about a second of CPU to import) is imported by the functions that read a
-# file, so that the commands that do not (collect, status, wait) start without it.
-from . import batchstate, handoff, store
-from .budget import spend_key
-from .errors import ConfigError, DatasetError, RunNotFound
-from .estimate import Estimate, estimate
-from .pricing import NANO, PriceTable
-from .progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
-from .providers import check_provider_config
-from .queue import (
-    SERIALIZER,
-    chunk_label,
-    chunk_queue,
-    consuming_workers,
-    decoded,
-    enqueue_chunks,
-    enqueued_key,
-    job_id,
-)
-from .rebuild import known_config, recorded_submit
-from .records import ModelTarget, Row, RowsJSON, RunConfig, stable_hash
-from .runlock import RequeueClaim
-from .runstate import (
+from pipeline import handoff
+from pipeline.calls import batchstate
+from pipeline.calls.budget import spend_key
+from pipeline.collect import store
+from pipeline.control.rebuild import known_config, recorded_submit
+from pipeline.control.runlock import RequeueClaim
+from pipeline.control.runstate import (
     CANCELLED,
     SUBMITTED,
     cancelled_key,
@@ -53,8 +37,27 @@ from .runstate import (
     save_config,
     submitted_key,
 )
-from .settings import Settings
-from .templates import PromptTemplate
+from pipeline.errors import ConfigError, DatasetError, RunNotFound
+from pipeline.intake.estimate import Estimate, estimate
+from pipeline.intake.progress import ENQUEUEING, ROWS, ProgressCallback, stage_reporter
+from pipeline.intake.templates import PromptTemplate
+from pipeline.pricing import NANO, PriceTable
+from pipeline.providers import check_provider_config
+from pipeline.queue import (
+    SERIALIZER,
+    chunk_label,
+    chunk_queue,
+    consuming_workers,
+    decoded,
+    enqueue_chunks,
+    enqueued_key,
+    job_id,
+)
+from pipeline.records import ModelTarget, Row, RowsJSON, RunConfig, stable_hash
+from pipeline.settings import Settings
+
+# pipeline.intake.datasets (pandas and pyarrow: about a second of CPU to import) is imported by the
+# functions that read a file, so that the commands that do not (collect, status, wait) start without it.
 
 # A Redis transaction of chunk jobs holds at most this many jobs and rows (the submitter's memory, and how long
 # one MULTI/EXEC holds Redis up for everyone else).
@@ -202,7 +205,7 @@ def _finish_enqueue(
     spool: ChunkSpool | None = None,
     progress: ProgressCallback | None = None,
 ) -> SubmitReport:
-    from .datasets import serialized_chunks
+    from pipeline.intake.datasets import serialized_chunks
 
     enqueued = 0
     report = stage_reporter(progress, ENQUEUEING, config.total_rows, ROWS)
@@ -224,7 +227,7 @@ def _finish_enqueue(
 
 
 def _unchanged_dataset(config: RunConfig) -> Path | None:
-    from .datasets import file_sha256
+    from pipeline.intake.datasets import file_sha256
 
     path = Path(config.dataset)
     if not path.is_file() or file_sha256(path) != config.dataset_hash:
@@ -236,7 +239,7 @@ def validate(
     settings: Settings, request: RunRequest, progress: ProgressCallback | None = None, spool: ChunkSpool | None = None
 ) -> RunConfig:
     """Check provider, template, schema and every row of the dataset; return the run's configuration."""
-    from .datasets import check_path, scan
+    from pipeline.intake.datasets import check_path, scan
 
     _check_fields(request)
     _check_mode(request)
@@ -441,7 +444,7 @@ def cancel(connection: redis.Redis, settings: Settings, run_id: str) -> int:
             cancelled += 1
     handoff.publish_event(connection, settings.result_stream, handoff.STATUS, {"run_id": run_id, "status": CANCELLED})
     if connection.exists(batchstate.run_slots_key(run_id)):  # batch mode: its poll jobs cancel the batches now
-        from .batches import wake_polls
+        from pipeline.calls.batches import wake_polls
 
         wake_polls(connection, settings, run_id)
     return cancelled
@@ -471,7 +474,7 @@ def resume(
     two jobs at once. A run whose Redis state is gone (lost, or expired after the run ended) is rebuilt from
     SQL first (``engine`` needed): rows with a result there are not asked again. Returns the jobs enqueued.
     """
-    from .datasets import file_sha256
+    from pipeline.intake.datasets import file_sha256
 
     with RequeueClaim(connection, run_id, "resume") as claim:
         config = known_config(connection, engine, run_id)
@@ -494,7 +497,7 @@ def _resume_claimed(
     max_cost: float | None,
     engine: Engine | None,
 ) -> int:
-    from .datasets import iter_chunks
+    from pipeline.intake.datasets import iter_chunks
 
     run_id = config.run_id
     if max_cost is not None:

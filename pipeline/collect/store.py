@@ -49,8 +49,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.expression import case
 
-from .errors import ConfigError
-from .records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
+from pipeline.errors import ConfigError
+from pipeline.records import FAILED, RETRYING, SUCCEEDED, Result, RunConfig
 
 metadata = MetaData()
 

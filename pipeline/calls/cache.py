@@ -18,9 +18,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .providers.base import ProviderRequest, ProviderResponse
-from .records import stable_hash
-from .redis_batch import RedisBatcher, stage_script
+from pipeline.calls.redis_batch import RedisBatcher, stage_script
+from pipeline.providers.base import ProviderRequest, ProviderResponse
+from pipeline.records import stable_hash
 
 log = logging.getLogger("pipeline.cache")
 HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for it just failed, ask unclaimed

@@ -20,9 +20,11 @@ from typing import Any
 import jsonschema
 from redis.exceptions import RedisError
 
-from .budget import RunBudget
-from .cache import ALONE, ASK, ResponseCache, cache_key
-from .errors import (
+from pipeline.calls.budget import RunBudget
+from pipeline.calls.cache import ALONE, ASK, ResponseCache, cache_key
+from pipeline.calls.ratelimit import SharedRateLimiter
+from pipeline.calls.retry import RetryPolicy
+from pipeline.errors import (
     BudgetExceeded,
     InvalidAnswer,
     ProviderError,
@@ -33,13 +35,11 @@ from .errors import (
     TemplateError,
     UnreadableAnswer,
 )
-from .pricing import Price, PriceTable
-from .providers.base import Provider, ProviderRequest, ProviderResponse
-from .ratelimit import SharedRateLimiter
-from .records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
-from .redaction import redact
-from .retry import RetryPolicy
-from .templates import PromptTemplate
+from pipeline.intake.templates import PromptTemplate
+from pipeline.pricing import Price, PriceTable
+from pipeline.providers.base import Provider, ProviderRequest, ProviderResponse
+from pipeline.records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
+from pipeline.redaction import redact
 
 log = logging.getLogger("pipeline.answer")
 CLAIM_POLL_SECONDS, CLAIM_POLL_MAX_SECONDS = 0.05, 0.5

@@ -10,11 +10,11 @@ import json
 
 import redis
 
-from .budget import holds_key, spend_key
-from .errors import RunNotFound
-from .handoff import done_key
-from .queue import enqueued_key
-from .records import RunConfig
+from pipeline.calls.budget import holds_key, spend_key
+from pipeline.errors import RunNotFound
+from pipeline.handoff import done_key
+from pipeline.queue import enqueued_key
+from pipeline.records import RunConfig
 
 SUBMITTED, RUNNING, CANCELLED, BUDGET_EXHAUSTED = "submitted", "running", "cancelled", "budget_exhausted"
 
@@ -65,7 +65,7 @@ def run_keys(connection: redis.Redis, run_id: str) -> list[str]:
         spend_key(run_id),
         holds_key(run_id),
         f"run:{run_id}:batches",
-    ]  # batch mode's slots (pipeline.batchstate.run_slots_key)
+    ]  # batch mode's slots (pipeline.calls.batchstate.run_slots_key)
     try:
         config = load_config(connection, run_id)
         key, owner = config.idempotency_key, config.owner

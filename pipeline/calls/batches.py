@@ -2,7 +2,7 @@
 through the same hand-over as online answers.
 
 No worker waits for a batch. The chunk job answers what the response cache knows at once, records the batch's
-*intent* (a slot record in Redis, ``pipeline.batchstate``), creates the batch and records its id; from then on a
+*intent* (a slot record in Redis, ``pipeline.calls.batchstate``), creates the batch and records its id; from then on a
 scheduled poll job looks at it with backoff (``advance``). When it ends, every answer is handed to the collector
 as a Result carrying its ``batch_id``, costed at the batch price. Items that errored or expired go into a next
 round (a new slot with only them), a bounded number of times; succeeded ones are never sent again.
@@ -33,15 +33,18 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import batchstate as bs
-from . import handoff, store
-from .answer import estimate_tokens, output_limit, provider_request
-from .budget import reserve_batch, settle_batch
-from .cache import cache_key
-from .errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
-from .pricing import Price, PriceTable
-from .providers.base import ProviderRequest, ProviderResponse
-from .providers.batches import (
+from pipeline import handoff
+from pipeline.calls import batchstate as bs
+from pipeline.calls.answer import estimate_tokens, output_limit, provider_request
+from pipeline.calls.budget import reserve_batch, settle_batch
+from pipeline.calls.cache import cache_key
+from pipeline.collect import store
+from pipeline.control.runstate import BUDGET_EXHAUSTED, cancelled_key
+from pipeline.errors import BudgetExceeded, PermanentError, ProviderError, RateLimited, TemplateError
+from pipeline.intake.templates import PromptTemplate
+from pipeline.pricing import Price, PriceTable
+from pipeline.providers.base import ProviderRequest, ProviderResponse
+from pipeline.providers.batches import (
     CANCELLED,
     COMPLETED,
     EXPIRED,
@@ -55,12 +58,10 @@ from .providers.batches import (
     ItemOutcome,
     build_batch_api,
 )
-from .queue import BATCH_POLL_FUNCTION, chunk_queue
-from .records import SUCCEEDED, Result, Row, RunConfig, stable_hash
-from .redaction import redact
-from .runstate import BUDGET_EXHAUSTED, cancelled_key
-from .settings import Settings
-from .templates import PromptTemplate
+from pipeline.queue import BATCH_POLL_FUNCTION, chunk_queue
+from pipeline.records import SUCCEEDED, Result, Row, RunConfig, stable_hash
+from pipeline.redaction import redact
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.batches")
 HOLD_SECONDS = 26 * 3600  # a batch's budget hold outlives its 24 h window

@@ -4,7 +4,7 @@ RQ stays the engine that hands chunks out and recovers them: each chunk job has 
 heartbeat, its StartedJobRegistry entry, retries and failure callback. What changes is the process model. A
 forking worker paid a fork, cold imports, new Redis connections and a new TLS context per chunk, and its
 chunk's rows capped the calls in flight. A ``ChunkWorker`` instead runs each job in a thread of one
-long-lived process, all of them feeding the process's call window (``pipeline.window``), and takes the next
+long-lived process, all of them feeding the process's call window (``pipeline.calls.window``), and takes the next
 chunk as soon as the window has room for more rows than the chunks it holds.
 """
 
@@ -24,10 +24,10 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker.base import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerData, WorkerPool
 
-from .providers import preload
-from .queue import BATCH_POLL_FUNCTION, JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
-from .settings import Settings
-from .window import CallWindow, close_process_window, process_window
+from pipeline.calls.window import CallWindow, close_process_window, process_window
+from pipeline.providers import preload
+from pipeline.queue import BATCH_POLL_FUNCTION, JOB_FAILED_CALLBACK, JOB_FUNCTION, SERIALIZER, chunk_queue, connect
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.worker")
 ROOM_CHECK_SECONDS = 1.0  # how often a worker waiting for room in its window looks at its stop flag

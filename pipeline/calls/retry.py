@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import ProviderTimeout, RetryableError
+from pipeline.errors import ProviderTimeout, RetryableError
 
 T = TypeVar("T")
 

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 import redis
 import redis.asyncio as aioredis
 
-from .errors import BudgetExceeded
-from .pricing import NANO
+from pipeline.errors import BudgetExceeded
+from pipeline.pricing import NANO
 
 # KEYS: spend, holds. ARGV: cap (-1 = none), amount, now, hold expiry, member. 1 = held, 0 = wait, -1 = exhausted.
 _RESERVE = """

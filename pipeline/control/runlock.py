@@ -13,7 +13,7 @@ from types import TracebackType
 
 import redis
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 CLAIM_SECONDS = 60
 # Delete the claim only if it is still ours (it may have lapsed and been taken by another).

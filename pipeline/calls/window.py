@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
-from .handoff import HandOver
-from .pricing import PriceTable
-from .providers import Provider, build_provider
-from .queue import async_client
-from .redis_batch import RedisBatcher
-from .settings import Settings
+from pipeline.calls.redis_batch import RedisBatcher
+from pipeline.handoff import HandOver
+from pipeline.pricing import PriceTable
+from pipeline.providers import Provider, build_provider
+from pipeline.queue import async_client
+from pipeline.settings import Settings
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""SQL -> files: a run's results exported to CSV, JSONL or Parquet."""
