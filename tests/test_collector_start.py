@@ -3,7 +3,6 @@ results when the database answers (a PostgreSQL reached through a TCP proxy the 
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 
 import pytest
@@ -11,14 +10,9 @@ from sqlalchemy.engine import make_url
 
 from . import processes
 from .datasets import tricky_rows, write
+from .ports import free_port
 from .tcpproxy import TcpProxy
 from .test_metrics import scrape, total
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _scrape_or_none(port: int):
@@ -34,7 +28,7 @@ def test_collector_starts_with_the_database_down_and_writes_once_it_answers(pipe
     pipeline.work()  # workers need only Redis: 20 results wait in the stream
     url = make_url(pipeline.settings.resolved_database_url)
     proxy = TcpProxy(url.host, url.port)  # not listening yet: the database "does not answer"
-    port = _free_port()
+    port = free_port()
     env = pipeline.env(
         DATABASE_URL=url.set(port=proxy.port).render_as_string(hide_password=False),
         METRICS_PORT=str(port),

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -23,6 +22,7 @@ from pipeline.queue import SERIALIZER, chunk_queue
 from . import processes
 from .conftest import ROOT
 from .datasets import tricky_rows, write
+from .ports import free_port
 
 PASSWORD = "s3cret-for-tests"
 
@@ -30,12 +30,6 @@ PASSWORD = "s3cret-for-tests"
 @pytest.fixture
 def database_url(tmp_path):
     return f"sqlite:///{tmp_path / 'results.db'}"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _get(url: str, password: str | None = PASSWORD) -> tuple[int, bytes]:
@@ -63,7 +57,7 @@ def _busy_job(pipeline) -> str | None:
 
 def test_workers_page_and_its_data_answer_while_a_worker_is_busy(pipeline, tmp_path):
     report = pipeline.submit(write(tmp_path / "d.csv", tricky_rows(40)), "Q: {{ text }}", chunk_size=40)
-    port = _free_port()
+    port = free_port()
     env = pipeline.env(
         FAKE_LATENCY="0.5", WORKER_CONCURRENCY="1", DASHBOARD_PORT=str(port), DASHBOARD_PASSWORD=PASSWORD
     )
@@ -112,7 +106,7 @@ def test_workers_page_and_its_data_answer_while_a_worker_is_busy(pipeline, tmp_p
 
 
 def test_dashboard_refuses_to_start_without_a_password(pipeline):
-    env = pipeline.env(DASHBOARD_PORT=str(_free_port()))
+    env = pipeline.env(DASHBOARD_PORT=str(free_port()))
     env.pop("DASHBOARD_PASSWORD", None)
     run = subprocess.run(
         [sys.executable, "dashboard.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
@@ -136,7 +130,7 @@ def test_procfile_dashboard_and_workers_share_the_embedded_redis_and_the_port_co
     """The Procfile's worker and dashboard started at once, as honcho does, with REDIS_URL unset: the dashboard
     answers on DASHBOARD_PORT and shows the pool's workers, so both are on the one embedded server under
     DATA_DIR; after SIGTERM to the worker, then to the dashboard, no redis-server is left."""
-    data_dir, port = tmp_path / "data", _free_port()
+    data_dir, port = tmp_path / "data", free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
     env.update(
         DATA_DIR=str(data_dir),

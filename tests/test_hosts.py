@@ -8,7 +8,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pipeline.queue import connect
 from . import hosts
 from .conftest import Pipeline, make_settings
 from .datasets import tricky_rows, write
+from .ports import answers
 from .processes import wait_for
 
 ROWS, CHUNK, CONCURRENCY, LATENCY = 10_000, 100, 32, 0.02
@@ -40,14 +40,6 @@ ROWS, CHUNK, CONCURRENCY, LATENCY = 10_000, 100, 32, 0.02
 def _binary(pattern: str) -> str | None:
     found = sorted(glob.glob(pattern))
     return found[-1] if found else None
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -113,7 +105,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             log=logs / "provider.log",
         )
         for port, what in ((6379, "Redis"), (5432, "PostgreSQL"), (8000, "the provider")):
-            wait_for(lambda port=port: _answers(db.address, port), 30, f"{what} on the db host", interval=0.1)
+            wait_for(lambda port=port: answers(db.address, port), 30, f"{what} on the db host", interval=0.1)
         yield Cluster(db, workers, collector, f"http://{db.address}:8000", logs)
     finally:
         network.remove()

@@ -23,14 +23,7 @@ def database_url(tmp_path):
 @pytest.fixture
 def provider_pipeline(make_pipeline, server):
     def make(**overrides):
-        values = dict(
-            openai_api_key="sk-test-openai",
-            openai_base_url=f"{server.url}/v1",
-            anthropic_api_key="sk-ant-test",
-            anthropic_base_url=server.url,
-            compatible_base_url=f"{server.url}/v1",
-            max_attempts=4,
-        )
+        values = dict(server.settings(), max_attempts=4)
         values.update(overrides)
         return make_pipeline(**values)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pipeline.queue import connect
 from . import processes
 from .datasets import tricky_rows, write
 from .fakeprovider import FakeProvider
+from .ports import free_port
 
 MASTER = "pipeline-test"
 ROWS, CHUNK, PROCESSES, CONCURRENCY = 600, 50, 2, 4
@@ -28,12 +28,6 @@ ROWS, CHUNK, PROCESSES, CONCURRENCY = 600, 50, 2, 4
 def database_url(tmp_path):
     """Failover is Redis's business; one database is enough here."""
     return f"sqlite:///{tmp_path / 'results.db'}"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _redis_server() -> str:
@@ -71,7 +65,7 @@ def _answers(port: int, check=lambda client: True) -> bool:
 def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     """Primary, replica and one sentinel (quorum 1) on loopback, failing over within about 2 s."""
     server = _redis_server()
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     started: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> subprocess.Popen:

@@ -60,13 +60,7 @@ def test_an_answer_without_usage_is_billed_at_its_worst_case_marked_and_counted(
     ``pipeline_estimated_usage_answers`` counts it. (Before: cost 0 in SQL and Redis, the bucket refunded.)"""
     data = rows(2)
     with FakeProvider(usage=False) as server:
-        pipeline = make_pipeline(
-            openai_api_key="sk-test",
-            openai_base_url=f"{server.url}/v1",
-            anthropic_api_key="sk-ant-test",
-            anthropic_base_url=server.url,
-            ratelimit_burst_seconds=100_000,
-        )
+        pipeline = make_pipeline(**server.settings(), ratelimit_burst_seconds=100_000)
         metrics = PipelineMetrics(pipeline.settings, pipeline.redis, pipeline.engine)
         dataset = write(tmp_path / "d.csv", data)
         targets = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest"}
