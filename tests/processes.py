@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,16 @@ def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def run_script(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts (``enqueue.py ...``, ``worker.py ...``) to its end, output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(pipeline: Any, *args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python enqueue.py ARGS`` with a test pipeline's settings (``pipeline.env``) in its environment."""
+    return run_script(["enqueue.py", *args], pipeline.env(**extra_env), timeout)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:

@@ -5,12 +5,11 @@ would leak it."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
 from .datasets import tricky_rows, write
+from .processes import cli
 
 
 @pytest.fixture
@@ -19,14 +18,7 @@ def database_url(tmp_path):
 
 
 def submit(pipeline, allowed, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "enqueue.py", "submit", *args],
-        cwd=ROOT,
-        env=pipeline.env(ALLOWED_DATA_DIR=str(allowed)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli(pipeline, "submit", *args, ALLOWED_DATA_DIR=str(allowed))
 
 
 @pytest.fixture

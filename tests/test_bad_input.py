@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import ROOT
 from .datasets import tricky_rows, write
+from .processes import run_script
 
 
 def _truncated_parquet(path: Path) -> Path:
@@ -152,14 +150,7 @@ def test_bad_input_is_one_clear_line_and_nothing_enqueued(pipeline, tmp_path, ca
     env.update(a[len("__env__") :].split("=", 1) for a in extra if a.startswith("__env__"))
     if not {"--template", "--template-file", "--config"} & set(args):
         args += ["--template", "Classify: {{ text }}"]
-    done = subprocess.run(
-        [sys.executable, "enqueue.py", "submit", str(dataset), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_script(["enqueue.py", "submit", str(dataset), *args], env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

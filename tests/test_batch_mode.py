@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 
@@ -403,14 +402,7 @@ def test_the_cli_submits_a_batch_run_from_a_runs_file_and_status_shows_its_batch
     env = pipeline.env()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "enqueue.py", *args],
-            cwd=processes.ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return processes.run_script(["enqueue.py", *args], env)
 
     refused = cli("submit", str(tmp_path / "d.jsonl"), "-t", TEMPLATE, "--mode", "batch")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
 from .datasets import tricky_rows, write
+from .processes import cli, run_script
 
 
 @pytest.fixture
 def database_url(tmp_path):
     return f"sqlite:///{tmp_path / 'results.db'}"
-
-
-def cli(pipeline, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "enqueue.py", *args],
-        cwd=ROOT,
-        env=pipeline.env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_json_outputs_and_wait_exit_codes(pipeline, tmp_path):
@@ -87,23 +74,9 @@ def test_default_sqlite_file_is_created_in_a_data_dir_that_does_not_exist_yet(pi
     data_dir = tmp_path / "fresh" / "data"
     env = {k: v for k, v in pipeline.env().items() if k != "DATABASE_URL"} | {"DATA_DIR": str(data_dir)}
     dataset = write(tmp_path / "d.csv", tricky_rows(3))
-    submitted = subprocess.run(
-        [sys.executable, "enqueue.py", "submit", str(dataset), "-t", "Q: {{ text }}", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    submitted = run_script(["enqueue.py", "submit", str(dataset), "-t", "Q: {{ text }}", "--json"], env)
     assert submitted.returncode == 0, submitted.stderr
-    status = subprocess.run(
-        [sys.executable, "enqueue.py", "status", json.loads(submitted.stdout)["run_id"], "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run_script(["enqueue.py", "status", json.loads(submitted.stdout)["run_id"], "--json"], env)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["rows_total"] == 3
     assert (data_dir / "pipeline.db").exists()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from pipeline.output.export import export_run
 from pipeline.providers.fake import approx_tokens, fake_answer
 
 from . import processes
-from .conftest import ROOT
 from .datasets import tricky_rows, write
 
 TEMPLATE = "Classify: {{ text }}"
@@ -111,7 +108,7 @@ def test_cli_submit_worker_collect_status_export(pipeline, tmp_path):
     env = pipeline.env()
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = processes.run_script(list(args), env)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -132,21 +129,9 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith("_KEY")}
     env.update(DATA_DIR=str(data_dir), METRICS_PORT="0")
-    demo = subprocess.run(
-        [
-            sys.executable,
-            "enqueue.py",
-            "run",
-            "examples/reviews.csv",
-            "--template-file",
-            "examples/sentiment.j2",
-            "--id-column",
-            "id",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    demo = processes.run_script(
+        ["enqueue.py", "run", "examples/reviews.csv", "--template-file", "examples/sentiment.j2", "--id-column", "id"],
+        env,
         timeout=180,
     )
     assert demo.returncode == 0, demo.stderr
@@ -154,14 +139,7 @@ def test_the_readme_demo_runs_on_embedded_defaults_and_stops_its_redis(tmp_path)
     assert "cached     76 rows; attempts 224" in demo.stdout  # each distinct prompt paid once
     assert processes.redis_servers_in(data_dir) == []
     run_id = demo.stdout.split()[1].rstrip(":")
-    status = subprocess.run(
-        [sys.executable, "enqueue.py", "status", run_id, "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = processes.run_script(["enqueue.py", "status", run_id, "--json"], env)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"] == "completed"
     assert processes.redis_servers_in(data_dir) == []
@@ -189,7 +167,7 @@ def test_worker_and_collector_on_embedded_defaults_leave_no_redis_behind(tmp_pat
     before = _embedded_redis_servers()
 
     def command(*args: str) -> str:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        done = processes.run_script(list(args), env, timeout=180)
         assert done.returncode == 0, done.stderr
         assert _embedded_redis_servers() - before == set()
         return done.stdout

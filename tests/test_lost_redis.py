@@ -5,30 +5,16 @@ says at once that nothing is working on the run. On SQLite and PostgreSQL, with 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from pipeline.collect import store
 from pipeline.control import runs
 
 from . import processes
-from .conftest import ROOT
 from .datasets import tricky_rows, write
 from .fakeprovider import FakeProvider
+from .processes import cli
 
 TEMPLATE = "Q: {{ text }}"
-
-
-def cli(pipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "enqueue.py", *args],
-        check=False,
-        cwd=ROOT,
-        env=pipeline.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _in_sql(pipeline, run_id: str) -> set[str]:

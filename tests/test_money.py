@@ -4,8 +4,6 @@ everywhere, so SQL totals equal the budget's Redis spend to the last unit. On SQ
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,22 +11,11 @@ from pipeline.calls.budget import spend_key
 from pipeline.control import runs
 from pipeline.pricing import Price, PriceTable
 
-from .conftest import ROOT
 from .datasets import tricky_rows, write
 from .fakeprovider import FakeProvider
+from .processes import cli
 
 TEMPLATE = "Q: {{ text }}"
-
-
-def cli(pipeline, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "enqueue.py", *args],
-        cwd=ROOT,
-        env=pipeline.env(**extra_env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_prices_are_exact_names_and_dated_aliases_never_a_prefix(tmp_path):

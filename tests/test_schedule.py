@@ -12,6 +12,7 @@ from pipeline.control.schedules import firing_key, load_runs_file
 
 from .conftest import ROOT
 from .datasets import tricky_rows, write
+from .processes import cli
 
 
 def _runs_file(tmp_path, schedule: str) -> str:
@@ -32,20 +33,14 @@ chunk_size = 10
     return str(path)
 
 
-def _cli(pipeline, *args):
-    return subprocess.run(
-        [sys.executable, "enqueue.py", *args], cwd=ROOT, env=pipeline.env(), capture_output=True, text=True, timeout=60
-    )
-
-
 def _run_configs(pipeline) -> list[bytes]:
     return list(pipeline.redis.scan_iter("run:*:config"))
 
 
 def test_a_cron_line_triggered_twice_starts_one_run(pipeline, tmp_path):
     runs_file = _runs_file(tmp_path, 'cron = "0 2 * * *"')
-    first = _cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
-    second = _cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
+    first = cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
+    second = cli(pipeline, "submit", "--config", runs_file, "--name", "nightly")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.startswith("run ") and "3 jobs enqueued" in first.stdout
     assert second.stdout.startswith("existing run ") and "0 jobs enqueued" in second.stdout
@@ -55,7 +50,7 @@ def test_a_cron_line_triggered_twice_starts_one_run(pipeline, tmp_path):
 
 
 def test_unknown_named_run_is_a_clear_error(pipeline, tmp_path):
-    done = _cli(pipeline, "submit", "--config", _runs_file(tmp_path, ""), "--name", "weekly")
+    done = cli(pipeline, "submit", "--config", _runs_file(tmp_path, ""), "--name", "weekly")
     assert done.returncode == 2 and "no run named 'weekly'" in done.stderr
 
 
