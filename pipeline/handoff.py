@@ -14,7 +14,7 @@ import json
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -22,7 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from pipeline.calls.redis_batch import RedisBatcher
-from pipeline.records import STOPPED, Result, RunConfig
+from pipeline.records import STOPPED, Result, RunConfig, result_fields
 
 GROUP = "collector"
 RESULT = "result"  # one result (workers before the ``results`` entry; a parked result)
@@ -145,30 +145,15 @@ class UnreadableEntry(ValueError):
     """An entry no version of the collector can write: it is parked with this reason."""
 
 
-def split(entry: Entry) -> list[Entry]:
-    """One entry a record: a ``results`` entry's results each become a ``result`` entry of the same id (parked
-    alone if it cannot be read; the id is acknowledged once all of them are written or parked)."""
-    if entry.kind != RESULTS or entry.problem:
-        return [entry]
-    results = entry.data.get("results")
-    if not isinstance(results, list):
-        return [replace(entry, problem="results is not a list")]
-    return [
-        Entry(entry.id, RESULT, item)
-        if isinstance(item, dict)
-        else Entry(entry.id, RESULT, {"raw": item}, problem="a result is not a JSON object")
-        for item in results
-    ]
-
-
-def decode(entry: Entry) -> Result | RunConfig | dict[str, Any]:
-    """What an entry says, checked: a Result, a RunConfig, or a status event's fields."""
+def decode(entry: Entry) -> ResultRows | RunConfig | dict[str, Any]:
+    """What an entry says, checked: its result (a ``result`` entry), a RunConfig, or an event's fields. A
+    ``results`` entry is read by ``read_results``."""
     if entry.problem:
         raise UnreadableEntry(entry.problem)
     data = entry.data
     try:
         if entry.kind == RESULT:
-            return Result.from_dict(data)
+            return ResultRows([result_fields(data)], [data])
         if entry.kind == RUN:
             config = RunConfig.from_dict(data)
             if not isinstance(config.run_id, str) or not isinstance(config.total_rows, int):
@@ -181,6 +166,44 @@ def decode(entry: Entry) -> Result | RunConfig | dict[str, Any]:
     except (TypeError, ValueError, AttributeError) as exc:
         raise UnreadableEntry(f"not a valid {entry.kind} entry: {exc}") from None
     raise UnreadableEntry(f"unknown entry kind {entry.kind!r}")
+
+
+@dataclass
+class ResultRows:
+    """An entry's readable results, in order, ready for SQL: each one's fields (a Result's, which are the results
+    table's columns), checked, beside the data it came as (parked if the database refuses it even as a failure).
+    The collector writes these without making a Result of each: a Result, an Entry and a row copied from the
+    Result for every result, and the garbage collections all those objects set off, were about a third of its
+    CPU per result."""
+
+    rows: list[dict[str, Any]]
+    sent: list[dict[str, Any]]
+
+
+def read_results(entry: Entry) -> tuple[ResultRows, list[tuple[Entry, str]]]:
+    """What a readable ``results`` entry holds: its readable results, and each part that cannot be read as an
+    entry of its own with why (parked alone: the others are written)."""
+    items = entry.data.get("results")
+    if not isinstance(items, list):
+        return ResultRows([], []), [(entry, "results is not a list")]
+    rows: list[dict[str, Any]] = []
+    sent: list[dict[str, Any]] = []
+    unreadable = []
+    for item in items:
+        try:
+            rows.append(result_fields(item))
+        except (TypeError, ValueError, AttributeError) as exc:
+            unreadable.append(_unreadable_result(entry.id, item, exc))
+        else:
+            sent.append(item)
+    return ResultRows(rows, sent), unreadable
+
+
+def _unreadable_result(entry_id: bytes, item: Any, exc: Exception) -> tuple[Entry, str]:
+    if not isinstance(item, dict):
+        problem = "a result is not a JSON object"
+        return Entry(entry_id, RESULT, {"raw": item}, problem=problem), problem
+    return Entry(entry_id, RESULT, item), f"not a valid {RESULT} entry: {exc}"
 
 
 def _status_event(data: dict[str, Any]) -> dict[str, Any]:

@@ -154,76 +154,88 @@ class Result:
         """A result as any worker version sent it: fields this version does not know are ignored (a newer
         worker in a rolling deploy), an older worker's dollar ``cost`` becomes nano-dollars. Raises ValueError
         for data that is not a result."""
-        # The usual case, a worker of this version, sends every field: they are copied as they are. Built without
-        # __init__ (a quarter of the collector's decoding time).
+        # Built without __init__ (a quarter of the collector's decoding time).
         result = object.__new__(cls)
-        result.__dict__.update(data if data.keys() == _RESULT_FIELDS else _completed(data))
-        result._check()
+        result.__dict__.update(result_fields(data))
         return result
 
-    def _check(self) -> None:
-        """Refuse fields of the wrong type. Runs once per result the collector reads: the usual result passes
-        the exact-type tests below (plain tests, no generators), anything else is judged by ``_check_fully``."""
-        v = self.__dict__
-        usual = (
-            type(v["run_id"]) is str
-            and type(v["row_key"]) is str
-            and v["status"] in _STATUSES
-            and type(v["result_id"]) is str
-            and {
-                type(v["row_index"]),
-                type(v["attempts"]),
-                type(v["timeouts"]),
-                type(v["rate_limited"]),
-                type(v["input_tokens"]),
-                type(v["output_tokens"]),
-                type(v["usage_estimated"]),
-                type(v["generation"]),
-            }
-            == _INT_ONLY
-            and (v["cost_nano"] is None or type(v["cost_nano"]) is int)
-            and type(v["input"]) is dict
-            and type(v["finished_at"]) in _NUMBERS
-            and (v["batch_id"] is None or type(v["batch_id"]) is str)
-            and {type(v["prompt_hash"]), type(v["answer"]), type(v["error"]), type(v["provider"]), type(v["model"])}
-            <= _TEXT_OR_NULL
-            and type(v["latency_ms"]) in _NUMBERS
-            and type(v["calls"]) is dict
-        )
-        if not usual:
-            self._check_fully()
 
-    def _check_fully(self) -> None:
-        texts_ok = isinstance(self.run_id, str) and isinstance(self.row_key, str) and isinstance(self.status, str)
-        if not texts_ok or self.status not in (SUCCEEDED, FAILED, STOPPED):
-            raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED}, {FAILED} or {STOPPED}")
-        if not isinstance(self.result_id, str):
-            raise ValueError("result_id must be text")
-        counts = {
-            type(self.row_index),
-            type(self.attempts),
-            type(self.timeouts),
-            type(self.rate_limited),
-            type(self.input_tokens),
-            type(self.output_tokens),
-            type(self.usage_estimated),
-            type(self.generation),
+def result_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """What ``Result.from_dict`` reads from ``data``, as a dict of the Result's fields, checked (ValueError):
+    the collector writes these without making a Result. The usual case, a worker of this version, sends every
+    field: ``data`` itself is returned."""
+    fields = data if data.keys() == _RESULT_FIELDS else _completed(data)
+    _check(fields)
+    return fields
+
+
+def _check(v: dict[str, Any]) -> None:
+    """Refuse fields of the wrong type. Runs once per result the collector reads: the usual result passes the
+    exact-type tests below (plain tests, no generators), anything else is judged by ``_check_fully``."""
+    usual = (
+        type(v["run_id"]) is str
+        and type(v["row_key"]) is str
+        and v["status"] in _STATUSES
+        and type(v["result_id"]) is str
+        and {
+            type(v["row_index"]),
+            type(v["attempts"]),
+            type(v["timeouts"]),
+            type(v["rate_limited"]),
+            type(v["input_tokens"]),
+            type(v["output_tokens"]),
+            type(v["usage_estimated"]),
+            type(v["generation"]),
         }
-        if counts != _INT_ONLY and not all(issubclass(t, int) and t is not bool for t in counts):
-            raise ValueError("row_index, attempts and token counts must be integers")
-        cost = self.cost_nano
-        if cost is not None and type(cost) is not int and (not isinstance(cost, int) or isinstance(cost, bool)):
-            raise ValueError("cost_nano must be an integer or null")
-        if not isinstance(self.input, dict) or not isinstance(self.finished_at, (int, float)):
-            raise ValueError("input must be an object and finished_at a number")
-        if self.batch_id is not None and not isinstance(self.batch_id, str):
-            raise ValueError("batch_id must be text or null")
-        # A value SQLite cannot bind fails the whole batch as if the database were down: refused here, it is parked.
-        texts = (self.prompt_hash, self.answer, self.error, self.provider, self.model)
-        if not all(t is None or isinstance(t, str) for t in texts):
-            raise ValueError("prompt_hash, answer, error, provider and model must be text or null")
-        if not isinstance(self.latency_ms, (int, float)) or not isinstance(self.calls, dict):
-            raise ValueError("latency_ms must be a number and calls an object")
+        == _INT_ONLY
+        and (v["cost_nano"] is None or type(v["cost_nano"]) is int)
+        and type(v["input"]) is dict
+        and type(v["finished_at"]) in _NUMBERS
+        and (v["batch_id"] is None or type(v["batch_id"]) is str)
+        and {type(v["prompt_hash"]), type(v["answer"]), type(v["error"]), type(v["provider"]), type(v["model"])}
+        <= _TEXT_OR_NULL
+        and type(v["latency_ms"]) in _NUMBERS
+        and type(v["calls"]) is dict
+    )
+    if not usual:
+        _check_fully(v)
+
+
+def _check_fully(v: dict[str, Any]) -> None:
+    run_id, row_key, status = v["run_id"], v["row_key"], v["status"]
+    texts_ok = isinstance(run_id, str) and isinstance(row_key, str) and isinstance(status, str)
+    if not texts_ok or status not in (SUCCEEDED, FAILED, STOPPED):
+        raise ValueError(f"run_id, row_key and status must be text, status {SUCCEEDED}, {FAILED} or {STOPPED}")
+    if not isinstance(v["result_id"], str):
+        raise ValueError("result_id must be text")
+    counts = {
+        type(v[name])
+        for name in (
+            "row_index",
+            "attempts",
+            "timeouts",
+            "rate_limited",
+            "input_tokens",
+            "output_tokens",
+            "usage_estimated",
+            "generation",
+        )
+    }
+    if counts != _INT_ONLY and not all(issubclass(t, int) and t is not bool for t in counts):
+        raise ValueError("row_index, attempts and token counts must be integers")
+    cost = v["cost_nano"]
+    if cost is not None and type(cost) is not int and (not isinstance(cost, int) or isinstance(cost, bool)):
+        raise ValueError("cost_nano must be an integer or null")
+    if not isinstance(v["input"], dict) or not isinstance(v["finished_at"], (int, float)):
+        raise ValueError("input must be an object and finished_at a number")
+    if v["batch_id"] is not None and not isinstance(v["batch_id"], str):
+        raise ValueError("batch_id must be text or null")
+    # A value SQLite cannot bind fails the whole batch as if the database were down: refused here, it is parked.
+    texts = (v["prompt_hash"], v["answer"], v["error"], v["provider"], v["model"])
+    if not all(t is None or isinstance(t, str) for t in texts):
+        raise ValueError("prompt_hash, answer, error, provider and model must be text or null")
+    if not isinstance(v["latency_ms"], (int, float)) or not isinstance(v["calls"], dict):
+        raise ValueError("latency_ms must be a number and calls an object")
 
 
 def _completed(data: dict[str, Any]) -> dict[str, Any]:

@@ -472,9 +472,7 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
     ]
     with store.writing(pipeline.engine) as conn:
         store.apply_results(conn, rows)
-    asked = list(
-        store._latest_per_row([replace(r, status="failed", input={}) for r in rows[::7]], store._Ledger()).values()
-    )
+    asked = [store._row_of(replace(r, status="failed", input={})) for r in rows[::7]]
     asked += [dict(asked[0], row_key="never-stored")]
     with store.writing(pipeline.engine) as conn:
         if conn.dialect.name == "postgresql":
@@ -495,3 +493,25 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
     )
     with pipeline.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(store.results)).scalar_one() == 2000
+
+
+def test_json_columns_hold_the_text_json_dumps_writes(pipeline, tmp_path):
+    """Export hands a parsed answer's stored text out as it is: the collector's own encoder must write what
+    ``json.dumps`` (SQLAlchemy's JSON type) writes, escapes, separators and numbers included."""
+    from sqlalchemy import Text, cast, select
+
+    from pipeline.collect import store
+
+    run_id = _played_run(pipeline, tmp_path, rows=2)
+    values = {
+        "input": {"text": 'café \u2603 "quoted"\n', "n": [1, 2.5, -0.0, 1e300, None, True]},
+        "parsed": {"label": "positive", "score": 0.1, "nested": {"a": []}},
+        "calls": {"openai|gpt-4o-mini|200": 2, "openai|gpt-4o-mini|429": 1},
+    }
+    with store.writing(pipeline.engine) as conn:
+        store.apply_results(conn, [succeeded(run_id, 0, **values), succeeded(run_id, 1, input={}, parsed=None)])
+    columns = [cast(store.results.c[name], Text) for name in values]
+    with pipeline.engine.connect() as conn:
+        first, second = conn.execute(select(*columns).order_by(store.results.c.row_index)).all()
+    assert list(first) == [json.dumps(value) for value in values.values()]
+    assert list(second) == ["{}", "null", "{}"]

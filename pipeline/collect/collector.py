@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -18,14 +18,14 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from pipeline import handoff
 from pipeline.collect import store
 from pipeline.control import runstate
-from pipeline.handoff import Entry, StreamReader, UnreadableEntry
-from pipeline.records import FAILED, Result, RunConfig
+from pipeline.handoff import Entry, ResultRows, StreamReader, UnreadableEntry
+from pipeline.records import FAILED, RunConfig
 from pipeline.redaction import redact
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.collector")
 CONSUMER_SWEEP_SECONDS = 600  # how often a running collector looks for idle consumers of the group
-Decoded = Result | RunConfig | dict[str, Any]
+Decoded = ResultRows | RunConfig | dict[str, Any]
 
 Observer = Callable[["BatchOutcome", store.Applied], None]
 
@@ -84,7 +84,8 @@ class Collector:
             return BatchOutcome(0, 0, [])
         self._parked = 0
         readable = self._readable(entries)
-        self._entries_per_batch = max(1, self.settings.collector_batch * len(entries) // max(1, len(readable)))
+        records = sum(len(record.rows) if isinstance(record, ResultRows) else 1 for _, record in readable)
+        self._entries_per_batch = max(1, self.settings.collector_batch * len(entries) // max(1, records))
         try:
             with store.writing(self.engine) as conn:
                 applied, finished = self._write(conn, readable)
@@ -139,27 +140,33 @@ class Collector:
     def _readable(self, entries: list[Entry]) -> list[tuple[Entry, Decoded]]:
         """Entries with what they say; one that cannot be read (a newer worker's change that this version cannot
         take, a damaged entry) is parked, so that it cannot stop the others, now or after a restart."""
-        readable = []
+        readable: list[tuple[Entry, Decoded]] = []
         for entry in entries:
-            for part in handoff.split(entry):
-                try:
-                    readable.append((part, handoff.decode(part)))
-                except UnreadableEntry as exc:
-                    self._park(part, str(exc))
+            if entry.kind == handoff.RESULTS and not entry.problem:
+                results, unreadable = handoff.read_results(entry)
+                for part, reason in unreadable:
+                    self._park(part, reason)
+                if results.rows:
+                    readable.append((entry, results))
+                continue
+            try:
+                readable.append((entry, handoff.decode(entry)))
+            except UnreadableEntry as exc:
+                self._park(entry, str(exc))
         return readable
 
     def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
         """Apply entries in stream order: a run's events and its results may share a batch."""
-        applied, touched, results = store.Applied(), set(), []
+        applied, touched, rows = store.Applied(), set(), []
         for entry, record in entries:
-            if isinstance(record, Result):
-                results.append(record)
+            if isinstance(record, ResultRows):
+                rows += record.rows
                 continue
-            applied.add(store.apply_results(conn, results))
-            results = []
+            applied.add(store.apply_rows(conn, rows))
+            rows = []
             self._apply_event(conn, entry.kind, record)
             touched.add(entry.data["run_id"])
-        applied.add(store.apply_results(conn, results))
+        applied.add(store.apply_rows(conn, rows))
         return applied, store.finish_complete_runs(conn, touched | applied.runs)
 
     @staticmethod
@@ -185,7 +192,7 @@ class Collector:
 
     def _write_one_by_one(self, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
         applied, finished = store.Applied(), []
-        for entry, record in entries:
+        for entry, record in _one_at_a_time(entries):
             try:
                 with store.writing(self.engine) as conn:
                     one, done = self._write(conn, [(entry, record)])
@@ -205,20 +212,20 @@ class Collector:
         cause = exc.orig or exc
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
-        if not isinstance(record, Result):
+        if not isinstance(record, ResultRows):
             self._park(entry, reason)
             return store.Applied(), []
         error = redact(f"the answer could not be stored ({reason})")[:1900]
         for dropped in _DROP_ORDER:
-            failure = replace(
-                record,
-                status=FAILED,
-                error=f"{error}; dropped: {', '.join(dropped)}",
+            failure = {
+                **record.rows[0],
+                "status": FAILED,
+                "error": f"{error}; dropped: {', '.join(dropped)}",
                 **{name: _EMPTY[name] for name in dropped},
-            )
+            }
             try:
                 with store.writing(self.engine) as conn:
-                    return self._write(conn, [(entry, failure)])
+                    return self._write(conn, [(entry, ResultRows([failure], record.sent))])
             except DBAPIError as again:
                 if is_outage(again):
                     raise
@@ -249,6 +256,16 @@ class Collector:
                 self.reader.remove_idle_consumers(0, only=self.reader.consumer)  # a burst leaves no consumer
                 break
         return written
+
+
+def _one_at_a_time(entries: list[tuple[Entry, Decoded]]) -> Iterator[tuple[Entry, Decoded]]:
+    """The entries with each result on its own, as a ``result`` entry of the data it came as."""
+    for entry, record in entries:
+        if isinstance(record, ResultRows):
+            for row, sent in zip(record.rows, record.sent):
+                yield Entry(entry.id, handoff.RESULT, sent), ResultRows([row], [sent])
+        else:
+            yield entry, record
 
 
 def is_outage(exc: DBAPIError) -> bool:

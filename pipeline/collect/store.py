@@ -370,8 +370,15 @@ def apply_results(conn: Connection, batch: Sequence[Result]) -> Applied:
     (``retry-failed``). Within the batch, the last outcome for a row wins the same way. A row only counts if its
     INSERT or UPDATE really happened; one that another writer got to first is looked at again.
     """
+    return apply_rows(conn, list(map(_row_of, batch)))
+
+
+def apply_rows(conn: Connection, rows: list[dict[str, Any]]) -> Applied:
+    """``apply_results`` for results given as their rows: each a dict of a Result's fields (the table's columns),
+    checked as ``records.result_fields`` checks them, and this batch's own (it may be changed: values no database
+    takes are replaced in it). The collector writes the rows it reads without making Results."""
     ledger = _Ledger()
-    incoming = _latest_per_row(batch, ledger)
+    incoming = _latest_per_row(rows, ledger)
     hold_runs(conn, set(map(itemgetter(0), incoming)))
     applied = Applied()
     for _ in range(_ROUNDS):
@@ -543,8 +550,25 @@ def _upsert(conn: Connection, rows: list[dict[str, Any]], conflict: str) -> Iter
         yield from returned
 
 
+def _strict_encoder() -> Callable[[Any], str]:
+    """``json.JSONEncoder(allow_nan=False).encode``: ``json.dumps`` text, NaN or infinity refused (ValueError).
+    Made of json's own C encoder, made once: ``encode`` makes one a call, which cost three times the encoding
+    of a result's input. Without a check for circular values: these come from JSON."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without json's C module
+        return json.JSONEncoder(allow_nan=False).encode
+    default = json.JSONEncoder().default
+    encoder = make(None, default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(encoder(value, 0))
+
+    return encode
+
+
 # NaN or infinity raises ValueError here: the batch's free-form values are then made storable first.
-_encode_strict = json.JSONEncoder(allow_nan=False).encode
+_encode_strict = _strict_encoder()
 
 
 def _row_values(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -731,9 +755,8 @@ def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
     return new["finished_at"] > old["finished_at"]
 
 
-def _latest_per_row(batch: Sequence[Result], ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
+def _latest_per_row(rows: list[dict[str, Any]], ledger: _Ledger) -> dict[tuple[str, str], dict[str, Any]]:
     """Each row's result to write: the one that wins among the batch's results for that row."""
-    rows = list(map(_row_of, batch))
     latest = dict(zip(zip(map(_run_id, rows), map(_row_key, rows)), rows))
     if len(latest) == len(rows):  # the usual batch: one result a row
         return latest
