@@ -185,13 +185,13 @@ def fill_results(url: str, rows: int) -> None:
 
     from sqlalchemy import insert, text
 
-    from pipeline.collect import store
+    from pipeline.collect import store, writes
 
     engine = store.make_engine(url)
     with engine.begin() as conn:
         conn.execute(store.results.delete())
         conn.execute(store.runs.delete())
-        store.save_run(conn, bench_config(rows, RUN_ID), "completed")
+        writes.save_run(conn, bench_config(rows, RUN_ID), "completed")
     now = clock.time()
     for start in range(0, rows, 50_000):
         batch = [

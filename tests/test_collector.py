@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError
 
 from pipeline import handoff
+from pipeline.collect import writes
 from pipeline.records import SUCCEEDED, Result
 
 TEMPLATE = "Q: {{ text }}"
@@ -161,7 +162,6 @@ def test_an_entry_refused_even_as_a_failure_is_parked_not_lost(pipeline, tmp_pat
 
 def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_path):
     """With two collectors, one may write a run's results before the other writes the run's row."""
-    from pipeline.collect import store
     from pipeline.control.runstate import load_config
 
     run_id = _played_run(pipeline, tmp_path)
@@ -178,9 +178,9 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
         for i in range(3)
     ]
     with pipeline.engine.begin() as conn:
-        store.apply_results(conn, rows)
-        store.save_run(conn, config, "submitted")
-        assert store.finish_complete_runs(conn, [run_id]) == [run_id]
+        writes.apply_results(conn, rows)
+        writes.save_run(conn, config, "submitted")
+        assert writes.finish_complete_runs(conn, [run_id]) == [run_id]
     run = pipeline.run_row(run_id)
     assert (run["rows_succeeded"], run["attempts"], run["cost_nano"], run["first_result_at"]) == (
         3,
@@ -193,18 +193,17 @@ def test_results_that_reach_sql_before_their_run_row_still_count(pipeline, tmp_p
 def test_a_redelivered_retry_event_does_not_reopen_the_new_result(pipeline, tmp_path):
     """retry-failed's event and the retried row's (failed again) result, delivered twice: the row stays failed
     with its newer result and the run ends."""
-    from pipeline.collect import store
 
     run_id = _played_run(pipeline, tmp_path, rows=1)
     _publish(pipeline, run_id, ["r0"], status="failed", finished_at=100.0)
     pipeline.collect()
     with pipeline.engine.begin() as conn:
-        assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 1
+        assert writes.reopen_failed(conn, run_id, ["r0"], before=200.0) == 1
     _publish(pipeline, run_id, ["r0"], status="failed", finished_at=300.0)
     pipeline.collect()
     with pipeline.engine.begin() as conn:  # the same event again
-        assert store.reopen_failed(conn, run_id, ["r0"], before=200.0) == 0
-        store.finish_complete_runs(conn, [run_id])
+        assert writes.reopen_failed(conn, run_id, ["r0"], before=200.0) == 0
+        writes.finish_complete_runs(conn, [run_id])
     (row,) = pipeline.results(run_id)
     assert (row["status"], row["finished_at"], row["attempts"]) == ("failed", 300.0, 2)
     run = pipeline.run_row(run_id)
@@ -329,11 +328,11 @@ def test_results_written_while_another_collector_creates_their_run_row_count(mak
 
     def write_run_row() -> None:
         with store.writing(other.engine) as conn:
-            store.save_run(conn, config, "submitted")
-            store.finish_complete_runs(conn, [run_id])
+            writes.save_run(conn, config, "submitted")
+            writes.finish_complete_runs(conn, [run_id])
 
     with store.writing(pipeline.engine) as conn:
-        store.apply_results(conn, rows)
+        writes.apply_results(conn, rows)
         thread = threading.Thread(target=write_run_row)
         thread.start()
         thread.join(timeout=1.0)  # it waits for this transaction (before: wrote at once, counted 0)
@@ -417,12 +416,12 @@ def test_a_batch_of_new_repeated_and_retried_rows_moves_totals_by_what_it_change
         )
 
     with store.writing(pipeline.engine) as conn:
-        first = store.apply_results(
+        first = writes.apply_results(
             conn, [result(0, SUCCEEDED, 1.0), result(1, "failed", 1.0), result(2, "failed", 1.0)]
         )
     assert len(first.changed) == 3
     with store.writing(pipeline.engine) as conn:
-        second = store.apply_results(
+        second = writes.apply_results(
             conn,
             [
                 result(0, "failed", 2.0),
@@ -471,18 +470,18 @@ def test_results_already_stored_are_read_through_the_unique_index_on_a_never_ana
         for i in range(2000)
     ]
     with store.writing(pipeline.engine) as conn:
-        store.apply_results(conn, rows)
-    asked = [store._row_of(replace(r, status="failed", input={})) for r in rows[::7]]
+        writes.apply_results(conn, rows)
+    asked = [writes._row_of(replace(r, status="failed", input={})) for r in rows[::7]]
     asked += [dict(asked[0], row_key="never-stored")]
     with store.writing(pipeline.engine) as conn:
         if conn.dialect.name == "postgresql":
             plan = "\n".join(
                 conn.exec_driver_sql(
-                    "EXPLAIN " + store._json_insert(conn.dialect, store._READ_STORED), store._column_arrays(asked)
+                    "EXPLAIN " + writes._json_insert(conn.dialect, writes._READ_STORED), writes._column_arrays(asked)
                 ).scalars()
             )
             assert "Conflict Arbiter Indexes: uq_results_run_row" in plan and "Scan on results" not in plan, plan
-        found = store._existing(conn, asked[:-1])
+        found = writes._existing(conn, asked[:-1])
     assert sorted(found) == sorted((run_id, f"k{i}") for i in range(0, 2000, 7))
     assert all(
         row["status"] == SUCCEEDED
@@ -509,7 +508,7 @@ def test_json_columns_hold_the_text_json_dumps_writes(pipeline, tmp_path):
         "calls": {"openai|gpt-4o-mini|200": 2, "openai|gpt-4o-mini|429": 1},
     }
     with store.writing(pipeline.engine) as conn:
-        store.apply_results(conn, [succeeded(run_id, 0, **values), succeeded(run_id, 1, input={}, parsed=None)])
+        writes.apply_results(conn, [succeeded(run_id, 0, **values), succeeded(run_id, 1, input={}, parsed=None)])
     columns = [cast(store.results.c[name], Text) for name in values]
     with pipeline.engine.connect() as conn:
         first, second = conn.execute(select(*columns).order_by(store.results.c.row_index)).all()

@@ -10,7 +10,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.collect import store
+from pipeline.collect import store, writes
 from pipeline.output.export import defuse_cell
 from pipeline.records import Result, RunConfig
 
@@ -34,8 +34,8 @@ def stored_run(engine, run_id: str, results: list[Result]) -> None:
         total_rows=len(results),
     )
     with store.writing(engine) as conn:
-        store.save_run(conn, config, "completed")
-        store.apply_results(conn, results)
+        writes.save_run(conn, config, "completed")
+        writes.apply_results(conn, results)
 
 
 def cli(pipeline, *args: str) -> subprocess.CompletedProcess:

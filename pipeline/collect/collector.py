@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from pipeline import handoff
-from pipeline.collect import store
+from pipeline.collect import store, writes
 from pipeline.control import runstate
 from pipeline.handoff import Entry, ResultRows, StreamReader, UnreadableEntry
 from pipeline.records import FAILED, RunConfig
@@ -27,7 +27,7 @@ log = logging.getLogger("pipeline.collector")
 CONSUMER_SWEEP_SECONDS = 600  # how often a running collector looks for idle consumers of the group
 Decoded = ResultRows | RunConfig | dict[str, Any]
 
-Observer = Callable[["BatchOutcome", store.Applied], None]
+Observer = Callable[["BatchOutcome", writes.Applied], None]
 
 # Fields a database may refuse in a result (too long, NULL where it needs a value), with what replaces them,
 # and the order they are tried in: each alone first, the input last, then all of them at once.
@@ -155,43 +155,43 @@ class Collector:
                 self._park(entry, str(exc))
         return readable
 
-    def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
+    def _write(self, conn, entries: list[tuple[Entry, Decoded]]) -> tuple[writes.Applied, list[str]]:
         """Apply entries in stream order: a run's events and its results may share a batch."""
-        applied, touched, rows = store.Applied(), set(), []
+        applied, touched, rows = writes.Applied(), set(), []
         for entry, record in entries:
             if isinstance(record, ResultRows):
                 rows += record.rows
                 continue
-            applied.add(store.apply_rows(conn, rows))
+            applied.add(writes.apply_rows(conn, rows))
             rows = []
             self._apply_event(conn, entry.kind, record)
             touched.add(entry.data["run_id"])
-        applied.add(store.apply_rows(conn, rows))
-        return applied, store.finish_complete_runs(conn, touched | applied.runs)
+        applied.add(writes.apply_rows(conn, rows))
+        return applied, writes.finish_complete_runs(conn, touched | applied.runs)
 
     @staticmethod
     def _apply_event(conn, kind: str, record: Decoded) -> None:
         if isinstance(record, RunConfig):
-            store.save_run(conn, record, "submitted")
+            writes.save_run(conn, record, "submitted")
         elif kind == handoff.STATUS and isinstance(record, dict):
             config = record.get("config")
-            store.set_run_status(
+            writes.set_run_status(
                 conn, record["run_id"], record["status"], config=RunConfig.from_dict(config) if config else None
             )
             if record.get("retrying"):
-                store.reopen_failed(
+                writes.reopen_failed(
                     conn, record["run_id"], record["retrying"], before=record["at"], generation=record.get("generation")
                 )
         elif kind == handoff.BATCH and isinstance(record, dict):
-            store.save_batch(conn, record)
+            writes.save_batch(conn, record)
 
     def _park(self, entry: Entry, reason: str) -> None:
         self.reader.park(entry, reason)
         self._parked += 1
         log.error("parked an entry of run %s in %s: %s", entry.data.get("run_id"), self.reader.parked_stream, reason)
 
-    def _write_one_by_one(self, entries: list[tuple[Entry, Decoded]]) -> tuple[store.Applied, list[str]]:
-        applied, finished = store.Applied(), []
+    def _write_one_by_one(self, entries: list[tuple[Entry, Decoded]]) -> tuple[writes.Applied, list[str]]:
+        applied, finished = writes.Applied(), []
         for entry, record in _one_at_a_time(entries):
             try:
                 with store.writing(self.engine) as conn:
@@ -204,7 +204,7 @@ class Collector:
             finished += done
         return applied, finished
 
-    def _store_as_failure(self, entry: Entry, record: Decoded, exc: DBAPIError) -> tuple[store.Applied, list[str]]:
+    def _store_as_failure(self, entry: Entry, record: Decoded, exc: DBAPIError) -> tuple[writes.Applied, list[str]]:
         """The row still gets its one result: failed, saying why its answer could not be stored and which field
         was dropped. The database does not say which field it refused, so the fields are dropped one at a time
         until it takes the result: its input survives (retry-failed renders the template from it) unless the
@@ -214,7 +214,7 @@ class Collector:
         log.error("database refused an entry of run %s: %s", entry.data.get("run_id"), reason)
         if not isinstance(record, ResultRows):
             self._park(entry, reason)
-            return store.Applied(), []
+            return writes.Applied(), []
         error = redact(f"the answer could not be stored ({reason})")[:1900]
         for dropped in _DROP_ORDER:
             failure = {
@@ -230,7 +230,7 @@ class Collector:
                 if is_outage(again):
                     raise
         self._park(entry, reason)
-        return store.Applied(), []
+        return writes.Applied(), []
 
     def run(self, *, burst: bool = False, stop: Callable[[], bool] | None = None) -> int:
         """Loop until stopped; with ``burst``, until the stream is empty. Survives a database outage, one at

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import handoff
 from pipeline.calls import batchstate
-from pipeline.collect import store
+from pipeline.collect import store, writes
 from pipeline.pricing import NANO
 from pipeline.providers.batches import STATES as BATCH_STATES
 from pipeline.queue import SERIALIZER
@@ -142,7 +142,7 @@ class PipelineMetrics:
         )
         self.registry.register(_ScrapeTime(settings, connection, engine))
 
-    def observe(self, outcome: Any, applied: store.Applied) -> None:
+    def observe(self, outcome: Any, applied: writes.Applied) -> None:
         """Count each result that the collector's write changed (a redelivered duplicate changes nothing), and
         the entries it parked (``outcome`` is the collector's BatchOutcome).
 
