@@ -39,7 +39,7 @@ from .ratelimit import SharedRateLimiter
 from .records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
 from .redaction import redact
 from .retry import RetryPolicy
-from .templates import PromptTemplate
+from .templates import compiled_template
 
 log = logging.getLogger("pipeline.answer")
 CLAIM_POLL_SECONDS, CLAIM_POLL_MAX_SECONDS = 0.05, 0.5
@@ -53,6 +53,12 @@ class Target:
     spec: ModelTarget
     provider: Provider
     limiter: SharedRateLimiter
+
+    def keeps_deadline(self, deadline: float | None) -> bool:
+        """Whether the provider itself ends every call within ``deadline`` (its ``deadline`` attribute: the
+        SDK-wire providers' HTTP timeout is for the whole exchange), so that no timer of ours is needed."""
+        own = getattr(self.provider, "deadline", None)
+        return own is not None and (deadline is None or own <= deadline)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class RowAnswerer:
     ) -> None:
         """``in_flight``: prompts being asked right now, shared by every chunk of the process's call window."""
         self.config = config
-        self.template = PromptTemplate(config.template)
+        self.template = compiled_template(config.template)
         self.targets = targets
         self.policy = policy
         self.prices = prices
@@ -367,6 +373,8 @@ class RowAnswerer:
             )
 
     async def _complete(self, target: Target, request: ProviderRequest) -> ProviderResponse:
+        if target.keeps_deadline(self.policy.call_deadline):  # a timer per call cost more than the row's own work
+            return await target.provider.complete(request)
         try:
             async with asyncio.timeout(self.policy.call_deadline):
                 return await target.provider.complete(request)

@@ -32,6 +32,7 @@ class SdkWire:
         self._base = str(client.base_url).rstrip("/")
         headers = {**client.default_headers, **client.auth_headers}
         self._headers = {name: value for name, value in headers.items() if isinstance(value, str)}  # not Omit
+        self.deadline = timeout  # the whole exchange, sending to the last byte read: aiohttp's total timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
