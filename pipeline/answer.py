@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -131,7 +130,8 @@ def provider_request(config: RunConfig, prompt: str, model: str) -> ProviderRequ
 def estimate_tokens(text: str) -> int:
     """A cheap estimate on the high side for reservations, settled to real usage later: a third of the UTF-8
     bytes (about a token per character for CJK text, a third more than real for English)."""
-    return max(1, math.ceil(len(text.encode("utf-8")) / 3))
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))  # ASCII: as many bytes as characters
+    return max(1, -(-size // 3))
 
 
 def output_limit(request: ProviderRequest) -> int:

@@ -96,9 +96,9 @@ class SharedRateLimiter:
     async def acquire(self, estimated_tokens: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
         """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited.
         ``sleep`` may raise to give up the wait (a cancelled run): the caller then ``release``s the reservation."""
-        pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
-        if not pairs:
+        if self.requests is None and self.tokens is None:  # no limit set: nothing to reserve (every row asks)
             return 0.0
+        pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
         argv: list[float] = []
         for limit, cost in pairs:
             argv += [limit.rate, limit.burst_seconds, cost]
