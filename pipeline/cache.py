@@ -15,6 +15,7 @@ import logging
 import uuid
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from .providers.base import ProviderRequest, ProviderResponse
@@ -208,11 +209,11 @@ def _stage_lookups(pipe: Any, lookups: list[tuple[str, str, int]]) -> None:
     pipe.eval(_LOOKUP, len(keys), *keys, *args)
 
 
-def _stage_stores(pipe: Any, stores: list[tuple[str, int, str]]) -> None:
+def _stage_stores(pipe: Any, stores: list[tuple[str, int, bytes]]) -> None:
     """One script for the answers a flush stores: (key, seconds to keep or 0, encoded answer) each; whoever
     claimed a prompt, its claim goes: the answer is there now."""
     keys: list[str] = []
-    args: list[str | int] = []
+    args: list[bytes | int] = []
     for key, ttl, text in stores:
         keys += (key, _claim_key(key))
         args += (ttl, text)
@@ -224,18 +225,25 @@ def _log_failed_store(future: asyncio.Future[Any]) -> None:
         log.warning("an answer was not cached: %s", future.exception())
 
 
-def _encode(response: ProviderResponse) -> str:
+def _encode(response: ProviderResponse) -> bytes:
+    """UTF-8 JSON by orjson; what it refuses (text that is not valid Unicode) ASCII-escaped by the json module."""
     data = {
         "text": response.text,
         "input_tokens": response.input_tokens,
         "output_tokens": response.output_tokens,
         "model": response.model,
     }
-    return json.dumps(data, ensure_ascii=False)
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(data).encode()
 
 
 def _decode(raw: bytes | str) -> ProviderResponse:
-    data: dict[str, Any] = json.loads(raw)
+    try:
+        data: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # what orjson refuses and json reads (an escaped lone surrogate)
+        data = json.loads(raw)
     return ProviderResponse(
         text=data["text"], input_tokens=data["input_tokens"], output_tokens=data["output_tokens"], model=data["model"]
     )
