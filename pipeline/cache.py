@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from .providers.base import ProviderRequest, ProviderResponse
 from .records import stable_hash
@@ -27,25 +28,26 @@ HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for
 FAILED_MARK = "!failed"
 
 # Lookups of one flush, each (answer, claim) as one lookup alone would be. KEYS: answer, claim of each.
-# ARGV: claimant, claim ms of each. Returns {verdict, answer or ''} for each.
+# ARGV: claimant, claim ms of each. Returns {verdict, answer or ''} for each, or {-1, error} for a lookup that
+# failed (a key of the wrong type): that row fails, not the others of the flush.
 _LOOKUP = """
+local function lookup(answer_key, claim_key, claimant, ms)
+  local answer = redis.call('GET', answer_key)
+  if answer then return {1, answer} end
+  local owner = redis.call('GET', claim_key)
+  if owner == '!failed' then return {3, ''} end
+  if owner == claimant then
+    redis.call('PEXPIRE', claim_key, ms)
+    return {0, ''}
+  end
+  if redis.call('SET', claim_key, claimant, 'NX', 'PX', ms) then return {0, ''} end
+  return {2, ''}
+end
 local found = {}
 for i = 1, #KEYS, 2 do
-  local claimant, ms = ARGV[i], ARGV[i + 1]
-  local answer = redis.call('GET', KEYS[i])
-  local owner = not answer and redis.call('GET', KEYS[i + 1])
-  if answer then
-    found[#found + 1] = {1, answer}
-  elseif owner == '!failed' then
-    found[#found + 1] = {3, ''}
-  elseif owner == claimant then
-    redis.call('PEXPIRE', KEYS[i + 1], ms)
-    found[#found + 1] = {0, ''}
-  elseif redis.call('SET', KEYS[i + 1], claimant, 'NX', 'PX', ms) then
-    found[#found + 1] = {0, ''}
-  else
-    found[#found + 1] = {2, ''}
-  end
+  local ok, result = pcall(lookup, KEYS[i], KEYS[i + 1], ARGV[i], ARGV[i + 1])
+  if not ok then result = {-1, type(result) == 'table' and result.err or tostring(result)} end
+  found[#found + 1] = result
 end
 return found
 """
@@ -129,6 +131,8 @@ class ResponseCache:
         (ALONE, None): a call for it failed a moment ago, ask for yourself without a claim."""
         verdict, raw = await self._reads.stage_item(_stage_lookups, (key, self._claimant, self._claim_ms))
         verdict = int(verdict)
+        if verdict < 0:
+            raise redis.exceptions.ResponseError(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"))
         return verdict, (_decode(raw) if verdict == HIT else None)
 
     def holding(self, key: str) -> _Holding:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from pipeline.cache import ALONE, ASK, HIT, WAIT, ResponseCache
 from pipeline.providers.base import ProviderResponse
@@ -82,3 +83,18 @@ def test_lookups_and_answers_of_one_tick_go_out_as_one_script_each_and_keep_thei
     assert [(verdict, hit.text) for verdict, hit in hits] == [(HIT, "answer é"), (HIT, "answer é")]
     assert flushes == [1, 1, 1]  # two rows, one command: lookups, answers stored, lookups
     assert expires and claims == 0
+
+
+def test_a_lookup_that_fails_fails_its_row_only(redis_url):
+    broken = "cache:{claim-test-broken}"
+
+    async def scenario(client):
+        await client.hset(broken, "not", "an answer")  # a key of the wrong type
+        cache = ResponseCache(client, claimant="A")
+        outcomes = await asyncio.gather(cache.get_or_claim(broken), cache.get_or_claim(KEY), return_exceptions=True)
+        await client.delete(broken)
+        return outcomes
+
+    failed, claimed = run(scenario, redis_url)
+    assert isinstance(failed, redis.exceptions.ResponseError) and "WRONGTYPE" in str(failed)
+    assert claimed == (ASK, None)
