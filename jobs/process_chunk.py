@@ -232,6 +232,7 @@ class ChunkRunner:
                 tpm=config.tpm or s.default_tpm,
                 burst_seconds=s.ratelimit_burst_seconds,
                 headroom=s.ratelimit_headroom,
+                batcher=self.window.reads,
             )
             targets.append(Target(spec, self.window.provider(spec.provider), limiter))
         policy = RetryPolicy(
@@ -247,7 +248,14 @@ class ChunkRunner:
             targets,
             policy=policy,
             prices=prices,
-            budget=RunBudget(self.client, config.run_id, config.max_cost, hold_seconds=policy.hold_seconds()),
+            budget=RunBudget(
+                self.client,
+                config.run_id,
+                config.max_cost,
+                hold_seconds=policy.hold_seconds(),
+                reads=self.window.reads,
+                writes=self.window.writes,
+            ),
             cache=ResponseCache(
                 self.client,
                 s.cache_ttl,

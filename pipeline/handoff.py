@@ -68,7 +68,7 @@ def stage_results(pipe: Any, stream: str, results: Sequence[Result]) -> None:
     """Queue results' hand-over on a (transactional) pipeline: their stream entries and their rows' done marks."""
     for start in range(0, len(results), ENTRY_RESULTS):
         part = results[start : start + ENTRY_RESULTS]
-        stage_entry(pipe, stream, RESULTS, '{"results":[' + ",".join(r.to_json() for r in part) + "]}", len(part))
+        stage_entry(pipe, stream, RESULTS, b'{"results":[' + b",".join(r.encoded() for r in part) + b"]}", len(part))
     marks: dict[str, dict[str, str]] = {}
     for result in results:
         if result.status == STOPPED:  # never over another worker's answer to the same row

@@ -8,6 +8,7 @@ always agree to the last unit.
 
 from __future__ import annotations
 
+import functools
 import json
 import tomllib
 from dataclasses import dataclass
@@ -27,10 +28,21 @@ class Price:
 
     def cost_nano(self, input_tokens: int, output_tokens: int) -> int:
         """What a call costs, in nano-dollars rounded half to even (exact decimal arithmetic, no float drift)."""
+        whole = self._whole_nano_per_token
+        if whole is not None:  # the usual price: integer arithmetic is exact, and has nothing to round
+            return input_tokens * whole[0] + output_tokens * whole[1]
         exact = (
             input_tokens * Decimal(str(self.input_per_million)) + output_tokens * Decimal(str(self.output_per_million))
         ) * _NANO_PER_TOKEN
         return int(exact.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+    @functools.cached_property
+    def _whole_nano_per_token(self) -> tuple[int, int] | None:
+        """Nano-dollars a token in and out when both are whole numbers (prices with at most three decimals)."""
+        per_token = [Decimal(str(p)) * _NANO_PER_TOKEN for p in (self.input_per_million, self.output_per_million)]
+        if all(value == value.to_integral_value() for value in per_token):
+            return int(per_token[0]), int(per_token[1])
+        return None
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return self.cost_nano(input_tokens, output_tokens) / NANO

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import pytest
 
 from pipeline.calls.ratelimit import SharedRateLimiter
@@ -26,7 +29,7 @@ def test_burst_then_paced(redis_url):
 
 async def quoted_wait(limiter: SharedRateLimiter, limit, cost: float) -> float:
     """What the bucket would make a caller wait for ``cost`` now (reserves it, does not sleep)."""
-    return int(await limiter._reserve(keys=[limit.key], args=[limit.rate, limit.burst_seconds, cost])) / 1e6
+    return await limiter._reserve([(limit, cost)])
 
 
 def test_over_estimate_is_refunded(redis_url):
@@ -64,10 +67,7 @@ def test_two_limiters_share_one_budget(redis_url):
     async def scenario(client):
         a = SharedRateLimiter(client, "t:shared", rpm=600, tpm=None, burst_seconds=0.5)  # 10/s, burst 5
         b = SharedRateLimiter(client, "t:shared", rpm=600, tpm=None, burst_seconds=0.5)
-        reservations = [
-            await (a if i % 2 else b)._reserve(keys=[a.requests.key], args=[a.requests.rate, 0.5, 1]) for i in range(10)
-        ]
-        return [int(r) / 1e6 for r in reservations]
+        return [await (a if i % 2 else b)._reserve([(a.requests, 1)]) for i in range(10)]
 
     waits = run(scenario, redis_url)
     assert waits[:4] == [0, 0, 0, 0]
@@ -84,3 +84,13 @@ def test_a_reservation_never_sent_is_given_back_whole(redis_url):
         return (await quoted_wait(limiter, limiter.requests, 1), await quoted_wait(limiter, limiter.tokens, 1000))
 
     assert run(scenario, redis_url) == (0, 0)
+
+
+def test_reservations_of_one_tick_share_a_script_call_and_queue_in_order(redis_url):
+    async def scenario(client):
+        limiter = SharedRateLimiter(client, f"t:tick:{uuid.uuid4().hex}", rpm=6000, tpm=None, burst_seconds=0.1)
+        return await asyncio.gather(*(limiter._reserve([(limiter.requests, 1)]) for _ in range(12)))
+
+    waits = run(scenario, redis_url)
+    assert waits == sorted(waits)  # as if one after the other: each reservation queues behind the ones before
+    assert all(w == 0 for w in waits[:9]) and 0 < waits[11] <= 0.03

@@ -70,3 +70,31 @@ def test_scripts_go_by_their_text_and_a_lost_connection_is_retried(redis_url):
 
     first, killed, second = run(scenario, redis_url)
     assert killed >= 1 and (first, second) == ([11], [12])
+
+
+def test_items_merged_into_one_command_each_get_their_element_or_its_error(redis_url):
+    script = "local n = {} for i, k in ipairs(KEYS) do n[i] = redis.call('STRLEN', k) end return n"
+
+    def lengths(pipe, keys):  # one command for every item of the flush: a reply with one element each
+        pipe.eval(script, len(keys), *keys)
+
+    def refused(pipe, keys):
+        pipe.eval("return redis.error_reply('no')", len(keys), *keys)
+
+    async def scenario(client):
+        await client.mset({"a": "1", "bb": "22"})
+        batcher = RedisBatcher(client, transaction=True)
+        rows = [
+            batcher.stage_item(lengths, "a"),
+            batcher.run(lambda pipe: pipe.incr("n")),  # a row's own commands in the same flush
+            batcher.stage_item(lengths, "bb"),
+            batcher.stage_item(refused, "a"),
+        ]
+        outcomes = await asyncio.gather(*rows, return_exceptions=True)
+        later = await batcher.stage_item(lengths, "missing")  # the next flush: a command of its own
+        await client.delete("a", "bb", "n")
+        return outcomes, later
+
+    (first, own, second, failed), later = run(scenario, redis_url)
+    assert (first, own, second, later) == (1, [1], 2, 0)
+    assert isinstance(failed, redis.exceptions.ResponseError) and "no" in str(failed)

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pipeline.errors import (
     TemplateError,
     UnreadableAnswer,
 )
-from pipeline.intake.templates import PromptTemplate
+from pipeline.intake.templates import compiled_template
 from pipeline.pricing import Price, PriceTable
 from pipeline.providers.base import Provider, ProviderRequest, ProviderResponse
 from pipeline.records import STOPPED, SUCCEEDED, ModelTarget, Result, Row, RunConfig, stable_hash
@@ -53,6 +52,12 @@ class Target:
     spec: ModelTarget
     provider: Provider
     limiter: SharedRateLimiter
+
+    def keeps_deadline(self, deadline: float | None) -> bool:
+        """Whether the provider itself ends every call within ``deadline`` (its ``deadline`` attribute: the
+        SDK-wire providers' HTTP timeout is for the whole exchange), so that no timer of ours is needed."""
+        own = getattr(self.provider, "deadline", None)
+        return own is not None and (deadline is None or own <= deadline)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,8 @@ def provider_request(config: RunConfig, prompt: str, model: str) -> ProviderRequ
 def estimate_tokens(text: str) -> int:
     """A cheap estimate on the high side for reservations, settled to real usage later: a third of the UTF-8
     bytes (about a token per character for CJK text, a third more than real for English)."""
-    return max(1, math.ceil(len(text.encode("utf-8")) / 3))
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))  # ASCII: as many bytes as characters
+    return max(1, -(-size // 3))
 
 
 def output_limit(request: ProviderRequest) -> int:
@@ -152,7 +158,7 @@ class RowAnswerer:
     ) -> None:
         """``in_flight``: prompts being asked right now, shared by every chunk of the process's call window."""
         self.config = config
-        self.template = PromptTemplate(config.template)
+        self.template = compiled_template(config.template)
         self.targets = targets
         self.policy = policy
         self.prices = prices
@@ -367,6 +373,8 @@ class RowAnswerer:
             )
 
     async def _complete(self, target: Target, request: ProviderRequest) -> ProviderResponse:
+        if target.keeps_deadline(self.policy.call_deadline):  # a timer per call cost more than the row's own work
+            return await target.provider.complete(request)
         try:
             async with asyncio.timeout(self.policy.call_deadline):
                 return await target.provider.complete(request)

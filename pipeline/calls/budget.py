@@ -12,32 +12,44 @@ integer arithmetic stays exact.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 
+from pipeline.calls.redis_batch import RedisBatcher
 from pipeline.errors import BudgetExceeded
 from pipeline.pricing import NANO
 
-# KEYS: spend, holds. ARGV: cap (-1 = none), amount, now, hold expiry, member. 1 = held, 0 = wait, -1 = exhausted.
+# Holds of one flush, one after the other as single calls would be, on the Redis server's clock. KEYS: spend,
+# holds of each. ARGV: cap (-1 = none), amount, seconds held, member of each. Each: 1 = held, 0 = wait, -1 = exhausted.
 _RESERVE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-local cap, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
-if cap >= 0 then
-  local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-  local held = 0
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    held = held + tonumber(string.match(member, ':(%d+)$'))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local verdicts = {}
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) * 2
+  local spend, holds = KEYS[i], KEYS[i + 1]
+  local cap, amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local verdict = 1
+  redis.call('ZREMRANGEBYSCORE', holds, '-inf', now)
+  if cap >= 0 then
+    local spent = tonumber(redis.call('GET', spend) or '0')
+    local held = 0
+    for _, member in ipairs(redis.call('ZRANGE', holds, 0, -1)) do
+      held = held + tonumber(string.match(member, ':(%d+)$'))
+    end
+    if spent + held + amount > cap then
+      if held > 0 then verdict = 0 else verdict = -1 end
+    end
   end
-  if spent + held + amount > cap then
-    if held > 0 then return 0 end
-    return -1
-  end
+  if verdict == 1 then redis.call('ZADD', holds, now + tonumber(ARGV[a + 3]), ARGV[a + 4]) end
+  verdicts[#verdicts + 1] = verdict
 end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-return 1
+return verdicts
 """
 
 WAIT_SECONDS = 0.05
@@ -52,12 +64,23 @@ def holds_key(run_id: str) -> str:
 
 
 class RunBudget:
-    def __init__(self, client: aioredis.Redis, run_id: str, max_cost: float | None, *, hold_seconds: float) -> None:
-        self._client = client
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        run_id: str,
+        max_cost: float | None,
+        *,
+        hold_seconds: float,
+        reads: RedisBatcher | None = None,
+        writes: RedisBatcher | None = None,
+    ) -> None:
+        """``reads`` / ``writes``: the process's shared batchers (holds taken; holds settled), so that the rows of a
+        loop tick take their holds in one script call and settle them in the tick's one transaction."""
         self._keys = [spend_key(run_id), holds_key(run_id)]
         self._cap = -1 if max_cost is None else round(max_cost * NANO)
         self._hold_seconds = hold_seconds
-        self._reserve = client.register_script(_RESERVE)
+        self._reads = reads or RedisBatcher(client, transaction=False)
+        self._writes = writes or RedisBatcher(client, transaction=True)
 
     async def reserve(self, amount: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> str:
         """Hold ``amount`` nano-dollars against the cap (waiting while other holds are out) or raise
@@ -66,10 +89,8 @@ class RunBudget:
             return ""  # no cap: nothing to enforce, and the spend is summed from the results anyway
         member = f"{uuid.uuid4().hex}:{amount}"
         while True:
-            now = await self._now()
-            verdict = int(
-                await self._reserve(keys=self._keys, args=[self._cap, amount, now, now + self._hold_seconds, member])
-            )
+            hold = (*self._keys, self._cap, amount, self._hold_seconds, member)
+            verdict = int(await self._reads.stage_item(_stage_holds, hold))
             if verdict == 1:
                 return member
             if verdict < 0:
@@ -78,17 +99,21 @@ class RunBudget:
 
     async def settle(self, hold: str, actual: int) -> None:
         """Release the hold and add what the call really cost (nano-dollars: the very amount its result carries
-        to SQL)."""
+        to SQL), both at once."""
         if not hold:
             return
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._keys[1], hold)
-            pipe.incrby(self._keys[0], actual)
-            await pipe.execute()
+        await self._writes.run(functools.partial(_stage_settle, self._keys, hold, actual))
 
-    async def _now(self) -> float:
-        seconds, micros = await self._client.time()
-        return seconds + micros / 1e6
+
+def _stage_holds(pipe: Any, holds: list[tuple[str, str, int, int, float, str]]) -> None:
+    """One script for the holds of a flush: (spend key, holds key, cap, amount, seconds held, member) each."""
+    keys = [key for hold in holds for key in hold[:2]]
+    pipe.eval(_RESERVE, len(keys), *keys, *(value for hold in holds for value in hold[2:]))
+
+
+def _stage_settle(keys: list[str], hold: str, actual: int, pipe: Any) -> None:
+    pipe.zrem(keys[1], hold)
+    pipe.incrby(keys[0], actual)
 
 
 async def spent(client: aioredis.Redis, run_id: str) -> float:
@@ -104,11 +129,9 @@ def reserve_batch(
     if max_cost is None:
         return ""
     cap = round(max_cost * NANO)
-    seconds, micros = connection.time()
-    now = seconds + micros / 1e6
     member = f"{uuid.uuid4().hex}:{amount}"
-    verdict = int(
-        connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, now, now + hold_seconds, member)
+    [verdict] = cast(
+        list[int], connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, hold_seconds, member)
     )
     if verdict == 1:
         return member

@@ -10,13 +10,14 @@ short "failed" mark, so the others then ask for themselves, at once and side by 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import uuid
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from pipeline.calls.redis_batch import RedisBatcher, stage_script
 from pipeline.providers.base import ProviderRequest, ProviderResponse
@@ -26,18 +27,45 @@ log = logging.getLogger("pipeline.cache")
 HIT, ASK, WAIT, ALONE = 1, 0, 2, 3  # what get_or_claim found; ALONE: a call for it just failed, ask unclaimed
 FAILED_MARK = "!failed"
 
-# KEYS: answer, claim. ARGV: claimant, claim ms.
+# Lookups of one flush, each (answer, claim) as one lookup alone would be. KEYS: answer, claim of each.
+# ARGV: claimant, claim ms of each. Returns {verdict, answer or ''} for each, or {-1, error} for a lookup that
+# failed (a key of the wrong type): that row fails, not the others of the flush.
 _LOOKUP = """
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer} end
-local owner = redis.call('GET', KEYS[2])
-if owner == '!failed' then return {3, ''} end
-if owner == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  return {0, ''}
+local function lookup(answer_key, claim_key, claimant, ms)
+  local answer = redis.call('GET', answer_key)
+  if answer then return {1, answer} end
+  local owner = redis.call('GET', claim_key)
+  if owner == '!failed' then return {3, ''} end
+  if owner == claimant then
+    redis.call('PEXPIRE', claim_key, ms)
+    return {0, ''}
+  end
+  if redis.call('SET', claim_key, claimant, 'NX', 'PX', ms) then return {0, ''} end
+  return {2, ''}
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, ''} end
-return {2, ''}
+local found = {}
+for i = 1, #KEYS, 2 do
+  local ok, result = pcall(lookup, KEYS[i], KEYS[i + 1], ARGV[i], ARGV[i + 1])
+  if not ok then result = {-1, type(result) == 'table' and result.err or tostring(result)} end
+  found[#found + 1] = result
+end
+return found
+"""
+
+# Answers of one flush stored, each dropping the claim on it. KEYS: answer, claim of each. ARGV: seconds to
+# keep it (0: for ever), the answer of each. Returns 1 for each.
+_STORE = """
+local stored = {}
+for i = 1, #KEYS, 2 do
+  if ARGV[i] ~= '0' then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[i])
+  else
+    redis.call('SET', KEYS[i], ARGV[i + 1])
+  end
+  redis.call('DEL', KEYS[i + 1])
+  stored[#stored + 1] = 1
+end
+return stored
 """
 
 # KEYS: claim. ARGV: claimant, new value or '' to keep it, ms. Only the claim's owner may touch it.
@@ -93,7 +121,6 @@ class ResponseCache:
         self._claim_ms = int(claim_seconds * 1000)
         self._failed_ms = int(failed_seconds * 1000)
         self._claimant = claimant or uuid.uuid4().hex
-        self._lookup = client.register_script(_LOOKUP)
         self._if_owner = client.register_script(_IF_OWNER)
         self._held: dict[str, int] = {}  # claims this claimant holds while their calls run -> how many calls
         self._renewal: asyncio.TimerHandle | None = None
@@ -102,10 +129,10 @@ class ResponseCache:
     async def get_or_claim(self, key: str) -> tuple[int, ProviderResponse | None]:
         """(HIT, answer); (ASK, None): the prompt is now claimed by you; (WAIT, None): someone else is asking;
         (ALONE, None): a call for it failed a moment ago, ask for yourself without a claim."""
-        [(verdict, raw)] = await self._reads.run(
-            lambda pipe: stage_script(pipe, self._lookup, [key, _claim_key(key)], [self._claimant, self._claim_ms])
-        )
+        verdict, raw = await self._reads.stage_item(_stage_lookups, (key, self._claimant, self._claim_ms))
         verdict = int(verdict)
+        if verdict < 0:
+            raise redis.exceptions.ResponseError(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"))
         return verdict, (_decode(raw) if verdict == HIT else None)
 
     def holding(self, key: str) -> _Holding:
@@ -148,19 +175,15 @@ class ResponseCache:
 
     async def put(self, key: str, response: ProviderResponse) -> None:
         """Store the answer (and drop the claim on it), and wait until it is stored."""
-        await self._writes.run(functools.partial(self._stage_put, key, _encode(response)))
+        await self.store(key, response)
 
-    def store(self, key: str, response: ProviderResponse) -> asyncio.Future[list[Any]]:
+    def store(self, key: str, response: ProviderResponse) -> asyncio.Future[Any]:
         """Store the answer without waiting: it goes with the process's next batch of writes, which is the one
         that carries the row's hand-over when the row hands over next, in the same loop tick. Done when the answer is
         in Redis; a failure is logged: the answer then is not cached, and the claim on it lapses."""
-        future = self._writes.stage(functools.partial(self._stage_put, key, _encode(response)))
+        future = self._writes.stage_item(_stage_stores, (key, self._ttl or 0, _encode(response)))
         future.add_done_callback(_log_failed_store)
         return future
-
-    def _stage_put(self, key: str, text: str, pipe: Any) -> None:
-        pipe.set(key, text, ex=self._ttl)
-        pipe.delete(_claim_key(key))  # whoever claimed it: the answer is there now
 
     async def failed(self, key: str) -> None:
         """This claimant's call failed: mark the prompt so that those waiting ask for themselves."""
@@ -180,23 +203,51 @@ class _Holding:
         self._cache._release(self._key)
 
 
-def _log_failed_store(future: asyncio.Future[list[Any]]) -> None:
+def _stage_lookups(pipe: Any, lookups: list[tuple[str, str, int]]) -> None:
+    """One script for the lookups of a flush: (key, claimant, claim ms) each."""
+    keys: list[str] = []
+    args: list[str | int] = []
+    for key, claimant, claim_ms in lookups:
+        keys += (key, _claim_key(key))
+        args += (claimant, claim_ms)
+    pipe.eval(_LOOKUP, len(keys), *keys, *args)
+
+
+def _stage_stores(pipe: Any, stores: list[tuple[str, int, bytes]]) -> None:
+    """One script for the answers a flush stores: (key, seconds to keep or 0, encoded answer) each; whoever
+    claimed a prompt, its claim goes: the answer is there now."""
+    keys: list[str] = []
+    args: list[bytes | int] = []
+    for key, ttl, text in stores:
+        keys += (key, _claim_key(key))
+        args += (ttl, text)
+    pipe.eval(_STORE, len(keys), *keys, *args)
+
+
+def _log_failed_store(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("an answer was not cached: %s", future.exception())
 
 
-def _encode(response: ProviderResponse) -> str:
+def _encode(response: ProviderResponse) -> bytes:
+    """UTF-8 JSON by orjson; what it refuses (text that is not valid Unicode) ASCII-escaped by the json module."""
     data = {
         "text": response.text,
         "input_tokens": response.input_tokens,
         "output_tokens": response.output_tokens,
         "model": response.model,
     }
-    return json.dumps(data, ensure_ascii=False)
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(data).encode()
 
 
 def _decode(raw: bytes | str) -> ProviderResponse:
-    data: dict[str, Any] = json.loads(raw)
+    try:
+        data: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # what orjson refuses and json reads (an escaped lone surrogate)
+        data = json.loads(raw)
     return ProviderResponse(
         text=data["text"], input_tokens=data["input_tokens"], output_tokens=data["output_tokens"], model=data["model"]
     )

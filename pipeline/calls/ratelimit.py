@@ -14,44 +14,61 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
-# KEYS: one bucket per limit. ARGV: per key (rate_per_second, burst_seconds, cost). Returns the wait in µs.
+from pipeline.calls.redis_batch import RedisBatcher
+
+# Reservations of one flush, one after the other as single calls would be. KEYS: the buckets of each call.
+# ARGV: per call, how many buckets, then per bucket (rate_per_second, burst_seconds, cost). Returns each call's
+# wait in µs.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local wait = 0
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[i * 3 - 2])
-  local burst = tonumber(ARGV[i * 3 - 1])
-  local cost = tonumber(ARGV[i * 3])
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + cost / rate
-  local w = new_tat - burst - now
-  if w > wait then wait = w end
-  redis.call('SET', key, string.format('%.6f', new_tat), 'EX', math.ceil(new_tat - now + burst + 60))
+local waits = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local buckets = tonumber(ARGV[a])
+  local wait = 0
+  for _ = 1, buckets do
+    local key = KEYS[k]
+    local rate, burst, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local tat = tonumber(redis.call('GET', key) or '0')
+    if tat < now then tat = now end
+    local new_tat = tat + cost / rate
+    local w = new_tat - burst - now
+    if w > wait then wait = w end
+    redis.call('SET', key, string.format('%.6f', new_tat), 'EX', math.ceil(new_tat - now + burst + 60))
+    k, a = k + 1, a + 3
+  end
+  waits[#waits + 1] = math.floor(wait * 1e6)
+  a = a + 1
 end
-return math.floor(wait * 1e6)
+return waits
 """
 
-# Move one bucket's theoretical arrival time: ARGV = (rate, burst, refund_units, min_wait_s, remaining_units).
-# refund > 0 gives back an over-estimate; min_wait pauses everyone (after a 429); remaining >= 0 makes the
-# bucket believe no more than the provider reported as left.
+# Move buckets' theoretical arrival times, one after the other. KEYS: the buckets. ARGV: per bucket (rate, burst,
+# refund_units, min_wait_s, remaining_units). refund > 0 gives back an over-estimate; min_wait pauses everyone
+# (after a 429); remaining >= 0 makes the bucket believe no more than the provider reported as left.
 _ADJUST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local refund, min_wait, remaining = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-tat = tat - refund / rate
-if min_wait > 0 and tat < now + burst + min_wait then tat = now + burst + min_wait end
-if remaining >= 0 then
-  local floor_tat = now + burst - remaining / rate
-  if tat < floor_tat then tat = floor_tat end
+local moved = {}
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 5
+  local rate, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local refund, min_wait, remaining = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  tat = tat - refund / rate
+  if min_wait > 0 and tat < now + burst + min_wait then tat = now + burst + min_wait end
+  if remaining >= 0 then
+    local floor_tat = now + burst - remaining / rate
+    if tat < floor_tat then tat = floor_tat end
+  end
+  redis.call('SET', key, string.format('%.6f', tat), 'EX', math.ceil(math.max(tat - now, 0) + burst + 60))
+  moved[i] = 1
 end
-redis.call('SET', KEYS[1], string.format('%.6f', tat), 'EX', math.ceil(math.max(tat - now, 0) + burst + 60))
-return 1
+return moved
 """
 
 
@@ -78,16 +95,17 @@ class SharedRateLimiter:
         tpm: float | None,
         burst_seconds: float = 0.1,
         headroom: float = 0.0,
+        batcher: RedisBatcher | None = None,
     ) -> None:
         """``headroom``: the share of each limit left unused. A bucket lets ``burst_seconds`` of budget out
         above its rate; a provider that counts over a sliding window of W seconds sees that as burst / W over
-        its limit, so a little headroom keeps every window under it."""
-        self._client = client
+        its limit, so a little headroom keeps every window under it. ``batcher``: the process's shared one (a
+        non-transactional RedisBatcher): every row's reservations and moves of a loop tick go out as one script
+        call each."""
+        self._batcher = batcher or RedisBatcher(client, transaction=False)
         keep = 1.0 - headroom
         self.requests = Limit(f"ratelimit:{scope}:requests", rpm * keep, burst_seconds) if rpm else None
         self.tokens = Limit(f"ratelimit:{scope}:tokens", tpm * keep, burst_seconds) if tpm else None
-        self._reserve = client.register_script(_RESERVE)
-        self._adjust = client.register_script(_ADJUST)
 
     @property
     def enabled(self) -> bool:
@@ -96,13 +114,11 @@ class SharedRateLimiter:
     async def acquire(self, estimated_tokens: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
         """Reserve one request and ``estimated_tokens``; sleep until the budget allows. Returns seconds waited.
         ``sleep`` may raise to give up the wait (a cancelled run): the caller then ``release``s the reservation."""
-        pairs = [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
-        if not pairs:
+        if self.requests is None and self.tokens is None:  # no limit set: nothing to reserve (every row asks)
             return 0.0
-        argv: list[float] = []
-        for limit, cost in pairs:
-            argv += [limit.rate, limit.burst_seconds, cost]
-        wait = int(await self._reserve(keys=[lim.key for lim, _ in pairs], args=argv)) / 1e6
+        wait = await self._reserve(
+            [(lim, cost) for lim, cost in ((self.requests, 1), (self.tokens, estimated_tokens)) if lim]
+        )
         if wait > 0:
             await sleep(wait)
         return wait
@@ -132,5 +148,24 @@ class SharedRateLimiter:
         if self.tokens and remaining_tokens is not None:
             await self._move(self.tokens, remaining=remaining_tokens)
 
+    async def _reserve(self, costs: list[tuple[Limit, float]]) -> float:
+        """Reserve each limit's cost at once; returns the wait in seconds the limits ask for (the longest)."""
+        argv: list[float] = [len(costs)]
+        for limit, cost in costs:
+            argv += (limit.rate, limit.burst_seconds, cost)
+        return int(await self._batcher.stage_item(_stage_reserves, ([lim.key for lim, _ in costs], argv))) / 1e6
+
     async def _move(self, limit: Limit, *, refund: float = 0, min_wait: float = 0, remaining: float = -1) -> None:
-        await self._adjust(keys=[limit.key], args=[limit.rate, limit.burst_seconds, refund, min_wait, remaining])
+        args = (limit.rate, limit.burst_seconds, refund, min_wait, remaining)
+        await self._batcher.stage_item(_stage_moves, (limit.key, args))
+
+
+def _stage_reserves(pipe: Pipeline, calls: list[tuple[list[str], list[float]]]) -> None:
+    """One script for the reservations of a flush: (the buckets, how many and each one's rate, burst and cost)."""
+    keys = [key for call_keys, _ in calls for key in call_keys]
+    pipe.eval(_RESERVE, len(keys), *keys, *(value for _, argv in calls for value in argv))
+
+
+def _stage_moves(pipe: Pipeline, moves: list[tuple[str, tuple[float, ...]]]) -> None:
+    """One script for the moves of a flush: (bucket, its rate, burst, refund, pause and remaining) each."""
+    pipe.eval(_ADJUST, len(moves), *(key for key, _ in moves), *(value for _, args in moves for value in args))

@@ -5,6 +5,11 @@ MULTI/EXEC, parsing) than the provider call did. Rows ``await batcher.run(stage)
 starts a flush, which sends everything staged by then in one round trip and hands each row its own replies.
 ``stage(pipe)`` calls redis-py's command methods on a pipeline that only records them; the replies are raw (bytes,
 ints, lists: no redis-py response callbacks, so SET gives b"OK", not True).
+
+What every row does alike (a cache lookup, an answer stored) is better still as one command for the whole flush:
+``stage_item(merge, item)`` gathers the items of one ``merge`` and stages them together, in a script that loops
+over them server-side. Per row, a command of its own cost more (packing it, reading and routing its reply, and
+the server's own per-command work) than the loop does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 
 Stage = Callable[[Pipeline], Any]
+Merge = Callable[[Pipeline, list[Any]], Any]
 
 
 def stage_script(pipe: Pipeline, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
@@ -39,6 +45,7 @@ class RedisBatcher:
         self._client = client
         self._transaction = transaction
         self._staged: list[tuple[Stage, asyncio.Future[list[Any]]]] = []
+        self._groups: dict[Merge, _Group] = {}  # items of the next flush, by the merge that stages them
         self._flushing: asyncio.Task[None] | None = None
 
     async def run(self, stage: Stage) -> list[Any]:
@@ -54,10 +61,23 @@ class RedisBatcher:
             self._flushing = asyncio.create_task(self._flush())
         return future
 
+    def stage_item(self, merge: Merge, item: Any) -> asyncio.Future[Any]:
+        """Stage one item for the next flush, where ``merge(pipe, items)`` stages one command for all the items
+        staged with it, whose reply has one element per item, in order: the future gets this item's element (or
+        the command's error). The command goes where the first of its items was staged."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        group = self._groups.get(merge)
+        if group is None:
+            group = self._groups[merge] = _Group(merge)
+            self.stage(group.stage).add_done_callback(group.deliver)
+        group.items.append(item)
+        group.futures.append(future)
+        return future
+
     async def _flush(self) -> None:
         try:
             while self._staged:
-                batch, self._staged = self._staged, []
+                batch, self._staged, self._groups = self._staged, [], {}
                 await self._send(batch)
         finally:
             self._flushing = None
@@ -119,6 +139,34 @@ class RedisBatcher:
             await connection.disconnect()
             raise redis.exceptions.ResponseError("Wrong number of replies from a transaction")
         return executed
+
+
+class _Group:
+    """The items of one merge in one flush, and the futures of the rows that staged them."""
+
+    __slots__ = ("futures", "items", "merge")
+
+    def __init__(self, merge: Merge) -> None:
+        self.merge = merge
+        self.items: list[Any] = []
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def stage(self, pipe: Pipeline) -> None:
+        self.merge(pipe, self.items)
+
+    def deliver(self, done: asyncio.Future[list[Any]]) -> None:
+        try:
+            [reply] = done.result()
+            if not isinstance(reply, list) or len(reply) != len(self.futures):
+                raise redis.exceptions.ResponseError(f"a merged command answered {reply!r}")
+        except Exception as exc:
+            for future in self.futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, element in zip(self.futures, reply):
+            if not future.done():  # its row was cancelled meanwhile
+                future.set_result(element)
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:

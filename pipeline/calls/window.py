@@ -72,8 +72,8 @@ class CallWindow:
     async def _open(self) -> aioredis.Redis:
         self._slots = asyncio.Semaphore(self.capacity)
         client = async_client(self.settings, self.connection)
-        self.reads = RedisBatcher(client, transaction=False)  # cache lookups of every row of the process
-        self.writes = RedisBatcher(client, transaction=True)  # hand-overs and answers stored
+        self.reads = RedisBatcher(client, transaction=False)  # what rows run before their calls: lookups, holds
+        self.writes = RedisBatcher(client, transaction=True)  # hand-overs, answers stored, holds settled
         self.hand_over = HandOver(self.writes, self.settings.result_stream)
         return client
 

@@ -176,3 +176,9 @@ class PromptTemplate:
             raise TemplateError(
                 f"{where}: template variable(s) {', '.join(missing)} not among the columns ({', '.join(columns)})"
             )
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_template(source: str) -> PromptTemplate:
+    """The process's one compiled copy of a template (a worker compiled its run's template for every chunk)."""
+    return PromptTemplate(source)

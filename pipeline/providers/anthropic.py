@@ -17,6 +17,7 @@ class AnthropicProvider:
         client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.base_url = str(client.base_url)  # as the SDK resolved it: in the cache key
         self._wire = SdkWire(client, anthropic, timeout=timeout)
+        self.deadline = self._wire.deadline  # no call outlives it (see RowAnswerer._complete)
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:

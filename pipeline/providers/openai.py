@@ -20,6 +20,7 @@ class OpenAIProvider:
         client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.base_url = str(client.base_url)  # as the SDK resolved it (OPENAI_BASE_URL, default): in the cache key
         self._wire = SdkWire(client, openai, timeout=timeout)
+        self.deadline = self._wire.deadline  # no call outlives it (see RowAnswerer._complete)
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         try:
