@@ -6,8 +6,10 @@ import asyncio
 import uuid
 
 import pytest
+import redis.exceptions
 
 from pipeline.calls.ratelimit import SharedRateLimiter
+from pipeline.calls.redis_batch import RedisBatcher
 
 from .conftest import with_async_redis
 
@@ -94,3 +96,24 @@ def test_reservations_of_one_tick_share_a_script_call_and_queue_in_order(redis_u
     waits = run(scenario, redis_url)
     assert waits == sorted(waits)  # as if one after the other: each reservation queues behind the ones before
     assert all(w == 0 for w in waits[:9]) and 0 < waits[11] <= 0.03
+
+
+def test_a_reservation_or_move_that_fails_fails_its_row_only(redis_url):
+    """Reservations (and moves) of one loop tick go out as one script call each: a model whose bucket is broken
+    (a key of the wrong type) fails its own rows; another model's rows in the same call reserve as ever."""
+
+    async def scenario(client):
+        await client.hset("ratelimit:t:broken:requests", "not", "a bucket")
+        batcher = RedisBatcher(client, transaction=False)
+        good, broken = (
+            SharedRateLimiter(client, f"t:{name}", rpm=6000, tpm=None, burst_seconds=0.1, batcher=batcher)
+            for name in ("good", "broken")
+        )
+        reserved = await asyncio.gather(good.acquire(1), broken.acquire(1), good.acquire(1), return_exceptions=True)
+        moved = await asyncio.gather(broken.release(1), good.release(1), return_exceptions=True)
+        return reserved, moved
+
+    (first, failed, second), (not_moved, moved) = run(scenario, redis_url)
+    assert (first, second, moved) == (0, 0, None)
+    for error in (failed, not_moved):
+        assert isinstance(error, redis.exceptions.ResponseError) and "WRONGTYPE" in str(error)

@@ -8,11 +8,15 @@ import asyncio
 import json
 import threading
 
+import pytest
+import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from pipeline import handoff
 from pipeline.calls.answer import estimate_tokens
-from pipeline.calls.budget import RunBudget, holds_key, spend_key
+from pipeline.calls.budget import RunBudget, holds_key, reserve_batch, spend_key
+from pipeline.calls.redis_batch import RedisBatcher
 from pipeline.collect.collector import Collector
 from pipeline.collect.metrics import PipelineMetrics
 from pipeline.control import runs
@@ -20,6 +24,7 @@ from pipeline.output.export import export_run
 from pipeline.pricing import PriceTable
 
 from . import processes
+from .conftest import with_async_redis
 from .datasets import write
 from .fakeprovider import FakeProvider
 
@@ -362,3 +367,27 @@ def test_results_tables_without_the_new_columns_are_refused_until_upgraded_as_th
             conn.execute(text(statement))
     engine.dispose()
     store.make_engine(database_url).dispose()
+
+
+def test_a_hold_that_fails_fails_its_row_only_and_leaves_no_hold_behind(redis_url):
+    """The holds of one loop tick go out as one script call: a run whose holds key is broken (a key of the wrong
+    type) fails its own rows, while another run's rows in the same call still take their holds, each once."""
+
+    async def scenario(client):
+        await client.hset(holds_key("broken"), "not", "a set of holds")
+        reads = RedisBatcher(client, transaction=False)
+        good, broken = (RunBudget(client, run, 1.0, hold_seconds=60, reads=reads) for run in ("good", "broken"))
+        outcomes = await asyncio.gather(
+            good.reserve(100), broken.reserve(100), good.reserve(200), return_exceptions=True
+        )
+        return outcomes, await client.zrange(holds_key("good"), 0, -1)
+
+    (first, failed, second), held = with_async_redis(scenario, redis_url)
+    assert isinstance(failed, redis.exceptions.ResponseError) and "WRONGTYPE" in str(failed)
+    assert first.endswith(":100") and second.endswith(":200")
+    assert sorted(held) == sorted([first.encode(), second.encode()])
+    with (
+        redis.Redis.from_url(redis_url) as connection,
+        pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"),
+    ):
+        reserve_batch(connection, "broken", 1.0, 100, 60)  # batch mode's own call: raises, as before

@@ -25,28 +25,35 @@ from pipeline.errors import BudgetExceeded
 from pipeline.pricing import NANO
 
 # Holds of one flush, one after the other as single calls would be, on the Redis server's clock. KEYS: spend,
-# holds of each. ARGV: cap (-1 = none), amount, seconds held, member of each. Each: 1 = held, 0 = wait, -1 = exhausted.
+# holds of each. ARGV: cap (-1 = none), amount, seconds held, member of each. Each: 1 = held, 0 = wait, -1 = exhausted,
+# or an error reply in its place for a hold that failed (a key of the wrong type): that row fails, not the others
+# of the flush, and it holds nothing.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local verdicts = {}
-for i = 1, #KEYS, 2 do
-  local a = (i - 1) * 2
-  local spend, holds = KEYS[i], KEYS[i + 1]
-  local cap, amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local verdict = 1
+local function hold(spend, holds, cap, amount, seconds, member)
   redis.call('ZREMRANGEBYSCORE', holds, '-inf', now)
   if cap >= 0 then
     local spent = tonumber(redis.call('GET', spend) or '0')
     local held = 0
-    for _, member in ipairs(redis.call('ZRANGE', holds, 0, -1)) do
-      held = held + tonumber(string.match(member, ':(%d+)$'))
+    for _, other in ipairs(redis.call('ZRANGE', holds, 0, -1)) do
+      held = held + tonumber(string.match(other, ':(%d+)$'))
     end
     if spent + held + amount > cap then
-      if held > 0 then verdict = 0 else verdict = -1 end
+      if held > 0 then return 0 end
+      return -1
     end
   end
-  if verdict == 1 then redis.call('ZADD', holds, now + tonumber(ARGV[a + 3]), ARGV[a + 4]) end
+  redis.call('ZADD', holds, now + seconds, member)
+  return 1
+end
+local verdicts = {}
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) * 2
+  local ok, verdict = pcall(
+    hold, KEYS[i], KEYS[i + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
+  )
+  if not ok then verdict = {err = type(verdict) == 'table' and verdict.err or tostring(verdict)} end
   verdicts[#verdicts + 1] = verdict
 end
 return verdicts
@@ -131,8 +138,10 @@ def reserve_batch(
     cap = round(max_cost * NANO)
     member = f"{uuid.uuid4().hex}:{amount}"
     [verdict] = cast(
-        list[int], connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, hold_seconds, member)
+        list[Any], connection.eval(_RESERVE, 2, spend_key(run_id), holds_key(run_id), cap, amount, hold_seconds, member)
     )
+    if isinstance(verdict, Exception):  # the script's error reply in the hold's place
+        raise verdict
     if verdict == 1:
         return member
     if verdict < 0:

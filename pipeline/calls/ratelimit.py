@@ -20,43 +20,45 @@ from pipeline.calls.redis_batch import RedisBatcher
 
 # Reservations of one flush, one after the other as single calls would be. KEYS: the buckets of each call.
 # ARGV: per call, how many buckets, then per bucket (rate_per_second, burst_seconds, cost). Returns each call's
-# wait in µs.
+# wait in µs, or an error reply in its place for a call that failed (a bucket of the wrong type): that row fails,
+# not the others of the flush.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local waits = {}
-local k, a = 1, 1
-while a <= #ARGV do
-  local buckets = tonumber(ARGV[a])
+local function reserve(k, a, buckets)
   local wait = 0
-  for _ = 1, buckets do
-    local key = KEYS[k]
-    local rate, burst, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  for b = 0, buckets - 1 do
+    local key, at = KEYS[k + b], a + b * 3
+    local rate, burst, cost = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
     local tat = tonumber(redis.call('GET', key) or '0')
     if tat < now then tat = now end
     local new_tat = tat + cost / rate
     local w = new_tat - burst - now
     if w > wait then wait = w end
     redis.call('SET', key, string.format('%.6f', new_tat), 'EX', math.ceil(new_tat - now + burst + 60))
-    k, a = k + 1, a + 3
   end
-  waits[#waits + 1] = math.floor(wait * 1e6)
-  a = a + 1
+  return math.floor(wait * 1e6)
+end
+local waits = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local buckets = tonumber(ARGV[a])
+  local ok, wait = pcall(reserve, k, a, buckets)
+  if not ok then wait = {err = type(wait) == 'table' and wait.err or tostring(wait)} end
+  waits[#waits + 1] = wait
+  k, a = k + buckets, a + 1 + buckets * 3
 end
 return waits
 """
 
 # Move buckets' theoretical arrival times, one after the other. KEYS: the buckets. ARGV: per bucket (rate, burst,
 # refund_units, min_wait_s, remaining_units). refund > 0 gives back an over-estimate; min_wait pauses everyone
-# (after a 429); remaining >= 0 makes the bucket believe no more than the provider reported as left.
+# (after a 429); remaining >= 0 makes the bucket believe no more than the provider reported as left. Returns 1 for
+# each, or an error reply in its place for a move that failed (a bucket of the wrong type): that row fails alone.
 _ADJUST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local moved = {}
-for i, key in ipairs(KEYS) do
-  local a = (i - 1) * 5
-  local rate, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local refund, min_wait, remaining = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+local function move(key, rate, burst, refund, min_wait, remaining)
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
   tat = tat - refund / rate
@@ -66,7 +68,17 @@ for i, key in ipairs(KEYS) do
     if tat < floor_tat then tat = floor_tat end
   end
   redis.call('SET', key, string.format('%.6f', tat), 'EX', math.ceil(math.max(tat - now, 0) + burst + 60))
-  moved[i] = 1
+  return 1
+end
+local moved = {}
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 5
+  local ok, done = pcall(
+    move, key, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+    tonumber(ARGV[a + 5])
+  )
+  if not ok then done = {err = type(done) == 'table' and done.err or tostring(done)} end
+  moved[i] = done
 end
 return moved
 """

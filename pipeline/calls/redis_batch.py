@@ -64,7 +64,8 @@ class RedisBatcher:
     def stage_item(self, merge: Merge, item: Any) -> asyncio.Future[Any]:
         """Stage one item for the next flush, where ``merge(pipe, items)`` stages one command for all the items
         staged with it, whose reply has one element per item, in order: the future gets this item's element (or
-        the command's error). The command goes where the first of its items was staged."""
+        the command's error, or the error reply a script put in this item's place: an item that failed fails its
+        own row, not the others). The command goes where the first of its items was staged."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         group = self._groups.get(merge)
         if group is None:
@@ -165,7 +166,11 @@ class _Group:
                     future.set_exception(exc)
             return
         for future, element in zip(self.futures, reply):
-            if not future.done():  # its row was cancelled meanwhile
+            if future.done():  # its row was cancelled meanwhile
+                continue
+            if isinstance(element, Exception):  # a script's error reply for this item alone ({err = ...} in Lua)
+                future.set_exception(element)
+            else:
                 future.set_result(element)
 
 
