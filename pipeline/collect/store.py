@@ -6,8 +6,9 @@ transaction. Money is integer nano-dollars (``cost_nano``), the unit the budget 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -252,35 +253,63 @@ def iter_results(conn: Connection, run_id: str, batch: int = 5000) -> Iterator[d
         last = page[-1]["row_index"]
 
 
+@contextmanager
 def result_pages(
     conn: Connection, run_id: str, columns: Sequence[str], page: int = 5000, as_text: Sequence[str] = ()
-) -> Iterator[list[tuple[Any, ...]]]:
-    """The given columns of the run's results in input order: one query by the (run_id, row_index) index,
-    handed out ``page`` rows at a time as the driver's own tuples (no SQLAlchemy rows: building them cost a
-    third of export's time), so values come as the driver gives them (SQLite: booleans as 0 and 1). Streamed:
-    a server-side cursor on PostgreSQL, SQLite steps through the query. JSON columns named in ``as_text``
-    come as their stored text, not decoded."""
+) -> Iterator[Iterator[list[tuple[Any, ...]]]]:
+    """The given columns of the run's results in input order, for ``with result_pages(...) as pages``: one
+    query by the (run_id, row_index) index, handed out ``page`` rows at a time as the driver's own tuples (no
+    SQLAlchemy rows: building them cost a third of export's time), so values come as the driver gives them
+    (SQLite: booleans as 0 and 1). JSON columns named in ``as_text`` come as their stored text, not decoded.
+    Streamed, never whole in memory (see ``_driver_pages``). Inside the block the connection serves no other
+    query (psycopg holds it while the server sends the rows); leaving the block before the last page cancels
+    the query, which on PostgreSQL leaves the connection's transaction to be rolled back."""
     picked = [cast(results.c[name], Text) if name in as_text else results.c[name] for name in columns]
     query = select(*picked).where(results.c.run_id == run_id).order_by(results.c.row_index)
     compiled = query.compile(dialect=conn.dialect)
     params = compiled.construct_params()
     arguments = tuple(params[name] for name in compiled.positiontup or ()) if compiled.positional else params
-    cursor = _streaming_cursor(conn)
+    pages = _driver_pages(conn, str(compiled), arguments, page)
     try:
-        cursor.execute(str(compiled), arguments)
-        while rows := cursor.fetchmany(page):
-            yield rows
+        yield pages
+    finally:
+        pages.close()
+
+
+def _driver_pages(conn: Connection, sql: str, arguments: Any, page: int) -> Generator[list[tuple[Any, ...]]]:
+    """The query's rows ``page`` at a time from a DBAPI cursor on the connection's driver connection. With
+    psycopg on libpq 17 or later the server sends them unasked, ``page`` rows a chunk (libpq's chunked rows
+    mode), so it reads and encodes the next rows while the caller writes a page. A named cursor, the way with
+    psycopg2 or an older libpq, leaves the server idle while the caller works and the caller waiting while
+    each ``FETCH`` runs: on PostgreSQL 15, fetching export's 1,000,000 rows alone cost the server 1.2 us/row
+    by a named cursor, 1.0 streamed, and the client 0.9 either way. SQLite steps through the query itself."""
+    driver: Any = conn.connection.driver_connection
+    if _streams_in_chunks(conn):
+        cursor = driver.cursor()
+        rows = cursor.stream(sql, arguments, size=page)
+        try:
+            while chunk := list(islice(rows, page)):
+                yield chunk
+        finally:
+            rows.close()  # before the cursor: cancels the query and drains what the server already sent
+            cursor.close()
+        return
+    named = conn.dialect.name == "postgresql" and conn.dialect.driver in ("psycopg", "psycopg2")
+    cursor = driver.cursor(name="result_pages") if named else driver.cursor()
+    try:
+        cursor.execute(sql, arguments)
+        while chunk := cursor.fetchmany(page):
+            yield chunk
     finally:
         cursor.close()
 
 
-def _streaming_cursor(conn: Connection) -> Any:
-    """A DBAPI cursor on the connection's driver connection that does not load the whole result at once: a
-    named (server-side) cursor with psycopg, which fetches each ``fetchmany`` from the server."""
-    driver: Any = conn.connection.driver_connection
-    if conn.dialect.name == "postgresql" and conn.dialect.driver in ("psycopg", "psycopg2"):
-        return driver.cursor(name="result_pages")
-    return driver.cursor()
+def _streams_in_chunks(conn: Connection) -> bool:
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
+        return False
+    import psycopg
+
+    return psycopg.capabilities.has_stream_chunked()
 
 
 def unfinished_rows(conn: Connection, run_id: str) -> list[tuple[str, int, dict[str, Any]]]:

@@ -13,6 +13,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ _COLUMNS = [
 # A page of output rows held by column (the input columns, then OUTPUT_FIELDS), each as long as the page:
 # pyarrow takes the columns as they are, csv.writer and the JSONL encoder read the rows off them with zip().
 Columns = list[Sequence[Any]]
+Page = list[tuple[Any, ...]]  # rows of _COLUMNS as the driver gives them
 # The C scanner json.loads ends in, called without the four Python calls around it.
 _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -118,15 +120,20 @@ def export_run(engine: Engine, run_id: str, fmt: str, destination: Path, *, raw:
     _check_format(fmt, FORMATS)
     with engine.connect() as conn:
         _require_run(conn, run_id)
-        names, flat = _column_pages(conn, run_id)
-        if fmt == "parquet":
-            return _write_parquet(names, flat, destination)
-        count = 0
-        with destination.open("wb") as handle:
-            for data, rows in _encoded(names, flat, fmt, raw):
-                handle.write(data)
-                count += rows
-        return count
+        with _result_pages(conn, run_id) as pages:
+            return _write_file(pages, fmt, destination, raw)
+
+
+def _write_file(pages: Iterator[Page], fmt: str, destination: Path, raw: bool) -> int:
+    names, flat = _column_pages(pages)
+    if fmt == "parquet":
+        return _write_parquet(names, flat, destination)
+    count = 0
+    with destination.open("wb") as handle:
+        for data, rows in _encoded(names, flat, fmt, raw):
+            handle.write(data)
+            count += rows
+    return count
 
 
 def export_chunks(engine: Engine, run_id: str, fmt: str, *, raw: bool = False) -> Iterator[bytes]:
@@ -140,8 +147,8 @@ def export_chunks(engine: Engine, run_id: str, fmt: str, *, raw: bool = False) -
 
 
 def _chunks(engine: Engine, run_id: str, fmt: str, raw: bool) -> Iterator[bytes]:
-    with engine.connect() as conn:
-        names, flat = _column_pages(conn, run_id)
+    with engine.connect() as conn, _result_pages(conn, run_id) as pages:
+        names, flat = _column_pages(pages)
         for data, _ in _encoded(names, flat, fmt, raw):
             yield data
 
@@ -156,9 +163,12 @@ def _require_run(conn: Connection, run_id: str) -> None:
         raise ConfigError(f"no run {run_id!r} in the database (is the collector running?)")
 
 
-def _column_pages(conn: Connection, run_id: str) -> tuple[list[str], Iterator[Columns]]:
+def _result_pages(conn: Connection, run_id: str) -> AbstractContextManager[Iterator[Page]]:
+    return store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
+
+
+def _column_pages(pages: Iterator[Page]) -> tuple[list[str], Iterator[Columns]]:
     """The output column names (input columns from the first page) and the run's output page by page."""
-    pages = store.result_pages(conn, run_id, _COLUMNS, PAGE, as_text=("input", "parsed"))
     decoded = ((page, _decode_inputs([row[0] for row in page])) for page in pages)
     first = next(decoded, None)
     if first is None:
