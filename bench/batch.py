@@ -7,7 +7,7 @@ Each mode runs the whole pipeline in this process (submit, chunk workers in burs
 for batch mode, the poll jobs moved to the queue when due, as worker.py's scheduler does) into a fresh SQLite
 file, with the fake provider as its own process. Prints, for each mode, the provider calls (online requests,
 batch files, batches, batch items), the cost from the runs table and the wall time; the online run is the
-reference for the cost. Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13), flushed before each mode (so
+reference for the cost. Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/1), flushed before each mode (so
 the batch run does not find the online run's answers in the response cache).
 """
 

@@ -22,7 +22,7 @@ batch). On PostgreSQL each side gets a schema of its own, created for it, with a
 tables are never analysed while measured (the worst case of a big first run). Both run in their own process,
 timed inside it, with their peak RSS.
 
-Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed: never a Redis in use).
+Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/1, flushed: never a Redis in use).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import run_with_peak_rss  # noqa: E402
 
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
 PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TEMPLATE = "Classify: {{ review }}"
 

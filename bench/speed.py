@@ -15,7 +15,7 @@ Each scenario starts the fake provider (tests/fakeprovider.py) as its own proces
   then ``python enqueue.py collect`` and ``python worker.py --burst --processes N`` (N = 2 unless said) as
   subprocesses, at the pipeline's DEFAULT settings: every pipeline setting variable this script does
   not set itself is removed from the environment, and none of concurrency or chunk size is passed. Each run gets
-  a fresh SQLite file in a temp dir and the Redis DB at BENCH_REDIS_URL (default redis://127.0.0.1:6379/13),
+  a fresh SQLite file in a temp dir and the Redis DB at BENCH_REDIS_URL (default redis://127.0.0.1:6379/1),
   flushed before and after: never point it at a Redis in use.
 
 Scenarios and the figures they print:

@@ -5,7 +5,7 @@
 
 The submit reads the file twice (a validating pass, then the enqueue pass), streaming both: its peak memory
 must stay nearly flat as the file grows (8 bytes an id for the duplicate check), well below the file's size.
-Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/13, flushed before and after: never a Redis in use).
+Uses BENCH_REDIS_URL (default redis://127.0.0.1:6379/1, flushed before and after: never a Redis in use).
 Prints rows/s and the submitting process's peak RSS next to the file size.
 """
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1000)
     args = parser.parse_args()
 
-    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     work = Path(tempfile.mkdtemp(prefix="bench-submit-"))
