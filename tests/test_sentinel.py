@@ -18,7 +18,7 @@ from pipeline.queue import connect
 from . import processes
 from .datasets import tricky_rows, write
 from .fakeprovider import FakeProvider
-from .ports import free_port
+from .ports import port_below_ephemeral_range
 
 MASTER = "pipeline-test"
 ROWS, CHUNK, PROCESSES, CONCURRENCY = 600, 50, 2, 4
@@ -65,7 +65,7 @@ def _answers(port: int, check=lambda client: True) -> bool:
 def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     """Primary, replica and one sentinel (quorum 1) on loopback, failing over within about 2 s."""
     server = _redis_server()
-    ports = [free_port() for _ in range(3)]
+    ports = [port_below_ephemeral_range() for _ in range(3)]
     started: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> subprocess.Popen:
